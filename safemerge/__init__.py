@@ -1,0 +1,43 @@
+"""Merge a PEFT adapter into its base model without silent damage to tied weights, and prove it."""
+
+from safemerge._merge import inspect_ties, safe_merge
+from safemerge._report import (
+    MemberCheck,
+    MergeReport,
+    PolicyOutcome,
+    TieGroup,
+    TieInspection,
+    TieMember,
+    TiePolicy,
+    Verification,
+)
+from safemerge.errors import (
+    OutputExistsError,
+    SafeMergeError,
+    SafeMergeWarning,
+    TiedWeightsError,
+    UnsupportedAdapterError,
+    VerificationError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MemberCheck",
+    "MergeReport",
+    "OutputExistsError",
+    "PolicyOutcome",
+    "SafeMergeError",
+    "SafeMergeWarning",
+    "TieGroup",
+    "TieInspection",
+    "TieMember",
+    "TiePolicy",
+    "TiedWeightsError",
+    "UnsupportedAdapterError",
+    "Verification",
+    "VerificationError",
+    "__version__",
+    "inspect_ties",
+    "safe_merge",
+]

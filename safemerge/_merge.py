@@ -1,0 +1,324 @@
+"""safe_merge(): inspect -> policy -> PEFT merge -> atomic save -> verify. Never prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safemerge import _compat, _policy, _save, _verify
+from safemerge._report import MemberCheck, MergeReport, TieInspection, TiePolicy, Verification
+from safemerge._ties import (
+    TiedWeights,
+    base_parameters,
+    find_tied_weights,
+    max_abs_diff,
+    same_weight_tolerance,
+    storage_groups,
+    tie_flags,
+    tie_groups,
+)
+from safemerge.errors import TiedWeightsError, UnsupportedAdapterError, VerificationError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Analysis:
+    inspection: TieInspection
+    tied: TiedWeights
+    declared: dict[str, str]
+    probe: dict[str, torch.Tensor]
+    adapter_logits: torch.Tensor
+
+
+def _require_peft_model(model: Any) -> Any:
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(
+            f"safemerge expects a peft.PeftModel, got {type(model).__name__}. Fix: load the adapter onto its base "
+            "first: PeftModel.from_pretrained(base_model, adapter_path)."
+        )
+    config = model.active_peft_config
+    if getattr(config, "is_prompt_learning", False):
+        raise UnsupportedAdapterError(
+            f"This adapter cannot be merged into the base weights: {type(config).__name__} is a prompt-learning "
+            "method (virtual tokens, no weight deltas), so no merged model computes what it computes. Fix: keep "
+            "using it as an adapter with PeftModel.from_pretrained()."
+        )
+    return model
+
+
+def _analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> _Analysis:
+    """Everything safe_merge decides from, read off the adapter model without changing it."""
+    root = model.get_base_model()
+    declared = _compat.declared_ties(root)
+    wrappers = [p.wrapper for group in storage_groups(base_parameters(root)) for p in group if p.wrapper is not None]
+    probe = dict(probe_inputs) if probe_inputs is not None else _verify.make_probe(root, [])
+    logits, called = _run(model, probe, wrappers)
+    try:
+        tied = find_tied_weights(root, called, declared)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
+        raise UnsupportedAdapterError(
+            f"PEFT cannot merge a layer that holds a tied weight ({type(exc).__name__}: {exc}), so no merged model "
+            "can stand for this adapter model. Fix: keep using it as an adapter, or retrain without adapting the "
+            "tied modules."
+        ) from exc
+    if probe_inputs is None:
+        changed_rows = _changed_rows(tied, vocab=int(probe["input_ids"].max()) + 1)
+        if changed_rows:
+            probe = _verify.make_probe(root, changed_rows)
+            logits, _ = _run(model, probe, [])
+    groups = tied.groups
+    inspection = TieInspection(
+        groups=groups,
+        config_flags=tie_flags(root.config),
+        declared_ties=tuple(declared.items()),
+        outcomes=tuple(_policy.decide(groups, p) for p in TiePolicy),
+        notes=tuple(_notes(root, declared)),
+    )
+    return _Analysis(inspection, tied, declared, probe, logits)
+
+
+def _run(model: Any, probe: Mapping[str, torch.Tensor], watch: list[Any]) -> tuple[torch.Tensor, set[int]]:
+    try:
+        return _verify.run_probe(model, probe, watch=watch)
+    except Exception as exc:
+        raise UnsupportedAdapterError(
+            f"The adapter model failed on safemerge's probe batch ({type(exc).__name__}: {exc}). safemerge needs one "
+            "forward pass to see which adapted layers the model uses and what it computes. Fix: pass "
+            "probe_inputs={'input_ids': ..., ...} with inputs this model accepts."
+        ) from exc
+
+
+def _changed_rows(tied: TiedWeights, *, vocab: int) -> list[int]:
+    """Token ids whose embedding rows the adapter changes (trainable tokens, embedding LoRA)."""
+    rows: set[int] = set()
+    for group, params in zip(tied.groups, tied.params, strict=True):
+        base = params[0].tensor.detach()
+        for member in group.members:
+            if member.changed and base.dim() == 2:
+                diff = (tied.effective[member.name].float() - base.float()).abs().amax(dim=1)
+                rows.update(int(i) for i in torch.topk(diff, min(8, diff.numel())).indices)
+    return sorted(rows)
+
+
+def _notes(root: torch.nn.Module, declared: dict[str, str]) -> list[str]:
+    params = {p.name: p.tensor for p in base_parameters(root)}
+    notes = []
+    for alias, source in declared.items():
+        if alias in params and source in params and params[alias] is not params[source]:
+            notes.append(
+                f"{alias} is declared tied to {source} but they are separate tensors in memory; "
+                "the merge sets tie_word_embeddings to False so that they load as separate tensors"
+            )
+    return notes
+
+
+def inspect_ties(model: Any, *, probe_inputs: Mapping[str, torch.Tensor] | None = None) -> TieInspection:
+    """Tie groups of a PEFT model, what the adapter does to each member, and what each policy would do. Read-only.
+
+    Args:
+        model: a `peft.PeftModel`.
+        probe_inputs: forward inputs for the one probe pass (default: a generated batch of token ids).
+    """
+    return _analyse(_require_peft_model(model), probe_inputs).inspection
+
+
+def safe_merge(
+    model: Any,
+    save_directory: str | os.PathLike[str],
+    *,
+    policy: TiePolicy | str,
+    verify: bool = True,
+    overwrite: bool = False,
+    logits_tolerance: float | None = None,
+    probe_inputs: Mapping[str, torch.Tensor] | None = None,
+) -> MergeReport:
+    """Merge a PEFT adapter into its base model under an explicit tie policy, save atomically, and verify.
+
+    Args:
+        model: a `peft.PeftModel`. It is merged in place (like `merge_and_unload()`); on a refusal it is untouched.
+        save_directory: where the merged model goes. Written into a temporary sibling and renamed into place.
+        policy: "keep", "untie" or "refuse" (or a `TiePolicy`); see docs/policies.md.
+        verify: compare the merged and the reloaded model with the adapter model (weights and probe logits).
+        overwrite: replace a non-empty `save_directory` (only once the new model has been verified).
+        logits_tolerance: max |logits difference| accepted (default: relative to the dtype and the logits' scale).
+        probe_inputs: forward inputs for the probe (default: a generated batch that includes the highest token ids).
+
+    Returns:
+        The MergeReport; `report.model` is the merged model.
+
+    Raises:
+        ValueError: unknown policy. TypeError: not a PeftModel.
+        TiedWeightsError: the policy forbids this merge (nothing was changed).
+        UnsupportedAdapterError: no merged model can compute what this adapter model computes.
+        OutputExistsError: `save_directory` is not empty and overwrite is False.
+        VerificationError: the merge or its reload does not match the adapter model (`.report` has the figures).
+    """
+    tie_policy = _policy.parse_policy(policy)
+    peft_model = _require_peft_model(model)
+    target = Path(save_directory)
+    _save.check_target(target, overwrite=overwrite)
+
+    analysis = _analyse(peft_model, probe_inputs)
+    outcome = analysis.inspection.outcome(tie_policy)
+    if not outcome.merges:
+        raise TiedWeightsError(
+            _policy.refusal_message(analysis.tied.groups, tie_policy),
+            policy=tie_policy.value,
+            groups=analysis.tied.groups,
+        )
+    logger.info("merging under policy %r: %s", tie_policy.value, outcome.reason)
+
+    # From here on the model changes.
+    root = peft_model.get_base_model()
+    actions = _policy.unwrap_tied_members(root, analysis.tied)
+    merged = peft_model.merge_and_unload()
+    actions += _policy.write_tied_values(merged, analysis.tied)
+    actions += _policy.untie_flags_if_needed(merged, analysis.declared)
+    actions.append("merged the remaining adapter layers with peft's merge_and_unload()")
+
+    verification: Verification | None = None
+    if verify:
+        verification = _check_in_memory(merged, analysis, logits_tolerance)
+        if not verification.ok:
+            report = _report(tie_policy, None, analysis, merged, actions, verification)
+            raise VerificationError(_failure_message(verification, saved_at=None), report=report)
+
+    staging = _save.staging_directory(target)
+    try:
+        logger.info("saving to %s", staging)
+        merged.save_pretrained(str(staging))
+        if verification is not None:
+            verification, retie = _check_reload(merged, staging, analysis, verification)
+            actions += _policy.retie_like(merged, retie)
+            if not verification.ok:
+                failed = _save.quarantine(staging, target, list(verification.problems))
+                report = _report(tie_policy, str(failed), analysis, merged, actions, verification)
+                raise VerificationError(_failure_message(verification, saved_at=failed), report=report)
+        _save.commit(staging, target)
+    except BaseException:
+        _save.discard(staging)
+        raise
+    actions.append(f"saved to {target}")
+    return _report(tie_policy, str(target), analysis, merged, actions, verification)
+
+
+def _report(
+    policy: TiePolicy,
+    save_directory: str | None,
+    analysis: _Analysis,
+    merged: Any,
+    actions: list[str],
+    verification: Verification | None,
+) -> MergeReport:
+    return MergeReport(
+        policy=policy.value,
+        save_directory=save_directory,
+        groups_before=analysis.tied.groups,
+        groups_after=tie_groups(merged),
+        actions=tuple(actions),
+        verification=verification,
+        versions=_compat.versions(),
+        model=merged,
+    )
+
+
+def _check_in_memory(merged: Any, analysis: _Analysis, tolerance: float | None) -> Verification:
+    """Merged model against the adapter model: every tied member's tensor and the probe logits."""
+    dtype = _verify.model_dtype(merged)
+    tol = tolerance if tolerance is not None else _verify.logits_tolerance(analysis.adapter_logits, dtype)
+    logits, _ = _verify.run_probe(merged, analysis.probe)
+    diff = max_abs_diff(logits, analysis.adapter_logits)
+    problems = []
+    if not diff <= tol:
+        problems.append(f"merged logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
+    params = {p.name: p.tensor for p in base_parameters(merged)}
+    members = []
+    for group in analysis.tied.groups:
+        for name in group.names:
+            member_diff = max_abs_diff(params[name], analysis.tied.effective[name])
+            members.append(MemberCheck(name, member_diff, None))
+            if member_diff > same_weight_tolerance(analysis.tied.effective[name]):
+                problems.append(f"{name}: merged tensor differs from its effective weight by {member_diff:.3g}")
+    return Verification(
+        probe_tokens=int(analysis.probe["input_ids"].numel()),
+        logits_tolerance=tol,
+        max_abs_logits_diff_merged=diff,
+        max_abs_logits_diff_reloaded=None,
+        members=tuple(members),
+        tensors_compared=0,
+        tensors_not_identical=(),
+        ties_after_reload=None,
+        problems=tuple(problems),
+    )
+
+
+def _check_reload(
+    merged: Any, saved: Path, analysis: _Analysis, in_memory: Verification
+) -> tuple[Verification, tuple[tuple[str, ...], ...]]:
+    """Reload `saved` with transformers' loader; compare tensors bit for bit, ties, and logits.
+
+    Returns the verification and the tie groups the loader adds between bit-identical tensors (to mirror in memory).
+    """
+    logger.info("reloading %s to verify it", saved)
+    try:
+        reloaded = _verify.reload(saved, like=merged)
+    except Exception as exc:  # a loader that cannot load what was saved is a failed verification
+        problem = f"transformers could not reload the saved model ({type(exc).__name__}: {exc})"
+        return dataclasses.replace(in_memory, problems=(*in_memory.problems, problem)), ()
+    compared, not_identical = _verify.compare_state(merged, reloaded)
+    logits, _ = _verify.run_probe(reloaded, analysis.probe)
+    diff = max_abs_diff(logits, analysis.adapter_logits)
+    ties_after = tie_groups(reloaded)
+    problems = list(in_memory.problems) + [f"reloaded {d}" for d in not_identical]
+    if not diff <= in_memory.logits_tolerance:
+        tol = in_memory.logits_tolerance
+        problems.append(f"reloaded logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
+    before = {frozenset(g) for g in tie_groups(merged)}
+    after = {frozenset(g) for g in ties_after}
+    lost = [g for g in before if not any(g <= a for a in after)]
+    problems += [f"tie lost on reload: {sorted(g)} were one tensor and load as separate tensors" for g in lost]
+    # Extra ties join only bit-identical tensors (checked above); mirror them so the returned model is what loads.
+    retie = tuple(g for g in ties_after if frozenset(g) not in before) if not not_identical else ()
+    bad_names = {d.split(":")[0] for d in not_identical}
+    members = tuple(MemberCheck(m.name, m.max_abs_diff_vs_adapter, m.name not in bad_names) for m in in_memory.members)
+    del reloaded
+    return (
+        Verification(
+            probe_tokens=in_memory.probe_tokens,
+            logits_tolerance=in_memory.logits_tolerance,
+            max_abs_logits_diff_merged=in_memory.max_abs_logits_diff_merged,
+            max_abs_logits_diff_reloaded=diff,
+            members=members,
+            tensors_compared=compared,
+            tensors_not_identical=tuple(not_identical),
+            ties_after_reload=ties_after,
+            problems=tuple(problems),
+        ),
+        retie,
+    )
+
+
+def _failure_message(verification: Verification, *, saved_at: Path | None) -> str:
+    shown = "; ".join(verification.problems[:6])
+    more = f" and {len(verification.problems) - 6} more" if len(verification.problems) > 6 else ""
+    where = (
+        f" The saved files were moved to '{saved_at}' (marked {_save.FAILED_MARKER}); the output directory was not "
+        "written."
+        if saved_at is not None
+        else " Nothing was saved."
+    )
+    return (
+        f"Verification failed: {shown}{more}. The merged model does not compute what the adapter model computes, "
+        f"so it must not be shipped.{where} Fix: report this with the JSON report (error.report.to_dict()); try "
+        "policy='untie', or a higher logits_tolerance if the difference is rounding in a low-precision dtype."
+    )

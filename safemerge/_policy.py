@@ -1,0 +1,212 @@
+"""keep / untie / refuse: the only place that decides about tying and changes it."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from safemerge._compat import wrapped_base
+from safemerge._report import PolicyOutcome, TieGroup, TiePolicy
+from safemerge._ties import TiedWeights, base_parameters, config_levels, tie_flags
+
+_MAX_LISTED = 6
+
+
+def parse_policy(policy: object) -> TiePolicy:
+    """The TiePolicy named by `policy`; ValueError listing the valid values otherwise."""
+    try:
+        return TiePolicy(policy)
+    except ValueError:
+        valid = ", ".join(repr(p.value) for p in TiePolicy)
+        raise ValueError(
+            f"Unknown tie policy {policy!r}. Valid values: {valid}. "
+            "'keep' keeps tied weights shared (refuses if the adapter changes tied members differently), "
+            "'untie' gives tied members their own tensors where the adapter makes them differ, "
+            "'refuse' stops if the adapter changes any tied weight. See docs/policies.md."
+        ) from None
+
+
+def _names(names: tuple[str, ...] | list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+
+
+def _changes(group: TieGroup) -> str:
+    parts = []
+    for m in group.members:
+        if m.changed:
+            parts.append(f"{m.name}: {m.adapter}, changed by up to {m.max_abs_change:.3g}")
+        elif m.adapter and not m.used_in_forward:
+            parts.append(f"{m.name}: {m.adapter}, never called by the forward, so unchanged")
+        else:
+            parts.append(f"{m.name}: unchanged")
+    return "; ".join(parts)
+
+
+def decide(groups: tuple[TieGroup, ...], policy: TiePolicy) -> PolicyOutcome:
+    """Whether `policy` merges a model with these tie groups, and why."""
+    changed = [g for g in groups if g.changed]
+    diverging = [g for g in groups if not g.uniform]
+    if policy is TiePolicy.REFUSE:
+        if changed:
+            return PolicyOutcome(policy.value, False, "the adapter changes tied weights: " + _describe(changed))
+        return PolicyOutcome(policy.value, True, "the adapter changes no tied weight")
+    if policy is TiePolicy.KEEP and diverging:
+        return PolicyOutcome(
+            policy.value,
+            False,
+            "the adapter model uses different weights for members of one shared tensor: " + _describe(diverging),
+        )
+    if diverging:
+        untied = "; ".join(f"[{_names(g.names)}]" for g in diverging)
+        return PolicyOutcome(policy.value, True, f"gives each member its own tensor in {untied}")
+    if changed:
+        return PolicyOutcome(policy.value, True, "every tie group stays one tensor; the shared change is applied once")
+    return PolicyOutcome(policy.value, True, "the adapter changes no tied weight; ties stay as they are")
+
+
+def _describe(groups: list[TieGroup]) -> str:
+    return " | ".join(
+        f"[{_names(g.names)}] (max |difference| between members {g.max_abs_spread:.3g}; {_changes(g)})" for g in groups
+    )
+
+
+def refusal_message(groups: tuple[TieGroup, ...], policy: TiePolicy) -> str:
+    """What happened, why it matters and how to fix it, for a policy that does not merge."""
+    outcome = decide(groups, policy)
+    keep = decide(groups, TiePolicy.KEEP)
+    if policy is TiePolicy.KEEP:
+        why = (
+            "One shared tensor can hold only one weight, so keeping the tie would force one member's change onto "
+            "the others and the merged model would compute something else than the adapter model (a plain "
+            "merge_and_unload() does exactly that, silently)."
+        )
+        fix = (
+            "Fix: use policy='untie' to give each differing member its own tensor (tie_word_embeddings is set to "
+            "False, and the saved model grows by one such tensor per untied member), or train the adapter so that "
+            "tied members change together (peft's ensure_weight_tying=True) or not at all."
+        )
+    else:
+        why = "Merging writes the change into the one shared tensor, so every alias of it would change too."
+        fix = (
+            "Fix: use policy='keep' (merges: it " + keep.reason + ")"
+            if keep.merges
+            else "Fix: use policy='untie' to give each differing member its own tensor"
+        ) + ", or leave tied modules out of the adapter's target_modules / modules_to_save."
+    return f"policy={policy.value!r} does not merge this model: {outcome.reason}. {why} {fix} Nothing was changed."
+
+
+def unwrap_tied_members(root: torch.nn.Module, tied: TiedWeights) -> list[str]:
+    """Put the bare base module back in place of every PEFT wrapper that holds a tied member.
+
+    PEFT's merge would fold each member's delta into the one shared tensor (twice with ensure_weight_tying); the
+    tied values are written by `write_tied_values` instead, once, after PEFT has merged everything else.
+    """
+    actions = []
+    done: set[int] = set()
+    for group, params in zip(tied.groups, tied.params, strict=True):
+        for member, param in zip(group.members, params, strict=True):
+            if param.wrapper is None or id(param.wrapper) in done:
+                continue
+            done.add(id(param.wrapper))
+            bare = param.wrapper
+            while bare is not wrapped_base(bare):
+                bare = wrapped_base(bare)
+            _set_submodule(root, param.wrapper_path, bare)
+            if not member.used_in_forward:
+                actions.append(
+                    f"dropped {member.adapter} on {param.wrapper_path}: the adapter model's forward never calls it, "
+                    "so it changes nothing there, but merged it would change every alias of the shared tensor"
+                )
+    return actions
+
+
+def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, child, module)
+
+
+def write_tied_values(merged: torch.nn.Module, tied: TiedWeights) -> list[str]:
+    """Give every tied member its effective weight: once into the shared tensor, or into tensors of their own."""
+    actions = []
+    for group in tied.groups:
+        if group.uniform and not group.changed:
+            continue
+        names = list(group.names)
+        if group.uniform:
+            source = next(m.name for m in group.members if m.changed)
+            _parameter(merged, names[0]).data.copy_(tied.effective[source])
+            actions.append(
+                f"applied the shared change once to [{_names(names)}] (max |change| "
+                f"{max(m.max_abs_change for m in group.members):.3g}); they stay one tensor"
+            )
+            continue
+        # New tensors for all members but the first, before the first's (shared) tensor is overwritten.
+        seen = {id(_module_of(merged, names[0]))}
+        for name in names[1:]:
+            _give_own_parameter(merged, name, tied.effective[name], seen)
+        _parameter(merged, names[0]).data.copy_(tied.effective[names[0]])
+        actions.append(f"untied [{_names(names)}]: each member now has its own tensor with its effective weight")
+    return actions
+
+
+def _parameter(root: torch.nn.Module, name: str) -> torch.nn.Parameter:
+    attr = name.rpartition(".")[2]
+    param: torch.nn.Parameter = getattr(_module_of(root, name), attr)
+    return param
+
+
+def _module_of(root: torch.nn.Module, name: str) -> torch.nn.Module:
+    module_path = name.rpartition(".")[0]
+    return root.get_submodule(module_path) if module_path else root
+
+
+def _give_own_parameter(root: torch.nn.Module, name: str, value: torch.Tensor, seen: set[int]) -> None:
+    module_path, _, attr = name.rpartition(".")
+    module = _module_of(root, name)
+    old = getattr(module, attr)
+    if id(module) in seen:
+        # The module object itself is shared between aliases: this alias needs a module of its own.
+        module = copy.deepcopy(module, memo={id(p): p for p in module.parameters(recurse=False)})
+        _set_submodule(root, module_path, module)
+    seen.add(id(module))
+    setattr(module, attr, torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+
+
+def untie_flags_if_needed(merged: Any, declared: dict[str, str]) -> list[str]:
+    """Set every `tie_word_embeddings` flag to False if a declared tie no longer shares storage.
+
+    transformers re-ties declared ties on load while the flag is True (4.x overwrites the alias with the source), so
+    the flag must say what the saved tensors are.
+    """
+    params = {p.name: p.tensor for p in base_parameters(merged)}
+    split = [
+        (alias, source)
+        for alias, source in declared.items()
+        if alias in params and source in params and params[alias] is not params[source]
+    ]
+    flags = [path for path, value in tie_flags(merged.config) if value]
+    if not split or not flags:
+        return []
+    for _, level in config_levels(merged.config):
+        if isinstance(getattr(level, "tie_word_embeddings", None), bool):
+            level.tie_word_embeddings = False
+    pairs = ", ".join(f"{a} / {s}" for a, s in split[:_MAX_LISTED])
+    return [f"set {', '.join(flags)} to False: {pairs} are separate tensors now and must load as such"]
+
+
+def retie_like(merged: torch.nn.Module, groups: tuple[tuple[str, ...], ...]) -> list[str]:
+    """Tie members of `groups` in `merged` to one tensor (they are bit-identical), as the loader does."""
+    actions = []
+    for group in groups:
+        first = _parameter(merged, group[0])
+        for name in group[1:]:
+            if _parameter(merged, name) is not first:
+                setattr(_module_of(merged, name), name.rpartition(".")[2], first)
+        actions.append(
+            f"transformers' loader ties the identical tensors [{_names(list(group))}] on reload; "
+            "the returned model is tied the same way"
+        )
+    return actions

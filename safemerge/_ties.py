@@ -1,0 +1,180 @@
+"""Find tie groups and the weight each tied member effectively has in the adapter model. Read-only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+from safemerge import _compat
+from safemerge._report import TieGroup, TieMember
+
+
+@dataclass
+class BaseParameter:
+    """A parameter of the base model, named as it will be named in the merged model."""
+
+    name: str
+    tensor: torch.Tensor
+    #: Outermost PEFT wrapper standing in for a module that holds this parameter, and its path.
+    wrapper: torch.nn.Module | None
+    wrapper_path: str
+
+    @property
+    def name_in_wrapper(self) -> str:
+        return self.name[len(self.wrapper_path) + 1 :] if self.wrapper_path else self.name
+
+
+def base_parameters(root: torch.nn.Module) -> list[BaseParameter]:
+    """Every parameter of the base model under `root`, aliases included, seen through PEFT wrappers."""
+    found: list[BaseParameter] = []
+
+    def walk(module: torch.nn.Module, prefix: str, wrapper: torch.nn.Module | None, wrapper_path: str) -> None:
+        if _compat.is_peft_wrapper(module):
+            if wrapper is None:
+                wrapper, wrapper_path = module, prefix.rstrip(".")
+            walk(_compat.wrapped_base(module), prefix, wrapper, wrapper_path)
+            return
+        for pname, param in module._parameters.items():
+            if param is not None:
+                found.append(BaseParameter(prefix + pname, param, wrapper, wrapper_path))
+        for cname, child in module._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}{cname}.", wrapper, wrapper_path)
+
+    walk(root, "", None, "")
+    return found
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    return (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
+
+
+def storage_groups(params: list[BaseParameter]) -> list[list[BaseParameter]]:
+    """Parameters that share one storage, two or more per group, in model order."""
+    by_key: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], list[BaseParameter]] = {}
+    for p in params:
+        if p.tensor.device.type == "meta" or p.tensor.numel() == 0:
+            continue  # no storage to compare: nothing can be said about sharing
+        by_key.setdefault(_storage_key(p.tensor), []).append(p)
+    return [group for group in by_key.values() if len(group) > 1]
+
+
+def tie_groups(model: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
+    """Names of the parameters that share one storage in `model` (a plain or a PEFT model)."""
+    return tuple(tuple(p.name for p in group) for group in storage_groups(base_parameters(model)))
+
+
+def config_levels(config: PretrainedConfig) -> Iterator[tuple[str, PretrainedConfig]]:
+    """The config and every nested config (text_config, decoder, ...), with their attribute paths."""
+    yield "", config
+    for key, value in vars(config).items():
+        if isinstance(value, PretrainedConfig):
+            for path, sub in config_levels(value):
+                yield (f"{key}.{path}" if path else key), sub
+
+
+def tie_flags(config: PretrainedConfig) -> tuple[tuple[str, bool], ...]:
+    """Every config level that carries `tie_word_embeddings`, as (dotted path, value)."""
+    flags = []
+    for path, level in config_levels(config):
+        value = getattr(level, "tie_word_embeddings", None)
+        if isinstance(value, bool):
+            flags.append((f"{path}.tie_word_embeddings" if path else "tie_word_embeddings", value))
+    return tuple(flags)
+
+
+def same_weight_tolerance(reference: torch.Tensor) -> float:
+    """Largest |difference| that is still rounding, for two ways of computing the same merged weight."""
+    eps = torch.finfo(reference.dtype).eps if reference.is_floating_point() else 0.0
+    return 4 * eps * max(1.0, float(reference.detach().abs().max()))
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a.detach().float() - b.detach().float()).abs().max()) if a.numel() else 0.0
+
+
+def describe_wrapper(wrapper: torch.nn.Module | None) -> str:
+    """A short name for the PEFT layer: 'lora.Embedding', 'lora.Linear (DoRA)', 'modules_to_save', ..."""
+    if wrapper is None:
+        return ""
+    cls = type(wrapper)
+    if cls.__name__ == "ModulesToSaveWrapper":
+        return "modules_to_save"
+    if cls.__name__ == "TrainableTokensWrapper":
+        return "trainable_tokens"
+    tuner = cls.__module__.removeprefix("peft.tuners.").split(".")[0]
+    label = f"{tuner}.{cls.__name__}"
+    use_dora = getattr(wrapper, "use_dora", None)
+    if isinstance(use_dora, Mapping) and any(use_dora.values()):
+        label += " (DoRA)"
+    return label
+
+
+@dataclass
+class TiedWeights:
+    """Tie groups with the effective weight of every member, as the adapter model's forward uses them."""
+
+    groups: tuple[TieGroup, ...]
+    #: Per group, the base parameters of its members (same order as TieGroup.members).
+    params: tuple[tuple[BaseParameter, ...], ...]
+    #: Effective weight of every tied member, by name.
+    effective: dict[str, torch.Tensor]
+
+
+def find_tied_weights(root: torch.nn.Module, called: set[int], declared: Mapping[str, str]) -> TiedWeights:
+    """Tie groups of `root` (a PEFT model's base model) and each member's effective weight.
+
+    `called` holds the ids of the PEFT wrappers that the adapter model's forward called: a wrapper the forward never
+    calls (T5's `shared`) changes nothing, so its member's effective weight is the base weight.
+    """
+    groups, params, effective = [], [], {}
+    merged_cache: dict[int, dict[str, torch.Tensor]] = {}
+    declared_pairs = {frozenset(pair) for pair in declared.items()}
+    for group in storage_groups(base_parameters(root)):
+        base = group[0].tensor.detach()
+        # The base weight is overwritten in place by a merge: keep a copy where a member will change it.
+        base_copy: torch.Tensor | None = None
+        members, values = [], []
+        for p in group:
+            value = base
+            if p.wrapper is not None and id(p.wrapper) in called:
+                if id(p.wrapper) not in merged_cache:
+                    merged = _compat.merged_module(p.wrapper)
+                    merged_cache[id(p.wrapper)] = dict(merged.named_parameters(remove_duplicate=False))
+                value = merged_cache[id(p.wrapper)][p.name_in_wrapper].detach()
+            change = max_abs_diff(value, base)
+            changed = change > same_weight_tolerance(base)
+            members.append(
+                TieMember(
+                    name=p.name,
+                    adapter=describe_wrapper(p.wrapper),
+                    used_in_forward=p.wrapper is not None and id(p.wrapper) in called,
+                    max_abs_change=change,
+                    changed=changed,
+                )
+            )
+            values.append(value if changed else None)
+        if any(v is not None for v in values):
+            base_copy = base.clone()
+        for p, v in zip(group, values, strict=True):
+            effective[p.name] = v if v is not None else (base_copy if base_copy is not None else base)
+        first = effective[group[0].name]
+        spread = max(max_abs_diff(effective[p.name], first) for p in group)
+        names = [p.name for p in group]
+        groups.append(
+            TieGroup(
+                members=tuple(members),
+                shape=tuple(base.shape),
+                dtype=str(base.dtype).removeprefix("torch."),
+                declared=any(frozenset((a, b)) in declared_pairs for a in names for b in names if a != b),
+                max_abs_spread=spread,
+                uniform=spread <= same_weight_tolerance(first),
+            )
+        )
+        params.append(tuple(group))
+    return TiedWeights(tuple(groups), tuple(params), effective)

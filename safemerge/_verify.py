@@ -1,0 +1,155 @@
+"""Probe the adapter model before merging; reload what was saved and compare it after."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import transformers
+
+from safemerge import _compat
+from safemerge._ties import max_abs_diff, tie_groups
+
+#: Relative logits tolerance per dtype: merging rounds W + dW once to the weight dtype, the adapter model does not.
+_LOGITS_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+#: Token ids that need extra inputs (an image token needs pixel values), read from config attributes like these.
+_MULTIMODAL_TOKEN = re.compile(r"(image|video|audio|boi|eoi|boa|eoa|vision)\w*_token_(id|index)$")
+
+PROBE_LENGTH = 24
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+def logits_tolerance(reference: torch.Tensor, dtype: torch.dtype) -> float:
+    """Largest max |logits difference| accepted between the adapter model and the merged model."""
+    scale = max(1.0, float(reference.abs().max())) if reference.numel() else 1.0
+    return _LOGITS_RTOL.get(dtype, 1e-2) * scale
+
+
+def make_probe(model: Any, extra_token_ids: list[int]) -> dict[str, torch.Tensor]:
+    """One sequence: the highest token ids, the ids whose embedding rows the adapter changes, then seeded random ids.
+
+    The highest ids are where resized or re-trained rows live and where vocabulary off-by-one bugs show.
+    """
+    config = model.config
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    reserved = {
+        int(value)
+        for _, level in _config_items(config)
+        for key, value in level
+        if isinstance(value, int) and _MULTIMODAL_TOKEN.search(key)
+    }
+    usable = [i for i in range(vocab - 1, -1, -1) if i not in reserved]
+    highest = usable[:8]
+    changed = [i for i in extra_token_ids if i not in reserved][:8]
+    generator = torch.Generator().manual_seed(0)
+    random_ids = [usable[int(i)] for i in torch.randint(len(usable), (PROBE_LENGTH,), generator=generator)]
+    ids = (highest + changed + random_ids)[:PROBE_LENGTH]
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    probe = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if getattr(config, "is_encoder_decoder", False):
+        probe["decoder_input_ids"] = input_ids.flip(-1)
+    return probe
+
+
+def _config_items(config: Any) -> list[tuple[str, list[tuple[str, Any]]]]:
+    from safemerge._ties import config_levels
+
+    return [(path, list(vars(level).items())) for path, level in config_levels(config)]
+
+
+def run_probe(
+    model: torch.nn.Module,
+    probe: Mapping[str, torch.Tensor],
+    *,
+    watch: list[torch.nn.Module] = (),  # type: ignore[assignment]
+) -> tuple[torch.Tensor, set[int]]:
+    """The model's logits on `probe` (eval mode, no grad) and the ids of the `watch` modules its forward called."""
+    called: set[int] = set()
+    handles = [m.register_forward_hook(lambda mod, _args, _out: called.add(id(mod))) for m in watch]
+    was_training = model.training
+    device = model_device(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            output = model(**{k: v.to(device) for k, v in probe.items()})
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    logits = output.logits if getattr(output, "logits", None) is not None else output[0]
+    return logits.detach().float().cpu(), called
+
+
+def auto_class_for(model: torch.nn.Module) -> Any:
+    """The transformers Auto class that maps this model's config to this model's class."""
+    candidates = [
+        "AutoModelForCausalLM",
+        "AutoModelForSeq2SeqLM",
+        "AutoModelForImageTextToText",
+        "AutoModelForSequenceClassification",
+        "AutoModelForTokenClassification",
+        "AutoModelForQuestionAnswering",
+        "AutoModelForMaskedLM",
+        "AutoModelForVision2Seq",
+        "AutoModel",
+    ]
+    config_class = type(model.config)
+    for name in candidates:
+        auto = getattr(transformers, name, None)
+        mapping = getattr(auto, "_model_mapping", None)
+        if mapping is None:
+            continue
+        try:
+            mapped = mapping[config_class]
+        except (KeyError, ValueError):
+            continue
+        if type(model) in (mapped if isinstance(mapped, tuple | list) else (mapped,)):
+            return auto
+    return type(model)  # a class the Auto mappings do not know: its own loader
+
+
+def reload(save_directory: str | os.PathLike[str], like: torch.nn.Module) -> Any:
+    """Load `save_directory` with transformers' own loader, in `like`'s class, dtype and device."""
+    loader = auto_class_for(like)
+    model = loader.from_pretrained(str(save_directory), **_compat.loader_dtype_kwargs(model_dtype(like)))
+    return model.to(model_device(like)).eval()
+
+
+def compare_state(expected: torch.nn.Module, actual: torch.nn.Module) -> tuple[int, list[str]]:
+    """Compare every state-dict tensor bit for bit; returns (number compared, descriptions of the differences)."""
+    want, got = expected.state_dict(), actual.state_dict()
+    problems = [f"{name}: missing after reload" for name in want if name not in got]
+    problems += [f"{name}: not in the merged model" for name in got if name not in want]
+    compared = 0
+    for name, tensor in want.items():
+        other = got.get(name)
+        if other is None:
+            continue
+        compared += 1
+        if other.shape != tensor.shape or other.dtype != tensor.dtype:
+            problems.append(
+                f"{name}: {tuple(other.shape)} {other.dtype} instead of {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        elif not torch.equal(other.to(tensor.device), tensor):
+            problems.append(f"{name}: values differ (max |difference| {max_abs_diff(other.cpu(), tensor.cpu()):.3g})")
+    return compared, problems
+
+
+def compare_ties(expected: torch.nn.Module, actual: torch.nn.Module) -> list[str]:
+    """Differences between the tie groups of two models."""
+    want = {frozenset(g) for g in tie_groups(expected)}
+    got = {frozenset(g) for g in tie_groups(actual)}
+    problems = [f"tied in the merged model, not after reload: {sorted(g)}" for g in want - got]
+    problems += [f"tied after reload, not in the merged model: {sorted(g)}" for g in got - want]
+    return problems

@@ -1,0 +1,88 @@
+"""Exceptions raised by safemerge.
+
+The tree::
+
+    SafeMergeError                    base of everything safemerge raises on purpose
+    ├── TiedWeightsError              the tie policy forbids this merge (nothing was changed)
+    ├── UnsupportedAdapterError       the adapter model cannot be represented by a merged model
+    ├── OutputExistsError             save_directory is not empty and overwrite=False (also a FileExistsError)
+    └── VerificationError             the merged or reloaded model does not compute what the adapter model did
+
+    SafeMergeWarning                  base of the warnings safemerge emits
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from safemerge._report import MergeReport, TieGroup
+
+__all__ = [
+    "OutputExistsError",
+    "SafeMergeError",
+    "SafeMergeWarning",
+    "TiedWeightsError",
+    "UnsupportedAdapterError",
+    "VerificationError",
+]
+
+
+class SafeMergeError(Exception):
+    """Base class of every error safemerge raises on purpose."""
+
+
+class SafeMergeWarning(UserWarning):
+    """Base class of the warnings safemerge emits."""
+
+
+class TiedWeightsError(SafeMergeError):
+    """The tie policy forbids this merge; the model and the disk were left untouched.
+
+    Example message::
+
+        policy='keep' cannot merge this adapter: tie group [model.embed_tokens.weight, lm_head.weight] shares one
+        tensor, but the adapter model uses different weights for its members (max |difference| 0.0312) ...
+        Fix: use policy='untie' ...
+    """
+
+    def __init__(self, message: str, *, policy: str, groups: tuple[TieGroup, ...]) -> None:
+        super().__init__(message)
+        self.policy = policy
+        self.groups = groups
+
+
+class UnsupportedAdapterError(SafeMergeError):
+    """The adapter model cannot be represented by a merged model, so it is not merged.
+
+    Example message::
+
+        This adapter cannot be merged into the base weights: PromptTuningConfig is a prompt-learning method
+        (virtual tokens, no weight deltas). Fix: keep using it as an adapter with PeftModel.from_pretrained().
+    """
+
+
+class OutputExistsError(SafeMergeError, FileExistsError):
+    """`save_directory` exists and is not empty, and `overwrite=False`.
+
+    Example message::
+
+        save_directory 'out/merged' exists and is not empty; nothing was merged. Fix: choose another directory,
+        or pass overwrite=True (CLI: --overwrite) to replace it once the new model has been verified.
+    """
+
+
+class VerificationError(SafeMergeError):
+    """The merged or reloaded model does not compute what the adapter model computed.
+
+    `report` holds every figure; `report.model` is the merged model. The saved files, if any, were moved to a
+    sibling directory whose name ends in `.failed-<random>` and which holds SAFEMERGE_VERIFICATION_FAILED.txt.
+
+    Example message::
+
+        Verification failed: reloaded logits differ from the adapter model's by 0.8125 (tolerance 0.0001) ...
+    """
+
+    def __init__(self, message: str, *, report: MergeReport) -> None:
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,193 @@
+"""Tiny real models and adapters, built from configs and saved/loaded with the real transformers/PEFT code paths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers as tf
+
+VOCAB = 96
+HIDDEN = 32
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A tiny architecture and the module names adapters target in it."""
+
+    name: str
+    make_config: Callable[[], Any]
+    model_class: Any
+    embed: str
+    head: str
+    attention: tuple[str, ...]
+    tied: bool = True
+
+
+def _llama(tied: bool) -> Any:
+    return tf.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+
+
+def _gemma3() -> Any:
+    return tf.Gemma3Config(
+        text_config={
+            "vocab_size": VOCAB,
+            "hidden_size": HIDDEN,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "sliding_window": 8,
+            "max_position_embeddings": 64,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },
+        mm_tokens_per_image=4,
+        image_token_index=VOCAB - 1,
+        boi_token_index=VOCAB - 3,
+        eoi_token_index=VOCAB - 2,
+        tie_word_embeddings=True,
+    )
+
+
+ARCHS = {
+    a.name: a
+    for a in [
+        Arch("llama", lambda: _llama(True), tf.LlamaForCausalLM, "embed_tokens", "lm_head", ("q_proj", "v_proj")),
+        Arch(
+            "llama-untied",
+            lambda: _llama(False),
+            tf.LlamaForCausalLM,
+            "embed_tokens",
+            "lm_head",
+            ("q_proj", "v_proj"),
+            tied=False,
+        ),
+        Arch(
+            "gpt2",
+            lambda: tf.GPT2Config(
+                vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+            ),
+            tf.GPT2LMHeadModel,
+            "wte",
+            "lm_head",
+            ("c_attn",),
+        ),
+        Arch(
+            "t5",
+            lambda: tf.T5Config(
+                vocab_size=VOCAB, d_model=HIDDEN, d_ff=64, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0
+            ),
+            tf.T5ForConditionalGeneration,
+            "embed_tokens",
+            "lm_head",
+            ("q", "v"),
+        ),
+        Arch(
+            "bart",
+            lambda: tf.BartConfig(
+                vocab_size=VOCAB,
+                d_model=HIDDEN,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+                max_position_embeddings=64,
+            ),
+            tf.BartForConditionalGeneration,
+            "embed_tokens",
+            "lm_head",
+            ("q_proj", "v_proj"),
+        ),
+        Arch("gemma3", _gemma3, tf.Gemma3ForConditionalGeneration, "embed_tokens", "lm_head", ("q_proj", "v_proj")),
+    ]
+}
+
+TOKENS = [3, 17, VOCAB - 4]
+
+
+def _lora(arch: Arch, targets: list[str], **kwargs: Any) -> Any:
+    fan_in_fan_out = arch.name == "gpt2" and any(t in arch.attention for t in targets)
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=fan_in_fan_out, **kwargs)
+
+
+#: Adapter kinds: a function from the architecture to a PEFT config.
+ADAPTERS: dict[str, Callable[[Arch], Any]] = {
+    "lora-attention": lambda a: _lora(a, list(a.attention)),
+    "lora-embed": lambda a: _lora(a, [a.embed]),
+    "lora-head": lambda a: _lora(a, [a.head]),
+    "lora-both": lambda a: _lora(a, [a.embed, a.head]),
+    "lora-both-ensure-tying": lambda a: _lora(a, [a.embed, a.head], ensure_weight_tying=True),
+    "dora-head": lambda a: _lora(a, [a.head], use_dora=True),
+    "save-embed": lambda a: _lora(a, list(a.attention), modules_to_save=[a.embed]),
+    "save-head": lambda a: _lora(a, list(a.attention), modules_to_save=[a.head]),
+    "save-both": lambda a: _lora(a, list(a.attention), modules_to_save=[a.embed, a.head]),
+    "trainable-token-indices": lambda a: _lora(a, list(a.attention), trainable_token_indices=TOKENS),
+    "trainable-tokens": lambda a: peft.TrainableTokensConfig(target_modules=[a.embed], token_indices=TOKENS),
+}
+
+
+def save_base(arch: Arch, directory: Path) -> Path:
+    torch.manual_seed(0)
+    model = arch.model_class(arch.make_config())
+    model.save_pretrained(directory)
+    return directory
+
+
+def load_base(arch: Arch, directory: Path) -> Any:
+    return arch.model_class.from_pretrained(directory).eval()
+
+
+def perturb(model: Any, seed: int = 1) -> None:
+    """Change every trainable tensor, as training would (LoRA's B starts at zero: untrained, it does nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        seen: set[int] = set()
+        for _, param in model.named_parameters():
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+                param.add_(0.05 * noise.to(param.dtype))
+
+
+def adapter_model(arch: Arch, base_dir: Path, kind: str, adapter_dir: Path) -> Any:
+    """A PEFT model as a user has it after training: adapter saved, then loaded onto a freshly loaded base."""
+    base = load_base(arch, base_dir)
+    trained = peft.get_peft_model(base, ADAPTERS[kind](arch))
+    perturb(trained)
+    trained.save_pretrained(adapter_dir)
+    return peft.PeftModel.from_pretrained(load_base(arch, base_dir), adapter_dir).eval()
+
+
+def logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = input_ids
+    with torch.no_grad():
+        return model(**kwargs).logits.float()
+
+
+def sample_ids() -> torch.Tensor:
+    return torch.tensor([[VOCAB - 5, 1, 2, 3, 17, 40, 60, VOCAB - 4, VOCAB - 6, 5]])
