@@ -37,7 +37,7 @@ def _tiny_adapter_model(base_dir: Path, adapter_dir: Path) -> object:
         for param in trained.parameters():
             if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
-    trained.save_pretrained(adapter_dir)
+    trained.save_pretrained(str(adapter_dir))
     base = transformers.LlamaForCausalLM.from_pretrained(base_dir)
     return peft.PeftModel.from_pretrained(base, adapter_dir).eval()
 

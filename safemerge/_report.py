@@ -32,7 +32,7 @@ class TieMember:
     used_in_forward: bool
     #: max |effective weight - base weight| of this member in the adapter model.
     max_abs_change: float
-    #: Whether the effective weight differs from the base weight beyond rounding.
+    #: Whether the effective weight differs from the base weight at all.
     changed: bool
 
 

@@ -87,9 +87,13 @@ def tie_flags(config: PretrainedConfig) -> tuple[tuple[str, bool], ...]:
 
 
 def same_weight_tolerance(reference: torch.Tensor) -> float:
-    """Largest |difference| that is still rounding, for two ways of computing the same merged weight."""
+    """Largest |difference| that is still rounding, for two ways of computing the same merged weight.
+
+    A few units in the last place of the largest value: two members that got the same change through different
+    PEFT layers (ensure_weight_tying: an Embedding and a transposed Linear) differ by rounding only.
+    """
     eps = torch.finfo(reference.dtype).eps if reference.is_floating_point() else 0.0
-    return 4 * eps * max(1.0, float(reference.detach().abs().max()))
+    return 4 * eps * float(reference.detach().abs().max()) if reference.numel() else 0.0
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -148,7 +152,8 @@ def find_tied_weights(root: torch.nn.Module, called: set[int], declared: Mapping
                     merged_cache[id(p.wrapper)] = dict(merged.named_parameters(remove_duplicate=False))
                 value = merged_cache[id(p.wrapper)][p.name_in_wrapper].detach()
             change = max_abs_diff(value, base)
-            changed = change > same_weight_tolerance(base)
+            # Exact: an unchanged member is the base tensor itself; any real delta, however small, counts.
+            changed = change > 0
             members.append(
                 TieMember(
                     name=p.name,

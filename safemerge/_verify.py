@@ -42,7 +42,10 @@ def make_probe(model: Any, extra_token_ids: list[int]) -> dict[str, torch.Tensor
     The highest ids are where resized or re-trained rows live and where vocabulary off-by-one bugs show.
     """
     config = model.config
-    vocab = int(model.get_input_embeddings().weight.shape[0])
+    try:
+        vocab = int(model.get_input_embeddings().weight.shape[0])
+    except (AttributeError, NotImplementedError):
+        vocab = int(config.get_text_config().vocab_size)
     reserved = {
         int(value)
         for _, level in _config_items(config)
@@ -72,7 +75,7 @@ def run_probe(
     model: torch.nn.Module,
     probe: Mapping[str, torch.Tensor],
     *,
-    watch: list[torch.nn.Module] = (),  # type: ignore[assignment]
+    watch: Sequence[torch.nn.Module] = (),
 ) -> tuple[torch.Tensor, set[int]]:
     """The model's logits on `probe` (eval mode, no grad) and the ids of the `watch` modules its forward called."""
     called: set[int] = set()

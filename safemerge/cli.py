@@ -74,8 +74,8 @@ def _quiet_libraries() -> None:
     import transformers
 
     warnings.filterwarnings("ignore", module=r"(peft|transformers)(\.|$)")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def _merge(args: argparse.Namespace) -> int:

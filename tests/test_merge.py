@@ -167,3 +167,26 @@ def test_report_is_json_safe_and_versioned(make_adapter_model, tmp_path: Path): 
     assert "model" not in data
     assert data["verification"]["max_abs_logits_diff_reloaded"] <= data["verification"]["logits_tolerance"]
     assert {g["names"][0] for g in data["groups_before"]} == {"transformer.wte.weight"}
+
+
+@pytest.mark.parametrize(("kind", "policy"), [("lora-head", "untie"), ("lora-both-ensure-tying", "keep")])
+def test_bfloat16_merge_is_verified(make_adapter_model, tmp_path: Path, kind: str, policy: str):  # type: ignore[no-untyped-def]
+    model = make_adapter_model("llama", kind).to(torch.bfloat16)
+    report = safemerge.safe_merge(model, tmp_path / "m", policy=policy)
+    assert report.ok and report.model.dtype == torch.bfloat16
+    assert report.verification is not None and report.verification.tensors_not_identical == ()
+    assert_reload_identical(tmp_path / "m", report.model)
+
+
+def test_small_change_on_a_tied_member_is_never_ignored(make_adapter_model, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A delta far below bfloat16 rounding of the weights still counts as a change: refuse must refuse."""
+    model = make_adapter_model("llama", "lora-head")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(1e-4)
+    (group,) = safemerge.inspect_ties(model).groups
+    head = next(m for m in group.members if m.name == "lm_head.weight")
+    assert head.changed and 0 < head.max_abs_change < 1e-4
+    with pytest.raises(safemerge.TiedWeightsError):
+        safemerge.safe_merge(model, tmp_path / "m", policy="refuse")
