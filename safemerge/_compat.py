@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 from typing import Any
 
 import torch
@@ -45,24 +47,54 @@ def merged_module(wrapper: torch.nn.Module) -> torch.nn.Module:
 
 
 def _deepcopy(module: torch.nn.Module) -> Any:
-    import copy
-
-    return copy.deepcopy(module)
-
-
-def declared_ties(model: torch.nn.Module) -> dict[str, str]:
-    """Tied parameter names as the model class declares them: {alias: source}, in merged-model names."""
-    expanded = getattr(model, "all_tied_weights_keys", None)  # transformers 5
-    if isinstance(expanded, dict):
-        return {str(k): str(v) for k, v in expanded.items()}
-    return {}
+    # peft 0.18 keeps `trainable_tokens_original` as a non-leaf buffer (a clone of a weight that requires grad),
+    # which deepcopy refuses: give it a detached copy instead.
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    memo = {id(t): t.detach().clone() for t in tensors if not t.is_leaf}
+    return copy.deepcopy(module, memo)
 
 
-def loader_dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
-    """`from_pretrained` keyword arguments that load weights in `dtype`."""
+def declared_ties(model: Any) -> dict[str, str]:
+    """Ties the model class will restore on load: {alias: source}, in merged-model parameter names."""
     if TRANSFORMERS_MAJOR >= 5:
-        return {"dtype": dtype}
-    return {"torch_dtype": dtype}
+        expanded = getattr(model, "all_tied_weights_keys", None) or {}
+        return {str(k): str(v) for k, v in expanded.items()}
+    # transformers 4: every `_tied_weights_keys` entry of a PreTrainedModel (sub)module is tied to the input
+    # embedding by tie_weights() on load, while the decoder text config's flag is True.
+    if not getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", True):
+        return {}
+    paths = {id(m): path for path, m in model.named_modules()}  # first path of each module
+    source_path = paths.get(id(model.get_input_embeddings()))
+    if source_path is None:
+        return {}
+    source = f"{source_path}.weight"
+    ties = {}
+    for path, module in model.named_modules():
+        if isinstance(module, transformers.PreTrainedModel):
+            for key in getattr(module, "_tied_weights_keys", None) or ():
+                alias = f"{path}.{key}" if path else key
+                if alias != source:
+                    ties[alias] = source
+    return ties
+
+
+#: transformers 4 model types whose forward rescales the decoder output by d_model**-0.5 while
+#: tie_word_embeddings is True (modeling_t5.py and its copies); transformers 5 always rescales.
+_RESCALES_WHILE_TIED = {"t5", "mt5", "umt5", "longt5", "switch_transformers", "pop2piano"}
+
+
+def keep_output_scale_when_untied(model: Any) -> tuple[str, float] | None:
+    """After the tie flag went from True to False: keep the logits unchanged where the flag also drove a rescale.
+
+    Folds the factor into the output embedding, as a new tensor. Returns (its parameter name, the factor).
+    """
+    if TRANSFORMERS_MAJOR >= 5 or model.config.model_type not in _RESCALES_WHILE_TIED:
+        return None
+    head = model.get_output_embeddings()
+    name = next(path for path, m in model.named_modules() if m is head) + ".weight"
+    scale = float(model.config.d_model) ** -0.5
+    head.weight = torch.nn.Parameter(head.weight.detach() * scale, requires_grad=head.weight.requires_grad)
+    return name, scale
 
 
 def versions() -> tuple[tuple[str, str], ...]:

@@ -183,12 +183,13 @@ def safe_merge(
     actions = _policy.unwrap_tied_members(root, analysis.tied)
     merged = peft_model.merge_and_unload()
     actions += _policy.write_tied_values(merged, analysis.tied)
-    actions += _policy.untie_flags_if_needed(merged, analysis.declared)
+    flag_actions, rescaled = _policy.untie_flags_if_needed(merged, analysis.declared)
+    actions += flag_actions
     actions.append("merged the remaining adapter layers with peft's merge_and_unload()")
 
     verification: Verification | None = None
     if verify:
-        verification = _check_in_memory(merged, analysis, logits_tolerance)
+        verification = _check_in_memory(merged, analysis, logits_tolerance, rescaled)
         if not verification.ok:
             report = _report(tie_policy, None, analysis, merged, actions, verification)
             raise VerificationError(_failure_message(verification, saved_at=None), report=report)
@@ -232,8 +233,13 @@ def _report(
     )
 
 
-def _check_in_memory(merged: Any, analysis: _Analysis, tolerance: float | None) -> Verification:
-    """Merged model against the adapter model: every tied member's tensor and the probe logits."""
+def _check_in_memory(
+    merged: Any, analysis: _Analysis, tolerance: float | None, rescaled: dict[str, float]
+) -> Verification:
+    """Merged model against the adapter model: every tied member's tensor and the probe logits.
+
+    `rescaled` holds members deliberately multiplied by a factor (see _compat.keep_output_scale_when_untied).
+    """
     dtype = _verify.model_dtype(merged)
     tol = tolerance if tolerance is not None else _verify.logits_tolerance(analysis.adapter_logits, dtype)
     logits, _ = _verify.run_probe(merged, analysis.probe)
@@ -245,9 +251,10 @@ def _check_in_memory(merged: Any, analysis: _Analysis, tolerance: float | None) 
     members = []
     for group in analysis.tied.groups:
         for name in group.names:
-            member_diff = max_abs_diff(params[name], analysis.tied.effective[name])
+            expected = analysis.tied.effective[name] * rescaled.get(name, 1.0)
+            member_diff = max_abs_diff(params[name], expected)
             members.append(MemberCheck(name, member_diff, None))
-            if member_diff > same_weight_tolerance(analysis.tied.effective[name]):
+            if member_diff > same_weight_tolerance(expected):
                 problems.append(f"{name}: merged tensor differs from its effective weight by {member_diff:.3g}")
     return Verification(
         probe_tokens=int(analysis.probe["input_ids"].numel()),

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 
-from safemerge._compat import wrapped_base
+from safemerge._compat import keep_output_scale_when_untied, wrapped_base
 from safemerge._report import PolicyOutcome, TieGroup, TiePolicy
 from safemerge._ties import TiedWeights, base_parameters, config_levels, tie_flags
 
@@ -59,6 +58,16 @@ def decide(groups: tuple[TieGroup, ...], policy: TiePolicy) -> PolicyOutcome:
             False,
             "the adapter model uses different weights for members of one shared tensor: " + _describe(diverging),
         )
+    inseparable = [g for g in diverging if not g.separable]
+    if inseparable:
+        clusters = "; ".join(f"[{_names(c)}]" for g in inseparable for c in g.one_module)
+        return PolicyOutcome(
+            policy.value,
+            False,
+            f"the adapter model uses different weights for {clusters}, which this architecture builds as one module, "
+            "so they load as one tensor whatever is saved: no merged model can compute what the adapter model "
+            "computes (" + _describe(inseparable) + ")",
+        )
     if diverging:
         untied = "; ".join(f"[{_names(g.names)}]" for g in diverging)
         return PolicyOutcome(policy.value, True, f"gives each member its own tensor in {untied}")
@@ -77,7 +86,14 @@ def refusal_message(groups: tuple[TieGroup, ...], policy: TiePolicy) -> str:
     """What happened, why it matters and how to fix it, for a policy that does not merge."""
     outcome = decide(groups, policy)
     keep = decide(groups, TiePolicy.KEEP)
-    if policy is TiePolicy.KEEP:
+    if not decide(groups, TiePolicy.UNTIE).merges:
+        why = "No tie policy can merge it."
+        fix = (
+            "Fix: keep serving it as an adapter (PeftModel.from_pretrained), or retrain with the same change on "
+            "the members of one module (one modules_to_save / trainable-token entry for the shared embedding), or "
+            "use a transformers release where these members are separate modules."
+        )
+    elif policy is TiePolicy.KEEP:
         why = (
             "One shared tensor can hold only one weight, so keeping the tie would force one member's change onto "
             "the others and the merged model would compute something else than the adapter model (a plain "
@@ -143,10 +159,16 @@ def write_tied_values(merged: torch.nn.Module, tied: TiedWeights) -> list[str]:
                 f"{max(m.max_abs_change for m in group.members):.3g}); they stay one tensor"
             )
             continue
-        # New tensors for all members but the first, before the first's (shared) tensor is overwritten.
-        seen = {id(_module_of(merged, names[0]))}
+        # New tensors for all members but the first, before the first's (shared) tensor is overwritten. Members of
+        # one module object (group.one_module) get theirs through that module.
+        owners = {id(_module_of(merged, names[0]))}
         for name in names[1:]:
-            _give_own_parameter(merged, name, tied.effective[name], seen)
+            module = _module_of(merged, name)
+            if id(module) not in owners:
+                owners.add(id(module))
+                old = getattr(module, name.rpartition(".")[2])
+                value = tied.effective[name].detach().clone()
+                setattr(module, name.rpartition(".")[2], torch.nn.Parameter(value, requires_grad=old.requires_grad))
         _parameter(merged, names[0]).data.copy_(tied.effective[names[0]])
         actions.append(f"untied [{_names(names)}]: each member now has its own tensor with its effective weight")
     return actions
@@ -163,23 +185,12 @@ def _module_of(root: torch.nn.Module, name: str) -> torch.nn.Module:
     return root.get_submodule(module_path) if module_path else root
 
 
-def _give_own_parameter(root: torch.nn.Module, name: str, value: torch.Tensor, seen: set[int]) -> None:
-    module_path, _, attr = name.rpartition(".")
-    module = _module_of(root, name)
-    old = getattr(module, attr)
-    if id(module) in seen:
-        # The module object itself is shared between aliases: this alias needs a module of its own.
-        module = copy.deepcopy(module, memo={id(p): p for p in module.parameters(recurse=False)})
-        _set_submodule(root, module_path, module)
-    seen.add(id(module))
-    setattr(module, attr, torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
-
-
-def untie_flags_if_needed(merged: Any, declared: dict[str, str]) -> list[str]:
+def untie_flags_if_needed(merged: Any, declared: dict[str, str]) -> tuple[list[str], dict[str, float]]:
     """Set every `tie_word_embeddings` flag to False if a declared tie no longer shares storage.
 
     transformers re-ties declared ties on load while the flag is True (4.x overwrites the alias with the source), so
-    the flag must say what the saved tensors are.
+    the flag must say what the saved tensors are. Returns the actions, and {parameter name: factor} for tensors
+    that were rescaled to keep the outputs unchanged (transformers 4's T5 family).
     """
     params = {p.name: p.tensor for p in base_parameters(merged)}
     split = [
@@ -189,12 +200,21 @@ def untie_flags_if_needed(merged: Any, declared: dict[str, str]) -> list[str]:
     ]
     flags = [path for path, value in tie_flags(merged.config) if value]
     if not split or not flags:
-        return []
+        return [], {}
     for _, level in config_levels(merged.config):
         if isinstance(getattr(level, "tie_word_embeddings", None), bool):
             level.tie_word_embeddings = False
     pairs = ", ".join(f"{a} / {s}" for a, s in split[:_MAX_LISTED])
-    return [f"set {', '.join(flags)} to False: {pairs} are separate tensors now and must load as such"]
+    actions = [f"set {', '.join(flags)} to False: {pairs} are separate tensors now and must load as such"]
+    rescaled = keep_output_scale_when_untied(merged)
+    if rescaled is None:
+        return actions, {}
+    name, scale = rescaled
+    actions.append(
+        f"multiplied {name} by d_model**-0.5 = {scale:.6g}: with tie_word_embeddings=False, transformers 4's "
+        f"{type(merged).__name__} no longer rescales the decoder output before it"
+    )
+    return actions, {name: scale}
 
 
 def retie_like(merged: torch.nn.Module, groups: tuple[tuple[str, ...], ...]) -> list[str]:

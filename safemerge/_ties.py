@@ -18,6 +18,8 @@ class BaseParameter:
 
     name: str
     tensor: torch.Tensor
+    #: The base module that holds this parameter (PEFT wrappers removed).
+    owner: torch.nn.Module
     #: Outermost PEFT wrapper standing in for a module that holds this parameter, and its path.
     wrapper: torch.nn.Module | None
     wrapper_path: str
@@ -39,7 +41,7 @@ def base_parameters(root: torch.nn.Module) -> list[BaseParameter]:
             return
         for pname, param in module._parameters.items():
             if param is not None:
-                found.append(BaseParameter(prefix + pname, param, wrapper, wrapper_path))
+                found.append(BaseParameter(prefix + pname, param, module, wrapper, wrapper_path))
         for cname, child in module._modules.items():
             if child is not None:
                 walk(child, f"{prefix}{cname}.", wrapper, wrapper_path)
@@ -119,6 +121,19 @@ def describe_wrapper(wrapper: torch.nn.Module | None) -> str:
     return label
 
 
+def _one_module_clusters(group: list[BaseParameter]) -> tuple[tuple[str, ...], ...]:
+    """Members held by one module object: the architecture builds them as one, so they load as one tensor."""
+    by_owner: dict[int, list[str]] = {}
+    for p in group:
+        by_owner.setdefault(id(p.owner), []).append(p.name)
+    return tuple(tuple(names) for names in by_owner.values() if len(names) > 1)
+
+
+def _same(effective: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> bool:
+    first = effective[names[0]]
+    return all(max_abs_diff(effective[n], first) <= same_weight_tolerance(first) for n in names)
+
+
 @dataclass
 class TiedWeights:
     """Tie groups with the effective weight of every member, as the adapter model's forward uses them."""
@@ -171,6 +186,7 @@ def find_tied_weights(root: torch.nn.Module, called: set[int], declared: Mapping
         first = effective[group[0].name]
         spread = max(max_abs_diff(effective[p.name], first) for p in group)
         names = [p.name for p in group]
+        one_module = _one_module_clusters(group)
         groups.append(
             TieGroup(
                 members=tuple(members),
@@ -179,6 +195,8 @@ def find_tied_weights(root: torch.nn.Module, called: set[int], declared: Mapping
                 declared=any(frozenset((a, b)) in declared_pairs for a in names for b in names if a != b),
                 max_abs_spread=spread,
                 uniform=spread <= same_weight_tolerance(first),
+                one_module=one_module,
+                separable=all(_same(effective, cluster) for cluster in one_module),
             )
         )
         params.append(tuple(group))

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import transformers
 
-from safemerge import _compat
 from safemerge._ties import max_abs_diff, tie_groups
 
 #: Relative logits tolerance per dtype: merging rounds W + dW once to the weight dtype, the adapter model does not.
@@ -125,7 +124,7 @@ def auto_class_for(model: torch.nn.Module) -> Any:
 def reload(save_directory: str | os.PathLike[str], like: torch.nn.Module) -> Any:
     """Load `save_directory` with transformers' own loader, in `like`'s class, dtype and device."""
     loader = auto_class_for(like)
-    model = loader.from_pretrained(str(save_directory), **_compat.loader_dtype_kwargs(model_dtype(like)))
+    model = loader.from_pretrained(str(save_directory), dtype=model_dtype(like))
     return model.to(model_device(like)).eval()
 
 

@@ -90,9 +90,7 @@ def _merge(args: argparse.Namespace) -> int:
         dtype = getattr(torch, args.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype; use e.g. float32, bfloat16, float16")
-        from safemerge._compat import loader_dtype_kwargs
-
-        kwargs = loader_dtype_kwargs(dtype)
+        kwargs = {"dtype": dtype}
     config = transformers.AutoConfig.from_pretrained(args.base)
     model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0], transformers.AutoModel)
     base = model_class.from_pretrained(args.base, **kwargs)
