@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s typecheck`."""
+"""Developer and CI sessions. `nox` alone runs the defaults; `.ci/run` runs the other stacks through here."""
 
 from __future__ import annotations
 
@@ -7,16 +7,37 @@ import nox
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.default_venv_backend = "venv"
 
-# torch first, pinned to the CPU wheel: a bare `torch` requirement pulls a multi-GB CUDA build.
+# torch first, pinned to the CPU wheel on local disk: a bare `torch` requirement pulls a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
+
+#: The supported stacks besides the current releases, and the declared lower bounds of pyproject.toml.
+TRANSFORMERS_4 = ["transformers==4.57.6", "peft==0.18.1"]
+LOWEST = ["transformers==4.57.1", "peft==0.18.0", "accelerate==1.0.0", "safetensors==0.4.3"]
+
+
+def _test(session: nox.Session, *pins: str) -> None:
+    session.install(TORCH)
+    session.install("-e", ".[test]", *pins)
+    session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
+    session.run("pytest", *session.posargs)
 
 
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
-    """Run the test suite on the current transformers/PEFT releases."""
-    session.install(TORCH)
-    session.install("-e", ".[test]")
-    session.run("pytest", *session.posargs)
+    """Run the test suite on the current releases of transformers and PEFT."""
+    _test(session)
+
+
+@nox.session(python="3.11")
+def tests_transformers4(session: nox.Session) -> None:
+    """Run the test suite on the second supported stack: transformers 4.57.6 + peft 0.18.1."""
+    _test(session, *TRANSFORMERS_4)
+
+
+@nox.session(python="3.11")
+def lowest(session: nox.Session) -> None:
+    """Prove the lower bounds declared in pyproject.toml install and pass."""
+    _test(session, *LOWEST)
 
 
 @nox.session(python="3.11")

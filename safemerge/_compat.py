@@ -4,14 +4,36 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from typing import Any
 
+import peft
 import torch
 import transformers
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+PEFT_VERSION = tuple(int(part) for part in peft.__version__.split(".")[:2])
+
+#: Tested pairs: transformers 4.57 with peft >= 0.18, transformers 5 with peft >= 0.21.
+_MIN_PEFT_FOR_TRANSFORMERS = {4: (0, 18), 5: (0, 21)}
+
+
+def warn_if_untested_stack() -> None:
+    """Warn when transformers and PEFT are a pair safemerge was not tested with."""
+    needed = _MIN_PEFT_FOR_TRANSFORMERS.get(TRANSFORMERS_MAJOR, (0, 21))
+    if needed > PEFT_VERSION:
+        from safemerge.errors import SafeMergeWarning
+
+        warnings.warn(
+            f"safemerge is tested with peft >= {needed[0]}.{needed[1]} on transformers {TRANSFORMERS_MAJOR}.x, found "
+            f"peft {peft.__version__}. Merges are still verified, but may be refused more often. Fix: pip install "
+            f"'peft>={needed[0]}.{needed[1]}'.",
+            SafeMergeWarning,
+            stacklevel=3,
+        )
+
 
 #: PEFT modules that wrap a base module and change what it computes.
 PEFT_WRAPPERS: tuple[type, ...] = (BaseTunerLayer, AuxiliaryTrainingWrapper)
@@ -99,8 +121,6 @@ def keep_output_scale_when_untied(model: Any) -> tuple[str, float] | None:
 
 def versions() -> tuple[tuple[str, str], ...]:
     """Versions of the libraries whose behaviour a merge depends on."""
-    import peft
-
     from safemerge import __version__
 
     return (

@@ -41,6 +41,7 @@ class _Analysis:
 def _require_peft_model(model: Any) -> Any:
     from peft import PeftModel
 
+    _compat.warn_if_untested_stack()
     if not isinstance(model, PeftModel):
         raise TypeError(
             f"safemerge expects a peft.PeftModel, got {type(model).__name__}. Fix: load the adapter onto its base "
