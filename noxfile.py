@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 nox.options.default_venv_backend = "venv"
 
 # torch first, pinned to the CPU wheel on local disk: a bare `torch` requirement pulls a multi-GB CUDA build.
@@ -46,6 +46,13 @@ def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "safemerge", "tests", "noxfile.py")
     session.run("ruff", "format", "--check", "safemerge", "tests", "noxfile.py")
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/, warnings as errors (mkdocs strict mode)."""
+    session.install("mkdocs>=1.6", "mkdocstrings[python]>=0.26")
+    session.run("mkdocs", "build", "--strict", "-d", "site")
 
 
 @nox.session(python="3.11")

@@ -1,6 +1,6 @@
 """Merge a PEFT adapter into its base model without silent damage to tied weights, and prove it."""
 
-from safemerge._merge import inspect_ties, safe_merge
+from safemerge._merge import inspect_ties, merge_pretrained, safe_merge, verify_merged
 from safemerge._report import (
     MemberCheck,
     MergeReport,
@@ -39,5 +39,7 @@ __all__ = [
     "VerificationError",
     "__version__",
     "inspect_ties",
+    "merge_pretrained",
     "safe_merge",
+    "verify_merged",
 ]

@@ -105,15 +105,36 @@ def declared_ties(model: Any) -> dict[str, str]:
 _RESCALES_WHILE_TIED = {"t5", "mt5", "umt5", "longt5", "switch_transformers", "pop2piano"}
 
 
+def _rescales_while_tied(config: Any) -> bool:
+    return TRANSFORMERS_MAJOR < 5 and getattr(config, "model_type", None) in _RESCALES_WHILE_TIED
+
+
+def output_scale(model: Any) -> float:
+    """The factor the forward applies to the hidden states right before the output embedding."""
+    config = model.config
+    if _rescales_while_tied(config) and getattr(config, "tie_word_embeddings", True):
+        return float(config.d_model**-0.5)
+    return 1.0
+
+
+def output_embedding_name(model: Any) -> str | None:
+    """Parameter name of the output embedding's weight, or None."""
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return next((f"{path}.weight" for path, m in model.named_modules() if m is head), None)
+
+
 def keep_output_scale_when_untied(model: Any) -> tuple[str, float] | None:
     """After the tie flag went from True to False: keep the logits unchanged where the flag also drove a rescale.
 
     Folds the factor into the output embedding, as a new tensor. Returns (its parameter name, the factor).
     """
-    if TRANSFORMERS_MAJOR >= 5 or model.config.model_type not in _RESCALES_WHILE_TIED:
+    name = output_embedding_name(model)
+    if not _rescales_while_tied(model.config) or name is None:
         return None
     head = model.get_output_embeddings()
-    name = next(path for path, m in model.named_modules() if m is head) + ".weight"
     scale = float(model.config.d_model) ** -0.5
     head.weight = torch.nn.Parameter(head.weight.detach() * scale, requires_grad=head.weight.requires_grad)
     return name, scale

@@ -79,5 +79,5 @@ def run_demo(say: Callable[[str], None]) -> int:
                 f"(tolerance {report.verification.logits_tolerance:.2g}); verified: {report.ok}"
             )
             failures += not report.ok
-        say("\nTied weights stay correct only when the policy is explicit. Docs: docs/policies.md")
+        say("\nTied weights stay correct only when the policy is explicit. Docs: docs/how-to/choose-a-policy.md")
     return 1 if failures else 0

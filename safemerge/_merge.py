@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from safemerge import _compat, _policy, _save, _verify
+from safemerge import _compat, _load, _policy, _save, _verify
 from safemerge._report import MemberCheck, MergeReport, TieInspection, TiePolicy, Verification
 from safemerge._ties import (
     TiedWeights,
@@ -148,7 +148,7 @@ def safe_merge(
     Args:
         model: a `peft.PeftModel`. It is merged in place (like `merge_and_unload()`); on a refusal it is untouched.
         save_directory: where the merged model goes. Written into a temporary sibling and renamed into place.
-        policy: "keep", "untie" or "refuse" (or a `TiePolicy`); see docs/policies.md.
+        policy: "keep", "untie" or "refuse" (or a `TiePolicy`); see docs/how-to/choose-a-policy.md.
         verify: compare the merged and the reloaded model with the adapter model (weights and probe logits).
         overwrite: replace a non-empty `save_directory` (only once the new model has been verified).
         logits_tolerance: max |logits difference| accepted (default: relative to the dtype and the logits' scale).
@@ -169,6 +169,7 @@ def safe_merge(
     target = Path(save_directory)
     _save.check_target(target, overwrite=overwrite)
 
+    logger.info("inspecting tied weights and probing the adapter model")
     analysis = _analyse(peft_model, probe_inputs)
     outcome = analysis.inspection.outcome(tie_policy)
     if not outcome.merges:
@@ -190,6 +191,7 @@ def safe_merge(
 
     verification: Verification | None = None
     if verify:
+        logger.info("checking the merged model in memory")
         verification = _check_in_memory(merged, analysis, logits_tolerance, rescaled)
         if not verification.ok:
             report = _report(tie_policy, None, analysis, merged, actions, verification)
@@ -329,4 +331,105 @@ def _failure_message(verification: Verification, *, saved_at: Path | None) -> st
         f"Verification failed: {shown}{more}. The merged model does not compute what the adapter model computes, "
         f"so it must not be shipped.{where} Fix: report this with the JSON report (error.report.to_dict()); try "
         "policy='untie', or a higher logits_tolerance if the difference is rounding in a low-precision dtype."
+    )
+
+
+def merge_pretrained(
+    base: str,
+    adapter: str,
+    save_directory: str | os.PathLike[str],
+    *,
+    policy: TiePolicy | str,
+    dtype: torch.dtype | str | None = None,
+    device_map: Any = None,
+    verify: bool = True,
+    overwrite: bool = False,
+    logits_tolerance: float | None = None,
+) -> MergeReport:
+    """Load `base` and `adapter` (local directories or hub ids) and run safe_merge() on them.
+
+    The base is loaded with the class its config names (else the Auto class of the adapter's task type), the
+    adapter with `PeftModel.from_pretrained`. Checks that cost nothing run before any weight is loaded.
+    """
+    tie_policy = _policy.parse_policy(policy)
+    _save.check_target(Path(save_directory), overwrite=overwrite)
+    model = _load.load_adapter_model(base, adapter, dtype=_load.parse_dtype(dtype), device_map=device_map)
+    return safe_merge(
+        model,
+        save_directory,
+        policy=tie_policy,
+        verify=verify,
+        overwrite=overwrite,
+        logits_tolerance=logits_tolerance,
+    )
+
+
+def verify_merged(
+    merged: str | os.PathLike[str] | torch.nn.Module,
+    model: Any,
+    *,
+    logits_tolerance: float | None = None,
+    probe_inputs: Mapping[str, torch.Tensor] | None = None,
+) -> Verification:
+    """Check a merged model, made by any tool, against the adapter model it should compute. Read-only.
+
+    Args:
+        merged: a directory (loaded with transformers' own loader, as users will load it) or a loaded model.
+        model: the `peft.PeftModel` the merge came from (base + adapter).
+
+    Returns:
+        A Verification: `ok` is True when the probe logits match within the tolerance and every tied member holds
+        the weight the adapter model uses for it. `max_abs_logits_diff_merged` is the merged model's figure.
+    """
+    peft_model = _require_peft_model(model)
+    analysis = _analyse(peft_model, probe_inputs)
+    root = peft_model.get_base_model()
+    loaded = merged if isinstance(merged, torch.nn.Module) else _verify.reload(merged, like=root)
+    tol = (
+        logits_tolerance
+        if logits_tolerance is not None
+        else _verify.logits_tolerance(analysis.adapter_logits, _verify.model_dtype(loaded))
+    )
+    problems: list[str] = []
+    try:
+        logits, _ = _verify.run_probe(loaded, analysis.probe)
+        diff = max_abs_diff(logits, analysis.adapter_logits)
+    except Exception as exc:  # a merged model that cannot run the probe is not faithful
+        problems.append(f"the merged model failed on the probe batch ({type(exc).__name__}: {exc})")
+        diff = float("inf")
+    if not diff <= tol:
+        problems.append(f"merged logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
+    params = {p.name: p.tensor for p in base_parameters(loaded)}
+    head = _compat.output_embedding_name(root)
+    # The output embedding may carry a rescale the forward no longer applies (transformers 4's T5 untied).
+    head_scale = _compat.output_scale(root) / _compat.output_scale(loaded)
+    members = []
+    for group in analysis.tied.groups:
+        for member in group.members:
+            if member.name not in params:
+                problems.append(f"{member.name}: not in the merged model")
+                continue
+            expected = analysis.tied.effective[member.name] * (head_scale if member.name == head else 1.0)
+            member_diff = max_abs_diff(params[member.name].cpu(), expected.cpu())
+            members.append(MemberCheck(member.name, member_diff, None))
+            # Other tools may round differently; a broken merge is off by a whole delta of another member.
+            if member_diff > max(same_weight_tolerance(expected), 0.01 * member.max_abs_change):
+                change = (
+                    f"the adapter changes it by {member.max_abs_change:.3g}"
+                    if member.changed
+                    else "the adapter leaves it unchanged"
+                )
+                problems.append(
+                    f"{member.name}: differs from the weight the adapter model uses by {member_diff:.3g} ({change})"
+                )
+    return Verification(
+        probe_tokens=int(analysis.probe["input_ids"].numel()),
+        logits_tolerance=tol,
+        max_abs_logits_diff_merged=diff,
+        max_abs_logits_diff_reloaded=None,
+        members=tuple(members),
+        tensors_compared=len(members),
+        tensors_not_identical=(),
+        ties_after_reload=tie_groups(loaded),
+        problems=tuple(problems),
     )

@@ -11,7 +11,7 @@ REPORT_SCHEMA_VERSION = 1
 
 
 class TiePolicy(str, enum.Enum):
-    """What safe_merge may do with weights that share one tensor (see docs/policies.md)."""
+    """What safe_merge may do with weights that share one tensor (see docs/how-to/choose-a-policy.md)."""
 
     KEEP = "keep"
     UNTIE = "untie"
@@ -123,6 +123,9 @@ class Verification:
     def ok(self) -> bool:
         return not self.problems
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": REPORT_SCHEMA_VERSION, **_jsonable(self)}
+
 
 @dataclass(frozen=True)
 class MergeReport:
@@ -169,4 +172,6 @@ def _jsonable(value: Any) -> Any:
 def _properties(value: Any) -> dict[str, Any]:
     if isinstance(value, TieGroup):
         return {"names": list(value.names), "changed": value.changed}
+    if isinstance(value, Verification):
+        return {"ok": value.ok}
     return {}

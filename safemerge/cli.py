@@ -1,4 +1,7 @@
-"""The `safemerge` command. The only module that prints; maps errors to exit codes (0 ok, 1 refused/failed, 2 usage)."""
+"""The `safemerge` command: thin over the library, the only module that prints.
+
+Exit codes: 0 success, 1 refused or not faithful, 2 usage error (bad arguments, unreadable input, occupied output).
+"""
 
 from __future__ import annotations
 
@@ -6,52 +9,72 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from safemerge import __version__
-from safemerge._report import TiePolicy
+from safemerge._report import MergeReport, TieInspection, TiePolicy, Verification
 from safemerge._save import write_json_atomic
-from safemerge.errors import SafeMergeError
+from safemerge.errors import OutputExistsError, SafeMergeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="safemerge", description="Merge a PEFT adapter into its base model without silent damage, and prove it."
+        prog="safemerge",
+        description="Merge a PEFT adapter into its base model without silent damage to tied weights, and prove it.",
     )
     parser.add_argument("--version", action="version", version=f"safemerge {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
-    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="library warnings, debug logs, tracebacks")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    loading = argparse.ArgumentParser(add_help=False)
+    loading.add_argument("--dtype", default=None, help="load dtype: float32, bfloat16, float16 or auto")
+    loading.add_argument("--device-map", default=None, help="accelerate device map for big models, e.g. auto")
+    loading.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    commands.add_parser("demo", help="show the tied-weights bug and the three policies on a tiny model, offline")
+    commands.add_parser(
+        "demo", parents=[common], help="the tied-weights bug and the three policies on a tiny model, offline"
+    )
 
-    merge = commands.add_parser("merge", help="merge ADAPTER into BASE under a tie policy and save to OUT")
-    merge.add_argument("base", help="base model: local directory or hub id")
-    merge.add_argument("adapter", help="PEFT adapter: local directory or hub id")
-    merge.add_argument("out", help="output directory (written atomically)")
-    merge.add_argument("--policy", required=True, choices=[p.value for p in TiePolicy], help="tie policy")
-    merge.add_argument("--dtype", default=None, help="load dtype, e.g. bfloat16 (default: as saved)")
-    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once verified")
-    merge.add_argument("--no-verify", action="store_true", help="skip the reload verification")
-    merge.add_argument("--report", type=Path, default=None, help="write the JSON report to this path")
-    merge.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    merge = commands.add_parser(
+        "merge", parents=[common, loading], help="merge ADAPTER into BASE under a tie policy, save and verify OUT"
+    )
+    merge.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
+    merge.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter: local directory or hub id")
+    merge.add_argument("out", metavar="OUT", help="output directory (written atomically)")
+    merge.add_argument("--policy", required=True, choices=[p.value for p in TiePolicy], help="tie policy (required)")
+    merge.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty OUT once the new model is verified"
+    )
+    merge.add_argument("--no-verify", action="store_true", help="skip the checks against the adapter model")
+    merge.add_argument("--report", type=Path, default=None, metavar="PATH", help="write the JSON report here")
+
+    inspect = commands.add_parser(
+        "inspect", parents=[common, loading], help="tie groups, what the adapter changes, what each policy would do"
+    )
+    inspect.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
+    inspect.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter: local directory or hub id")
+
+    verify = commands.add_parser(
+        "verify", parents=[common, loading], help="check a merged model made by any tool against the adapter model"
+    )
+    verify.add_argument("merged", metavar="MERGED", help="merged model directory to check")
+    verify.add_argument("--base", required=True, help="base model the adapter was trained on")
+    verify.add_argument("--adapter", required=True, help="the PEFT adapter that was merged")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if not args.verbose:
-        _quiet_libraries()
+    _configure_output(verbose=args.verbose, quiet=args.quiet)
     try:
-        if args.command == "demo":
-            from safemerge._demo import run_demo
-
-            return run_demo(print)
-        return _merge(args)
+        return _COMMANDS[args.command](args)
     except SafeMergeError as error:
         if args.verbose:
             raise
@@ -59,55 +82,145 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = getattr(error, "report", None)
         if report is not None and getattr(args, "report", None) is not None:
             write_json_atomic(args.report, report.to_dict())
-        return EXIT_FAILED
-    except (ValueError, TypeError, OSError) as error:
+        return EXIT_USAGE if isinstance(error, OutputExistsError) else EXIT_FAILED
+    except (OSError, ValueError) as error:  # unreadable input, unknown hub id, bad dtype ...
         if args.verbose:
             raise
         print(f"safemerge: error: {error}", file=sys.stderr)
+        print("Fix: check the paths or hub ids and the options (safemerge COMMAND --help).", file=sys.stderr)
         return EXIT_USAGE
 
 
-def _quiet_libraries() -> None:
-    """Hide transformers/PEFT progress bars and advice: safemerge's own summary says what matters."""
-    import warnings
+def _configure_output(*, verbose: bool, quiet: bool) -> None:
+    """Progress lines from the library's loggers on stderr; third-party advice and bars only with -v."""
+    start = time.monotonic()
 
-    import transformers
+    class _Elapsed(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return f"[{time.monotonic() - start:6.1f}s] {record.getMessage()}"
 
-    warnings.filterwarnings("ignore", module=r"(peft|transformers)(\.|$)")
-    transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Elapsed())
+    library = logging.getLogger("safemerge")
+    library.handlers[:] = [handler]
+    library.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    library.propagate = False
+    if not verbose:
+        import warnings
+
+        import transformers
+
+        warnings.filterwarnings("ignore", module=r"(peft|transformers|accelerate)(\.|$)")
+        transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from safemerge._demo import run_demo
+
+    return run_demo(print)
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import peft
-    import torch
-    import transformers
+    from safemerge._merge import merge_pretrained
 
-    from safemerge._merge import safe_merge
-
-    kwargs = {}
-    if args.dtype:
-        dtype = getattr(torch, args.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype; use e.g. float32, bfloat16, float16")
-        kwargs = {"dtype": dtype}
-    config = transformers.AutoConfig.from_pretrained(args.base)
-    model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0], transformers.AutoModel)
-    base = model_class.from_pretrained(args.base, **kwargs)
-    model = peft.PeftModel.from_pretrained(base, args.adapter)
-    report = safe_merge(model, args.out, policy=args.policy, verify=not args.no_verify, overwrite=args.overwrite)
+    report = merge_pretrained(
+        args.base,
+        args.adapter,
+        args.out,
+        policy=args.policy,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        verify=not args.no_verify,
+        overwrite=args.overwrite,
+    )
     if args.report is not None:
         write_json_atomic(args.report, report.to_dict())
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        print(f"merged {args.adapter} into {args.base} -> {args.out} (policy {args.policy})")
-        for action in report.actions:
-            print(f"  - {action}")
-        if report.verification is not None:
-            v = report.verification
-            print(
-                f"verified: {v.tensors_compared} tensors bit-identical after reload; max |logits difference| vs the "
-                f"adapter model {v.max_abs_logits_diff_reloaded:.3g} (tolerance {v.logits_tolerance:.3g})"
-            )
+    _emit(args, report.to_dict(), _merge_summary(args, report))
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _merge_summary(args: argparse.Namespace, report: MergeReport) -> list[str]:
+    lines = [f"merged {args.adapter} into {args.base} -> {args.out} (policy {report.policy})"]
+    lines += [f"  - {action}" for action in report.actions]
+    v = report.verification
+    if v is None:
+        lines.append("not verified (--no-verify)")
+    else:
+        lines.append(
+            f"verified: {v.tensors_compared} tensors bit-identical after reload; max |logits difference| vs the "
+            f"adapter model {v.max_abs_logits_diff_reloaded:.3g} (tolerance {v.logits_tolerance:.3g})"
+        )
+    return lines
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from safemerge._load import load_adapter_model, parse_dtype
+    from safemerge._merge import inspect_ties
+
+    model = load_adapter_model(args.base, args.adapter, dtype=parse_dtype(args.dtype), device_map=args.device_map)
+    inspection = inspect_ties(model)
+    _emit(args, inspection.to_dict(), inspection_table(inspection))
+    return EXIT_OK
+
+
+def inspection_table(inspection: TieInspection) -> list[str]:
+    """A readable table of an inspection."""
+    lines = []
+    if not inspection.groups:
+        lines.append("no tied weights: every policy merges this adapter like merge_and_unload()")
+    for number, group in enumerate(inspection.groups, start=1):
+        shape = "x".join(str(n) for n in group.shape)
+        declared = "declared by the model class" if group.declared else "NOT declared by the model class"
+        lines.append(f"tie group {number}: one {shape} {group.dtype} tensor, {declared}")
+        width = max(len(m.name) for m in group.members)
+        lines.append(f"  {'member':<{width}}  {'PEFT layer':<24} {'called':<7} max |change|")
+        for m in group.members:
+            called = "yes" if m.used_in_forward else ("no" if m.adapter else "-")
+            lines.append(f"  {m.name:<{width}}  {m.adapter or '-':<24} {called:<7} {m.max_abs_change:.3g}")
+        if group.one_module:
+            lines.append("  built as one module: " + "; ".join(", ".join(c) for c in group.one_module))
+    flags = ", ".join(f"{path}={value}" for path, value in inspection.config_flags) or "none"
+    lines.append(f"config flags: {flags}")
+    lines.append("policy  merges  why")
+    for outcome in inspection.outcomes:
+        lines.append(f"{outcome.policy:<7} {'yes' if outcome.merges else 'no':<7} {outcome.reason}")
+    lines += [f"note: {note}" for note in inspection.notes]
+    return lines
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from safemerge._load import load_adapter_model, parse_dtype
+    from safemerge._merge import verify_merged
+
+    dtype = parse_dtype(args.dtype)
+    model = load_adapter_model(args.base, args.adapter, dtype=dtype, device_map=args.device_map)
+    logging.getLogger("safemerge").info("loading %s and comparing it with the adapter model", args.merged)
+    verification = verify_merged(args.merged, model)
+    _emit(args, {"merged": args.merged, **verification.to_dict()}, _verdict(args, verification))
+    return EXIT_OK if verification.ok else EXIT_FAILED
+
+
+def _verdict(args: argparse.Namespace, v: Verification) -> list[str]:
+    verdict = "FAITHFUL" if v.ok else "NOT FAITHFUL"
+    lines = [
+        f"{args.merged}: {verdict} to {args.base} + {args.adapter}",
+        f"  max |logits difference| vs the adapter model: {v.max_abs_logits_diff_merged:.3g} "
+        f"(tolerance {v.logits_tolerance:.3g}, {v.probe_tokens} probe tokens)",
+    ]
+    lines += [
+        f"  {m.name}: max |difference| from its weight in the adapter model {m.max_abs_diff_vs_adapter:.3g}"
+        for m in v.members
+    ]
+    lines += [f"  problem: {p}" for p in v.problems]
+    return lines
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n".join(lines))
+
+
+_COMMANDS = {"demo": _demo, "merge": _merge, "inspect": _inspect, "verify": _verify}

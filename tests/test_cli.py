@@ -1,14 +1,29 @@
-"""The command line: demo and merge, with their exit codes."""
+"""The command line as a user drives it: every command and exit code, on tiny models saved to disk."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from safemerge.cli import main
 from tests.models import ARCHS, adapter_model
+
+
+@pytest.fixture
+def dirs(base_dirs: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    """A tied base, an adapter on embed_tokens + lm_head, and a plain merge_and_unload() of it."""
+    adapter = tmp_path / "adapter"
+    model = adapter_model(ARCHS["llama"], base_dirs["llama"], "lora-both", adapter)
+    model.merge_and_unload().save_pretrained(tmp_path / "plain")
+    return {"base": base_dirs["llama"], "adapter": adapter, "plain": tmp_path / "plain", "tmp": tmp_path}
+
+
+def run(*argv: object) -> int:
+    return main([str(a) for a in argv])
 
 
 def test_demo_shows_the_bug_and_the_policies(capsys: pytest.CaptureFixture[str]) -> None:
@@ -19,38 +34,85 @@ def test_demo_shows_the_bug_and_the_policies(capsys: pytest.CaptureFixture[str])
     assert "verified: True" in out
 
 
-def test_merge_untie_writes_report(base_dirs: dict[str, Path], tmp_path: Path) -> None:
-    adapter_model(ARCHS["llama"], base_dirs["llama"], "lora-head", tmp_path / "adapter")
-    report = tmp_path / "report.json"
-    code = main(
-        [
-            "merge",
-            str(base_dirs["llama"]),
-            str(tmp_path / "adapter"),
-            str(tmp_path / "out"),
-            "--policy",
-            "untie",
-            "--report",
-            str(report),
-        ]
-    )
-    assert code == 0
-    assert json.loads(report.read_text())["ok"] is True
+def test_merge_untie_writes_model_and_report(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out, report = dirs["tmp"] / "out", dirs["tmp"] / "reports" / "merge.json"
+    assert run("merge", dirs["base"], dirs["adapter"], out, "--policy", "untie", "--report", report) == 0
+    assert (out / "config.json").exists()
+    data = json.loads(report.read_text())
+    assert data["ok"] is True and data["policy"] == "untie"
+    captured = capsys.readouterr()
+    assert "verified:" in captured.out
+    assert "reloading" in captured.err, "progress goes to stderr"
 
 
-def test_merge_keep_refused_exits_1(
-    base_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_merge_json_on_stdout(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "out", "--policy", "untie", "--json", "-q") == 0
+    assert json.loads(capsys.readouterr().out)["verification"]["ok"] is True
+
+
+def test_merge_refused_exits_1_without_traceback(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "out", "--policy", "keep") == 1
+    err = capsys.readouterr().err
+    assert "Fix: use policy='untie'" in err and "Traceback" not in err
+    assert not (dirs["tmp"] / "out").exists()
+
+
+def test_merge_into_occupied_directory_is_usage_error(
+    dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    adapter_model(ARCHS["llama"], base_dirs["llama"], "lora-head", tmp_path / "adapter")
-    code = main(
-        ["merge", str(base_dirs["llama"]), str(tmp_path / "adapter"), str(tmp_path / "out"), "--policy", "keep"]
-    )
-    assert code == 1
-    assert "Fix: use policy='untie'" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    (dirs["tmp"] / "out").mkdir()
+    (dirs["tmp"] / "out" / "x").write_text("x")
+    assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "out", "--policy", "untie") == 2
+    assert "--overwrite" in capsys.readouterr().err
 
 
-def test_missing_policy_is_usage_error() -> None:
+def test_merge_bad_dtype_is_usage_error(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "o", "--policy", "untie", "--dtype", "int8") == 2
+    assert "bfloat16" in capsys.readouterr().err
+
+
+def test_missing_local_base_is_usage_error(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("merge", dirs["tmp"] / "no-such-base", dirs["adapter"], dirs["tmp"] / "o", "--policy", "untie") == 2
+    assert "Fix:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv", [["merge", "a", "b", "c"], ["merge", "a", "b", "c", "--policy", "tie"], ["verify", "m"]]
+)
+def test_bad_arguments_are_usage_errors(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["merge", "a", "b", "c"])
+        main(argv)
     assert info.value.code == 2
+
+
+def test_inspect_table_and_json(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("inspect", dirs["base"], dirs["adapter"]) == 0
+    table = capsys.readouterr().out
+    assert "model.embed_tokens.weight" in table and "lora.Embedding" in table
+    assert "keep    no" in table and "untie   yes" in table
+    assert run("inspect", dirs["base"], dirs["adapter"], "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [o["merges"] for o in data["outcomes"]] == [False, True, False]
+    assert sorted(p.name for p in dirs["tmp"].iterdir()) == ["adapter", "plain"], "inspect writes nothing"
+
+
+def test_verify_flags_a_plain_merge(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("verify", dirs["plain"], "--base", dirs["base"], "--adapter", dirs["adapter"]) == 1
+    out = capsys.readouterr().out
+    assert "NOT FAITHFUL" in out and "merged logits differ" in out
+
+
+def test_verify_accepts_a_safemerge_output(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = dirs["tmp"] / "out"
+    assert run("merge", dirs["base"], dirs["adapter"], out, "--policy", "untie", "-q") == 0
+    capsys.readouterr()
+    assert run("verify", out, "--base", dirs["base"], "--adapter", dirs["adapter"], "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is True and data["max_abs_logits_diff_merged"] <= data["logits_tolerance"]
+
+
+def test_python_dash_m_and_version() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "safemerge", "--version"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and result.stdout.startswith("safemerge ")

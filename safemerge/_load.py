@@ -1,0 +1,67 @@
+"""Load a base model and a PEFT adapter from local directories or hub ids, with the right classes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import transformers
+
+logger = logging.getLogger(__name__)
+
+#: PEFT task types and the transformers Auto class that builds the matching model.
+_AUTO_BY_TASK = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
+    """A torch dtype from its name ("bfloat16", "torch.float16", "auto"); ValueError listing examples otherwise."""
+    if name is None or isinstance(name, torch.dtype) or name == "auto":
+        return name
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype {name!r} is not a floating-point torch dtype. Use one of: float32, bfloat16, float16.")
+    return dtype
+
+
+def model_class_for(base: str, task_type: str | None = None) -> Any:
+    """The class that loads `base`: its config's architecture, else the Auto class of the adapter's task type."""
+    config = transformers.AutoConfig.from_pretrained(base)
+    for name in config.architectures or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return getattr(transformers, _AUTO_BY_TASK.get(task_type or "", "AutoModel"))
+
+
+def load_pretrained(
+    path: str, *, task_type: str | None = None, dtype: torch.dtype | str | None = None, device_map: Any = None
+) -> Any:
+    """Load a transformers model from a directory or hub id with the class its config names."""
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    cls = model_class_for(path, task_type)
+    logger.info("loading %s with %s.from_pretrained", path, cls.__name__)
+    return cls.from_pretrained(path, **kwargs).eval()
+
+
+def load_adapter_model(
+    base: str, adapter: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None
+) -> Any:
+    """The adapter model: `base` loaded with the right class, `adapter` loaded onto it with PEFT."""
+    import peft
+
+    adapter_config = peft.PeftConfig.from_pretrained(adapter)
+    model = load_pretrained(base, task_type=adapter_config.task_type, dtype=dtype, device_map=device_map)
+    logger.info("loading adapter %s with PeftModel.from_pretrained", adapter)
+    return peft.PeftModel.from_pretrained(model, adapter).eval()
