@@ -49,6 +49,14 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Time the adapter doctor on an 8B-shaped config (meta device; nothing downloaded)."""
+    session.install(TORCH)
+    session.install("-e", ".")
+    session.run("python", "benchmarks/doctor_8b.py")
+
+
+@nox.session(python="3.11")
 def docs(session: nox.Session) -> None:
     """Build the documentation site into site/, warnings as errors (mkdocs strict mode)."""
     session.install("mkdocs>=1.6", "mkdocstrings[python]>=0.26")

@@ -1,7 +1,10 @@
 """Merge a PEFT adapter into its base model without silent damage to tied weights, and prove it."""
 
+from safemerge._doctor import doctor
 from safemerge._merge import inspect_ties, merge_pretrained, safe_merge, verify_merged
 from safemerge._report import (
+    DoctorReport,
+    Finding,
     MemberCheck,
     MergeReport,
     PolicyOutcome,
@@ -12,6 +15,7 @@ from safemerge._report import (
     Verification,
 )
 from safemerge.errors import (
+    AdapterMismatchError,
     OutputExistsError,
     SafeMergeError,
     SafeMergeWarning,
@@ -23,6 +27,9 @@ from safemerge.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterMismatchError",
+    "DoctorReport",
+    "Finding",
     "MemberCheck",
     "MergeReport",
     "OutputExistsError",
@@ -38,6 +45,7 @@ __all__ = [
     "Verification",
     "VerificationError",
     "__version__",
+    "doctor",
     "inspect_ties",
     "merge_pretrained",
     "safe_merge",

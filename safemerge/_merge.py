@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from safemerge import _compat, _load, _policy, _save, _verify
+from safemerge._doctor import doctor
 from safemerge._report import MemberCheck, MergeReport, TieInspection, TiePolicy, Verification
 from safemerge._ties import (
     TiedWeights,
@@ -24,7 +26,7 @@ from safemerge._ties import (
     tie_flags,
     tie_groups,
 )
-from safemerge.errors import TiedWeightsError, UnsupportedAdapterError, VerificationError
+from safemerge.errors import AdapterMismatchError, TiedWeightsError, UnsupportedAdapterError, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -348,11 +350,22 @@ def merge_pretrained(
 ) -> MergeReport:
     """Load `base` and `adapter` (local directories or hub ids) and run safe_merge() on them.
 
-    The base is loaded with the class its config names (else the Auto class of the adapter's task type), the
-    adapter with `PeftModel.from_pretrained`. Checks that cost nothing run before any weight is loaded.
+    The adapter doctor runs first (it reads configs and tensor headers only) and stops on an `error` or `silent`
+    finding with AdapterMismatchError. Then the base is loaded with the class its config names (else the Auto class
+    of the adapter's task type), the adapter with `PeftModel.from_pretrained`, and safe_merge() runs.
     """
     tie_policy = _policy.parse_policy(policy)
     _save.check_target(Path(save_directory), overwrite=overwrite)
+    logger.info("checking that %s fits %s (doctor)", adapter, base)
+    checkup = doctor(base, adapter)
+    if not checkup.ok:
+        bad = checkup.by_severity("error", "silent")
+        counts = Counter(f.severity for f in bad)
+        raise AdapterMismatchError(
+            f"The adapter does not fit the base (doctor: {counts['error']} error, {counts['silent']} silent); "
+            "nothing was loaded or merged:\n" + "\n".join(str(f) for f in bad),
+            report=checkup,
+        )
     model = _load.load_adapter_model(base, adapter, dtype=_load.parse_dtype(dtype), device_map=device_map)
     return safe_merge(
         model,

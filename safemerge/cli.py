@@ -20,6 +20,8 @@ from safemerge._save import write_json_atomic
 from safemerge.errors import OutputExistsError, SafeMergeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Doctor findings that mean an argument names nothing readable: a usage error, not a bad adapter.
+_UNREADABLE_INPUT = {"adapter-not-found", "base-not-found"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
     inspect.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter: local directory or hub id")
 
+    doctor = commands.add_parser(
+        "doctor", parents=[common], help="explain why ADAPTER would fail or load wrong on BASE; loads no weights"
+    )
+    doctor.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
+    doctor.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter: local directory or hub id")
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
+
     verify = commands.add_parser(
         "verify", parents=[common, loading], help="check a merged model made by any tool against the adapter model"
     )
@@ -82,13 +91,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = getattr(error, "report", None)
         if report is not None and getattr(args, "report", None) is not None:
             write_json_atomic(args.report, report.to_dict())
-        return EXIT_USAGE if isinstance(error, OutputExistsError) else EXIT_FAILED
+        return EXIT_USAGE if isinstance(error, OutputExistsError) or _unreadable_input(error) else EXIT_FAILED
     except (OSError, ValueError) as error:  # unreadable input, unknown hub id, bad dtype ...
         if args.verbose:
             raise
         print(f"safemerge: error: {error}", file=sys.stderr)
         print("Fix: check the paths or hub ids and the options (safemerge COMMAND --help).", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _unreadable_input(error: SafeMergeError) -> bool:
+    findings = getattr(getattr(error, "report", None), "findings", ())
+    return any(getattr(f, "code", None) in _UNREADABLE_INPUT for f in findings)
 
 
 def _configure_output(*, verbose: bool, quiet: bool) -> None:
@@ -201,6 +215,21 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_OK if verification.ok else EXIT_FAILED
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from safemerge._doctor import doctor
+
+    report = doctor(args.base, args.adapter)
+    lines = [str(f) for f in report.findings if args.verbose or f.severity != "info"]
+    verdict = "fits" if report.ok else "does NOT fit"
+    lines.append(
+        f"{args.adapter} {verdict} {args.base}" + (" (-v shows the info findings)" if not args.verbose else "")
+    )
+    _emit(args, report.to_dict(), lines)
+    if any(f.code in _UNREADABLE_INPUT for f in report.findings):
+        return EXIT_USAGE
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
 def _verdict(args: argparse.Namespace, v: Verification) -> list[str]:
     verdict = "FAITHFUL" if v.ok else "NOT FAITHFUL"
     lines = [
@@ -223,4 +252,4 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> N
         print("\n".join(lines))
 
 
-_COMMANDS = {"demo": _demo, "merge": _merge, "inspect": _inspect, "verify": _verify}
+_COMMANDS = {"demo": _demo, "merge": _merge, "inspect": _inspect, "verify": _verify, "doctor": _doctor}

@@ -3,6 +3,7 @@
 The tree::
 
     SafeMergeError                    base of everything safemerge raises on purpose
+    ├── AdapterMismatchError          the doctor found that the adapter does not fit the base (nothing loaded)
     ├── TiedWeightsError              the tie policy forbids this merge (nothing was changed)
     ├── UnsupportedAdapterError       the adapter model cannot be represented by a merged model
     ├── OutputExistsError             save_directory is not empty and overwrite=False (also a FileExistsError)
@@ -16,9 +17,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from safemerge._report import MergeReport, TieGroup
+    from safemerge._report import DoctorReport, MergeReport, TieGroup
 
 __all__ = [
+    "AdapterMismatchError",
     "OutputExistsError",
     "SafeMergeError",
     "SafeMergeWarning",
@@ -34,6 +36,23 @@ class SafeMergeError(Exception):
 
 class SafeMergeWarning(UserWarning):
     """Base class of the warnings safemerge emits."""
+
+
+class AdapterMismatchError(SafeMergeError):
+    """The adapter doctor found that the adapter will not load, or will load wrong, onto this base.
+
+    `report` is the DoctorReport; nothing was loaded.
+
+    Example message::
+
+        The adapter does not fit the base (doctor: 1 error, 0 silent):
+        [error] The adapter's LoRA rank differs from the config's r=8 on 14 modules: loading fails with 'size
+        mismatch'. ... fix: Set "r": 16 in adapter_config.json (and keep lora_alpha as trained).
+    """
+
+    def __init__(self, message: str, *, report: DoctorReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class TiedWeightsError(SafeMergeError):

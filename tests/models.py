@@ -178,6 +178,11 @@ def adapter_model(arch: Arch, base_dir: Path, kind: str, adapter_dir: Path) -> A
 
     Skips the test where this PEFT release cannot build the adapter model at all: there is nothing to merge.
     """
+    return trained_and_reloaded(arch, base_dir, kind, adapter_dir)[1]
+
+
+def trained_and_reloaded(arch: Arch, base_dir: Path, kind: str, adapter_dir: Path) -> tuple[Any, Any]:
+    """The adapter model as trained (in memory), and as PEFT loads it back from `adapter_dir`."""
     base = load_base(arch, base_dir)
     try:
         config = ADAPTERS[kind](arch)
@@ -186,7 +191,7 @@ def adapter_model(arch: Arch, base_dir: Path, kind: str, adapter_dir: Path) -> A
         pytest.skip(f"peft {peft.__version__} cannot build {kind} on {arch.name}: {exc}")
     perturb(trained)
     trained.save_pretrained(adapter_dir)
-    return peft.PeftModel.from_pretrained(load_base(arch, base_dir), adapter_dir).eval()
+    return trained.eval(), peft.PeftModel.from_pretrained(load_base(arch, base_dir), adapter_dir).eval()
 
 
 def lora_tied_by_peft(model: Any) -> bool:

@@ -73,7 +73,8 @@ def test_merge_bad_dtype_is_usage_error(dirs: dict[str, Path], capsys: pytest.Ca
 
 def test_missing_local_base_is_usage_error(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert run("merge", dirs["tmp"] / "no-such-base", dirs["adapter"], dirs["tmp"] / "o", "--policy", "untie") == 2
-    assert "Fix:" in capsys.readouterr().err
+    assert "fix:" in capsys.readouterr().err.lower()
+    assert run("doctor", dirs["tmp"] / "no-such-base", dirs["adapter"]) == 2
 
 
 @pytest.mark.parametrize(
