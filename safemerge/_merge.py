@@ -245,22 +245,56 @@ def _check_in_memory(
 
     `rescaled` holds members deliberately multiplied by a factor (see _compat.keep_output_scale_when_untied).
     """
-    dtype = _verify.model_dtype(merged)
-    tol = tolerance if tolerance is not None else _verify.logits_tolerance(analysis.adapter_logits, dtype)
-    logits, _ = _verify.run_probe(merged, analysis.probe)
-    diff = max_abs_diff(logits, analysis.adapter_logits)
-    problems = []
+    return _check_against_adapter(merged, analysis, tolerance=tolerance, scales=rescaled, rounding_slack=0.0)
+
+
+def _check_against_adapter(
+    model: Any,
+    analysis: _Analysis,
+    *,
+    tolerance: float | None,
+    scales: dict[str, float],
+    rounding_slack: float,
+) -> Verification:
+    """Probe logits and every tied member's weight of `model` against the adapter model.
+
+    `scales`: {member: factor} the member is expected to carry on top of its effective weight. `rounding_slack`:
+    the fraction of a member's change its weight may be off by (another tool may round differently; a broken merge
+    is off by a whole delta of another member).
+    """
+    tol = (
+        tolerance
+        if tolerance is not None
+        else _verify.logits_tolerance(analysis.adapter_logits, _verify.model_dtype(model))
+    )
+    problems: list[str] = []
+    try:
+        logits, _ = _verify.run_probe(model, analysis.probe)
+        diff = max_abs_diff(logits, analysis.adapter_logits)
+    except Exception as exc:  # a model that cannot run the probe is not faithful
+        problems.append(f"the merged model failed on the probe batch ({type(exc).__name__}: {exc})")
+        diff = float("inf")
     if not diff <= tol:
         problems.append(f"merged logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
-    params = {p.name: p.tensor for p in base_parameters(merged)}
+    params = {p.name: p.tensor for p in base_parameters(model)}
     members = []
     for group in analysis.tied.groups:
-        for name in group.names:
-            expected = analysis.tied.effective[name] * rescaled.get(name, 1.0)
-            member_diff = max_abs_diff(params[name], expected)
-            members.append(MemberCheck(name, member_diff, None))
-            if member_diff > same_weight_tolerance(expected):
-                problems.append(f"{name}: merged tensor differs from its effective weight by {member_diff:.3g}")
+        for member in group.members:
+            if member.name not in params:
+                problems.append(f"{member.name}: not in the merged model")
+                continue
+            expected = analysis.tied.effective[member.name] * scales.get(member.name, 1.0)
+            member_diff = max_abs_diff(params[member.name].cpu(), expected.cpu())
+            members.append(MemberCheck(member.name, member_diff, None))
+            if member_diff > max(same_weight_tolerance(expected), rounding_slack * member.max_abs_change):
+                change = (
+                    f"the adapter changes it by {member.max_abs_change:.3g}"
+                    if member.changed
+                    else "the adapter leaves it unchanged"
+                )
+                problems.append(
+                    f"{member.name}: differs from the weight the adapter model uses by {member_diff:.3g} ({change})"
+                )
     return Verification(
         probe_tokens=int(analysis.probe["input_ids"].numel()),
         logits_tolerance=tol,
@@ -398,51 +432,12 @@ def verify_merged(
     analysis = _analyse(peft_model, probe_inputs)
     root = peft_model.get_base_model()
     loaded = merged if isinstance(merged, torch.nn.Module) else _verify.reload(merged, like=root)
-    tol = (
-        logits_tolerance
-        if logits_tolerance is not None
-        else _verify.logits_tolerance(analysis.adapter_logits, _verify.model_dtype(loaded))
-    )
-    problems: list[str] = []
-    try:
-        logits, _ = _verify.run_probe(loaded, analysis.probe)
-        diff = max_abs_diff(logits, analysis.adapter_logits)
-    except Exception as exc:  # a merged model that cannot run the probe is not faithful
-        problems.append(f"the merged model failed on the probe batch ({type(exc).__name__}: {exc})")
-        diff = float("inf")
-    if not diff <= tol:
-        problems.append(f"merged logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
-    params = {p.name: p.tensor for p in base_parameters(loaded)}
-    head = _compat.output_embedding_name(root)
     # The output embedding may carry a rescale the forward no longer applies (transformers 4's T5 untied).
-    head_scale = _compat.output_scale(root) / _compat.output_scale(loaded)
-    members = []
-    for group in analysis.tied.groups:
-        for member in group.members:
-            if member.name not in params:
-                problems.append(f"{member.name}: not in the merged model")
-                continue
-            expected = analysis.tied.effective[member.name] * (head_scale if member.name == head else 1.0)
-            member_diff = max_abs_diff(params[member.name].cpu(), expected.cpu())
-            members.append(MemberCheck(member.name, member_diff, None))
-            # Other tools may round differently; a broken merge is off by a whole delta of another member.
-            if member_diff > max(same_weight_tolerance(expected), 0.01 * member.max_abs_change):
-                change = (
-                    f"the adapter changes it by {member.max_abs_change:.3g}"
-                    if member.changed
-                    else "the adapter leaves it unchanged"
-                )
-                problems.append(
-                    f"{member.name}: differs from the weight the adapter model uses by {member_diff:.3g} ({change})"
-                )
-    return Verification(
-        probe_tokens=int(analysis.probe["input_ids"].numel()),
-        logits_tolerance=tol,
-        max_abs_logits_diff_merged=diff,
-        max_abs_logits_diff_reloaded=None,
-        members=tuple(members),
-        tensors_compared=len(members),
-        tensors_not_identical=(),
-        ties_after_reload=tie_groups(loaded),
-        problems=tuple(problems),
+    head = _compat.output_embedding_name(root)
+    scales = {head: _compat.output_scale(root) / _compat.output_scale(loaded)} if head else {}
+    verification = _check_against_adapter(
+        loaded, analysis, tolerance=logits_tolerance, scales=scales, rounding_slack=0.01
+    )
+    return dataclasses.replace(
+        verification, tensors_compared=len(verification.members), ties_after_reload=tie_groups(loaded)
     )
