@@ -77,26 +77,38 @@ def _deepcopy(module: torch.nn.Module) -> Any:
 
 
 def declared_ties(model: Any) -> dict[str, str]:
-    """Ties the model class will restore on load: {alias: source}, in merged-model parameter names."""
+    """Ties the model class will restore on load: {alias: source}, in merged-model parameter names.
+
+    The source is "" where it cannot be told (transformers 4, a model built on the meta device before tying).
+    """
     if TRANSFORMERS_MAJOR >= 5:
         expanded = getattr(model, "all_tied_weights_keys", None) or {}
         return {str(k): str(v) for k, v in expanded.items()}
-    # transformers 4: every `_tied_weights_keys` entry of a PreTrainedModel (sub)module is tied to the input
-    # embedding by tie_weights() on load, while the decoder text config's flag is True.
+    # transformers 4: `_tied_weights_keys` of each PreTrainedModel (sub)module name aliases by suffix; tie_weights()
+    # restores them on load while the decoder text config's flag is True. The source is the tensor an alias shares
+    # storage with, else (an alias already split in memory) the input embedding if the shapes agree.
+    from safemerge._ties import base_parameters
+
     if not getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", True):
         return {}
+    params = {p.name: p.tensor for p in base_parameters(model)}
     paths = {id(m): path for path, m in model.named_modules()}  # first path of each module
-    source_path = paths.get(id(model.get_input_embeddings()))
-    if source_path is None:
-        return {}
-    source = f"{source_path}.weight"
+    embedding_path = paths.get(id(model.get_input_embeddings()))
+    embedding = f"{embedding_path}.weight" if embedding_path is not None else None
+    keys = {
+        key
+        for module in model.modules()
+        if isinstance(module, transformers.PreTrainedModel)
+        for key in getattr(module, "_tied_weights_keys", None) or ()
+    }
     ties = {}
-    for path, module in model.named_modules():
-        if isinstance(module, transformers.PreTrainedModel):
-            for key in getattr(module, "_tied_weights_keys", None) or ():
-                alias = f"{path}.{key}" if path else key
-                if alias != source:
-                    ties[alias] = source
+    for alias, tensor in params.items():
+        if not any(alias == key or alias.endswith(f".{key}") for key in keys):
+            continue
+        partner = next((n for n, t in params.items() if n != alias and t is tensor), None)
+        if partner is None and embedding in params and alias != embedding and params[embedding].shape == tensor.shape:
+            partner = embedding
+        ties[alias] = partner or ""  # "": restored on load, from a source not known here (a meta model not tied yet)
     return ties
 
 
@@ -115,6 +127,32 @@ def output_scale(model: Any) -> float:
     if _rescales_while_tied(config) and getattr(config, "tie_word_embeddings", True):
         return float(config.d_model**-0.5)
     return 1.0
+
+
+def ties_kept_whatever_the_flag(model: Any) -> list[frozenset[str]]:
+    """Parameter names that load as one tensor even with every tie_word_embeddings flag False.
+
+    transformers 4's tie_weights() runs on every load and some ties do not look at the flag (BERT's decoder bias,
+    T5's encoder/decoder embeddings, which are the `shared` module itself). Found by building the class on the meta
+    device with the flags off. transformers 5 keeps tensors that differ, so nothing is kept tied against the values.
+    """
+    if TRANSFORMERS_MAJOR >= 5:
+        return []
+    from safemerge._ties import base_parameters, config_levels
+
+    config = copy.deepcopy(model.config)
+    for _, level in config_levels(config):
+        if isinstance(getattr(level, "tie_word_embeddings", None), bool):
+            level.tie_word_embeddings = False
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(config)
+    except Exception:  # a class that cannot be built on meta: only module sharing is known (see _ties)
+        return []
+    by_tensor: dict[int, set[str]] = {}
+    for p in base_parameters(skeleton):
+        by_tensor.setdefault(id(p.tensor), set()).add(p.name)
+    return [frozenset(names) for names in by_tensor.values() if len(names) > 1]
 
 
 def output_embedding_name(model: Any) -> str | None:

@@ -67,7 +67,7 @@ def _analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> _An
     probe = dict(probe_inputs) if probe_inputs is not None else _verify.make_probe(root, [])
     logits, called = _run(model, probe, wrappers)
     try:
-        tied = find_tied_weights(root, called, declared)
+        tied = find_tied_weights(root, called, declared, _compat.ties_kept_whatever_the_flag(root))
     except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
         raise UnsupportedAdapterError(
             f"PEFT cannot merge a layer that holds a tied weight ({type(exc).__name__}: {exc}), so no merged model "
@@ -75,7 +75,7 @@ def _analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> _An
             "tied modules."
         ) from exc
     if probe_inputs is None:
-        changed_rows = _changed_rows(tied, vocab=int(probe["input_ids"].max()) + 1)
+        changed_rows = _changed_rows(tied)
         if changed_rows:
             probe = _verify.make_probe(root, changed_rows)
             logits, _ = _run(model, probe, [])
@@ -101,7 +101,7 @@ def _run(model: Any, probe: Mapping[str, torch.Tensor], watch: list[Any]) -> tup
         ) from exc
 
 
-def _changed_rows(tied: TiedWeights, *, vocab: int) -> list[int]:
+def _changed_rows(tied: TiedWeights) -> list[int]:
     """Token ids whose embedding rows the adapter changes (trainable tokens, embedding LoRA)."""
     rows: set[int] = set()
     for group, params in zip(tied.groups, tied.params, strict=True):
@@ -296,7 +296,7 @@ def _check_against_adapter(
                     f"{member.name}: differs from the weight the adapter model uses by {member_diff:.3g} ({change})"
                 )
     return Verification(
-        probe_tokens=int(analysis.probe["input_ids"].numel()),
+        probe_tokens=_verify.probe_size(analysis.probe),
         logits_tolerance=tol,
         max_abs_logits_diff_merged=diff,
         max_abs_logits_diff_reloaded=None,

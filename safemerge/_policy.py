@@ -8,7 +8,7 @@ import torch
 
 from safemerge._compat import keep_output_scale_when_untied, wrapped_base
 from safemerge._report import PolicyOutcome, TieGroup, TiePolicy
-from safemerge._ties import TiedWeights, base_parameters, config_levels, tie_flags
+from safemerge._ties import TiedWeights, base_parameters, config_levels, storage_groups, tie_flags
 
 _MAX_LISTED = 6
 
@@ -60,13 +60,13 @@ def decide(groups: tuple[TieGroup, ...], policy: TiePolicy) -> PolicyOutcome:
         )
     inseparable = [g for g in diverging if not g.separable]
     if inseparable:
-        clusters = "; ".join(f"[{_names(c)}]" for g in inseparable for c in g.one_module)
+        clusters = "; ".join(f"[{_names(c)}]" for g in inseparable for c in g.inseparable)
         return PolicyOutcome(
             policy.value,
             False,
-            f"the adapter model uses different weights for {clusters}, which this architecture builds as one module, "
-            "so they load as one tensor whatever is saved: no merged model can compute what the adapter model "
-            "computes (" + _describe(inseparable) + ")",
+            f"the adapter model uses different weights for {clusters}, which load as one tensor whatever is saved "
+            "(one module, or re-tied by transformers on every load): no merged model can compute what the adapter "
+            "model computes (" + _describe(inseparable) + ")",
         )
     if diverging:
         untied = "; ".join(f"[{_names(g.names)}]" for g in diverging)
@@ -90,8 +90,8 @@ def refusal_message(groups: tuple[TieGroup, ...], policy: TiePolicy) -> str:
         why = "No tie policy can merge it."
         fix = (
             "Fix: keep serving it as an adapter (PeftModel.from_pretrained), or retrain with the same change on "
-            "the members of one module (one modules_to_save / trainable-token entry for the shared embedding), or "
-            "use a transformers release where these members are separate modules."
+            "members that load as one tensor (one modules_to_save / trainable-token entry for the shared embedding), "
+            "or use transformers 5, which loads differing tied tensors as they were saved."
         )
     elif policy is TiePolicy.KEEP:
         why = (
@@ -122,6 +122,7 @@ def unwrap_tied_members(root: torch.nn.Module, tied: TiedWeights) -> list[str]:
     """
     actions = []
     done: set[int] = set()
+    tied_names = {p.name for params in tied.params for p in params}
     for group, params in zip(tied.groups, tied.params, strict=True):
         for member, param in zip(group.members, params, strict=True):
             if param.wrapper is None or id(param.wrapper) in done:
@@ -131,12 +132,33 @@ def unwrap_tied_members(root: torch.nn.Module, tied: TiedWeights) -> list[str]:
             while bare is not wrapped_base(bare):
                 bare = wrapped_base(bare)
             _set_submodule(root, param.wrapper_path, bare)
+            actions += _keep_untied_changes(
+                bare, param.wrapper_path, tied.merged_params.get(id(param.wrapper)), tied_names
+            )
             if not member.used_in_forward:
                 actions.append(
                     f"dropped {member.adapter} on {param.wrapper_path}: the adapter model's forward never calls it, "
                     "so it changes nothing there, but merged it would change every alias of the shared tensor"
                 )
     return actions
+
+
+def _keep_untied_changes(
+    bare: torch.nn.Module, path: str, merged: dict[str, torch.Tensor] | None, tied_names: set[str]
+) -> list[str]:
+    """Give the module's parameters that are not tied (a modules_to_save copy's bias) their merged values."""
+    if merged is None:  # a wrapper the forward never calls changes nothing
+        return []
+    changed = []
+    with torch.no_grad():
+        for name, param in bare.named_parameters(remove_duplicate=False):
+            full = f"{path}.{name}" if path else name
+            value = merged.get(name)
+            if full in tied_names or value is None or value.shape != param.shape or torch.equal(value, param):
+                continue
+            param.copy_(value)
+            changed.append(full)
+    return [f"merged the adapter's change to {', '.join(changed)} (not tied)"] if changed else []
 
 
 def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
@@ -160,7 +182,7 @@ def write_tied_values(merged: torch.nn.Module, tied: TiedWeights) -> list[str]:
             )
             continue
         # New tensors for all members but the first, before the first's (shared) tensor is overwritten. Members of
-        # one module object (group.one_module) get theirs through that module.
+        # one module object get theirs through that module.
         owners = {id(_module_of(merged, names[0]))}
         for name in names[1:]:
             module = _module_of(merged, name)
@@ -206,6 +228,7 @@ def untie_flags_if_needed(merged: Any, declared: dict[str, str]) -> tuple[list[s
             level.tie_word_embeddings = False
     pairs = ", ".join(f"{a} / {s}" for a, s in split[:_MAX_LISTED])
     actions = [f"set {', '.join(flags)} to False: {pairs} are separate tensors now and must load as such"]
+    actions += _separate_declared_groups(merged, declared)
     rescaled = keep_output_scale_when_untied(merged)
     if rescaled is None:
         return actions, {}
@@ -215,6 +238,32 @@ def untie_flags_if_needed(merged: Any, declared: dict[str, str]) -> tuple[list[s
         f"{type(merged).__name__} no longer rescales the decoder output before it"
     )
     return actions, {name: scale}
+
+
+def _separate_declared_groups(merged: Any, declared: dict[str, str]) -> list[str]:
+    """Give each member of the declared ties that still share a tensor a copy of its own.
+
+    With the flag False, transformers saves one key of a shared tensor and does not re-tie the others on load
+    (BERT's decoder bias would load random); separate copies are each saved and loaded.
+    """
+    pairs = {frozenset(pair) for pair in declared.items()}
+    actions = []
+    for group in storage_groups(base_parameters(merged)):
+        names = [p.name for p in group]
+        if not any(frozenset((a, b)) in pairs for a in names for b in names if a != b):
+            continue
+        owners = {id(group[0].owner)}
+        for p in group[1:]:
+            if id(p.owner) in owners:
+                continue  # one module object: it cannot hold two tensors (and loads as one)
+            owners.add(id(p.owner))
+            attr = p.name.rpartition(".")[2]
+            setattr(p.owner, attr, torch.nn.Parameter(p.tensor.detach().clone(), requires_grad=p.tensor.requires_grad))
+        actions.append(
+            f"saved [{_names(names)}] as separate copies of one value: with tie_word_embeddings=False transformers "
+            "would not restore this tie on load"
+        )
+    return actions
 
 
 def retie_like(merged: torch.nn.Module, groups: tuple[tuple[str, ...], ...]) -> list[str]:

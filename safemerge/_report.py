@@ -49,10 +49,10 @@ class TieGroup:
     max_abs_spread: float
     #: Whether every member's effective weight is the same (so one shared tensor can hold it).
     uniform: bool
-    #: Members that are one module object (transformers 4's T5 `shared`/`encoder.embed_tokens`): whatever is
-    #: saved, they load as one tensor, so no policy can give them different weights.
-    one_module: tuple[tuple[str, ...], ...] = ()
-    #: Whether `untie` can give every member its effective weight (members of one module need the same one).
+    #: Members that load as one tensor whatever is saved (transformers 4: T5's `shared` and its encoder/decoder
+    #: embeddings are one module; BERT's decoder bias is re-tied on every load), so no policy can untie them.
+    inseparable: tuple[tuple[str, ...], ...] = ()
+    #: Whether `untie` can give every member its effective weight (inseparable members need the same one).
     separable: bool = True
 
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -121,12 +121,26 @@ def describe_wrapper(wrapper: torch.nn.Module | None) -> str:
     return label
 
 
-def _one_module_clusters(group: list[BaseParameter]) -> tuple[tuple[str, ...], ...]:
-    """Members held by one module object: the architecture builds them as one, so they load as one tensor."""
-    by_owner: dict[int, list[str]] = {}
+def _inseparable_clusters(
+    group: list[BaseParameter], kept_tied: Sequence[frozenset[str]]
+) -> tuple[tuple[str, ...], ...]:
+    """Members that load as one tensor whatever is saved: held by one module object, or tied again by the loader
+    whatever the flags say (`kept_tied`). Clusters are merged where they overlap."""
+    clusters: list[set[str]] = []
+    by_owner: dict[int, set[str]] = {}
     for p in group:
-        by_owner.setdefault(id(p.owner), []).append(p.name)
-    return tuple(tuple(names) for names in by_owner.values() if len(names) > 1)
+        by_owner.setdefault(id(p.owner), set()).add(p.name)
+    names = {p.name for p in group}
+    for cluster in [*by_owner.values(), *(set(k) & names for k in kept_tied)]:
+        if len(cluster) < 2:
+            continue
+        overlapping = [c for c in clusters if c & cluster]
+        for c in overlapping:
+            clusters.remove(c)
+            cluster = cluster | c
+        clusters.append(cluster)
+    order = [p.name for p in group]
+    return tuple(tuple(n for n in order if n in c) for c in clusters)
 
 
 def _same(effective: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> bool:
@@ -143,9 +157,17 @@ class TiedWeights:
     params: tuple[tuple[BaseParameter, ...], ...]
     #: Effective weight of every tied member, by name.
     effective: dict[str, torch.Tensor]
+    #: For each called PEFT wrapper that holds a tied member (by id): every parameter of the module that PEFT's
+    #: merge would leave in its place, by name inside it (a modules_to_save copy's bias, say).
+    merged_params: dict[int, dict[str, torch.Tensor]]
 
 
-def find_tied_weights(root: torch.nn.Module, called: set[int], declared: Mapping[str, str]) -> TiedWeights:
+def find_tied_weights(
+    root: torch.nn.Module,
+    called: set[int],
+    declared: Mapping[str, str],
+    kept_tied: Sequence[frozenset[str]] = (),
+) -> TiedWeights:
     """Tie groups of `root` (a PEFT model's base model) and each member's effective weight.
 
     `called` holds the ids of the PEFT wrappers that the adapter model's forward called: a wrapper the forward never
@@ -186,7 +208,7 @@ def find_tied_weights(root: torch.nn.Module, called: set[int], declared: Mapping
         first = effective[group[0].name]
         spread = max(max_abs_diff(effective[p.name], first) for p in group)
         names = [p.name for p in group]
-        one_module = _one_module_clusters(group)
+        inseparable = _inseparable_clusters(group, kept_tied)
         groups.append(
             TieGroup(
                 members=tuple(members),
@@ -195,9 +217,9 @@ def find_tied_weights(root: torch.nn.Module, called: set[int], declared: Mapping
                 declared=any(frozenset((a, b)) in declared_pairs for a in names for b in names if a != b),
                 max_abs_spread=spread,
                 uniform=spread <= same_weight_tolerance(first),
-                one_module=one_module,
-                separable=all(_same(effective, cluster) for cluster in one_module),
+                inseparable=inseparable,
+                separable=all(_same(effective, cluster) for cluster in inseparable),
             )
         )
         params.append(tuple(group))
-    return TiedWeights(tuple(groups), tuple(params), effective)
+    return TiedWeights(tuple(groups), tuple(params), effective, merged_cache)

@@ -58,10 +58,21 @@ def make_probe(model: Any, extra_token_ids: list[int]) -> dict[str, torch.Tensor
     random_ids = [usable[int(i)] for i in torch.randint(len(usable), (PROBE_LENGTH,), generator=generator)]
     ids = (highest + changed + random_ids)[:PROBE_LENGTH]
     input_ids = torch.tensor([ids], dtype=torch.long)
+    if getattr(model, "main_input_name", "input_ids") == "input_features":
+        # Speech encoder-decoders (Whisper): log-mel features in, the token ids go to the decoder.
+        frames = 2 * int(config.max_source_positions)  # the encoder's convolutions halve the frames
+        features = torch.randn(1, int(config.num_mel_bins), frames, generator=generator)
+        return {"input_features": features.to(model_dtype(model)), "decoder_input_ids": input_ids}
     probe = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if getattr(config, "is_encoder_decoder", False):
         probe["decoder_input_ids"] = input_ids.flip(-1)
     return probe
+
+
+def probe_size(probe: Mapping[str, torch.Tensor]) -> int:
+    """Number of token ids in a probe."""
+    ids = probe.get("input_ids", probe.get("decoder_input_ids"))
+    return int(ids.numel()) if ids is not None else 0
 
 
 def _config_items(config: Any) -> list[tuple[str, list[tuple[str, Any]]]]:

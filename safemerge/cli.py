@@ -192,8 +192,10 @@ def inspection_table(inspection: TieInspection) -> list[str]:
         for m in group.members:
             called = "yes" if m.used_in_forward else ("no" if m.adapter else "-")
             lines.append(f"  {m.name:<{width}}  {m.adapter or '-':<24} {called:<7} {m.max_abs_change:.3g}")
-        if group.one_module:
-            lines.append("  built as one module: " + "; ".join(", ".join(c) for c in group.one_module))
+        if group.inseparable:
+            lines.append(
+                "  load as one tensor whatever is saved: " + "; ".join(", ".join(c) for c in group.inseparable)
+            )
     flags = ", ".join(f"{path}={value}" for path, value in inspection.config_flags) or "none"
     lines.append(f"config flags: {flags}")
     lines.append("policy  merges  why")

@@ -123,6 +123,33 @@ ARCHS = {
             ("q_proj", "v_proj"),
         ),
         Arch("gemma3", _gemma3, tf.Gemma3ForConditionalGeneration, "embed_tokens", "lm_head", ("q_proj", "v_proj")),
+        # A second declared tie (decoder.bias / predictions.bias) beside the embedding's.
+        Arch(
+            "bert",
+            lambda: tf.BertConfig(
+                vocab_size=VOCAB,
+                hidden_size=HIDDEN,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            ),
+            tf.BertForMaskedLM,
+            "word_embeddings",
+            "decoder",
+            ("query", "value"),
+        ),
+        # The tied head has a bias of its own, which modules_to_save trains.
+        Arch(
+            "distilbert",
+            lambda: tf.DistilBertConfig(
+                vocab_size=VOCAB, dim=HIDDEN, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64
+            ),
+            tf.DistilBertForMaskedLM,
+            "word_embeddings",
+            "vocab_projector",
+            ("q_lin", "v_lin"),
+        ),
     ]
 }
 

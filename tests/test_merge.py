@@ -203,3 +203,21 @@ def test_small_change_on_a_tied_member_is_never_ignored(make_adapter_model, tmp_
     assert head.changed and 0 < head.max_abs_change < 1e-4
     with pytest.raises(safemerge.TiedWeightsError):
         safemerge.safe_merge(model, tmp_path / "m", policy="refuse")
+
+
+def test_untied_head_keeps_its_trained_bias(make_adapter_model, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """modules_to_save on DistilBERT's tied vocab_projector also trains its bias, which is not tied."""
+    model = make_adapter_model("distilbert", "save-head")
+    trained_bias = model.get_base_model().vocab_projector.modules_to_save["default"].bias.detach().clone()
+    report = safemerge.safe_merge(model, tmp_path / "m", policy="untie")
+    assert torch.equal(report.model.vocab_projector.bias.detach(), trained_bias)
+    assert any("vocab_projector.bias" in action for action in report.actions)
+
+
+def test_other_declared_ties_survive_untie(make_adapter_model, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """BERT's decoder bias is tied to predictions.bias under the same flag that untie turns off."""
+    report = safemerge.safe_merge(make_adapter_model("bert", "lora-head"), tmp_path / "m", policy="untie")
+    assert report.ok
+    assert any("separate copies" in action for action in report.actions)
+    bias = load_base(ARCHS["bert"], tmp_path / "m").cls.predictions.decoder.bias
+    torch.testing.assert_close(bias, report.model.cls.predictions.bias, rtol=0, atol=0)
