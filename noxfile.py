@@ -50,10 +50,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Time the adapter doctor on an 8B-shaped config (meta device; nothing downloaded)."""
+    """Figures: doctor time on an 8B-shaped config; plain merge vs safe_merge over the test matrix."""
     session.install(TORCH)
-    session.install("-e", ".")
+    session.install("-e", ".[test]")
     session.run("python", "benchmarks/doctor_8b.py")
+    session.run("python", "benchmarks/plain_vs_safe.py")
 
 
 @nox.session(python="3.11")

@@ -22,6 +22,7 @@ from safemerge._ties import (
     find_tied_weights,
     max_abs_diff,
     same_weight_tolerance,
+    split_declared_ties,
     storage_groups,
     tie_flags,
     tie_groups,
@@ -114,15 +115,11 @@ def _changed_rows(tied: TiedWeights) -> list[int]:
 
 
 def _notes(root: torch.nn.Module, declared: dict[str, str]) -> list[str]:
-    params = {p.name: p.tensor for p in base_parameters(root)}
-    notes = []
-    for alias, source in declared.items():
-        if alias in params and source in params and params[alias] is not params[source]:
-            notes.append(
-                f"{alias} is declared tied to {source} but they are separate tensors in memory; "
-                "the merge sets tie_word_embeddings to False so that they load as separate tensors"
-            )
-    return notes
+    return [
+        f"{alias} is declared tied to {source} but they are separate tensors in memory; "
+        "the merge sets tie_word_embeddings to False so that they load as separate tensors"
+        for alias, source in split_declared_ties(root, declared)
+    ]
 
 
 def inspect_ties(model: Any, *, probe_inputs: Mapping[str, torch.Tensor] | None = None) -> TieInspection:

@@ -8,7 +8,14 @@ import torch
 
 from safemerge._compat import keep_output_scale_when_untied, wrapped_base
 from safemerge._report import PolicyOutcome, TieGroup, TiePolicy
-from safemerge._ties import TiedWeights, base_parameters, config_levels, storage_groups, tie_flags
+from safemerge._ties import (
+    TiedWeights,
+    base_parameters,
+    config_levels,
+    split_declared_ties,
+    storage_groups,
+    tie_flags,
+)
 
 _MAX_LISTED = 6
 
@@ -188,12 +195,16 @@ def write_tied_values(merged: torch.nn.Module, tied: TiedWeights) -> list[str]:
             module = _module_of(merged, name)
             if id(module) not in owners:
                 owners.add(id(module))
-                old = getattr(module, name.rpartition(".")[2])
-                value = tied.effective[name].detach().clone()
-                setattr(module, name.rpartition(".")[2], torch.nn.Parameter(value, requires_grad=old.requires_grad))
+                _give_own_tensor(module, name.rpartition(".")[2], tied.effective[name])
         _parameter(merged, names[0]).data.copy_(tied.effective[names[0]])
         actions.append(f"untied [{_names(names)}]: each member now has its own tensor with its effective weight")
     return actions
+
+
+def _give_own_tensor(module: torch.nn.Module, attr: str, value: torch.Tensor) -> None:
+    """Replace `module.<attr>` by a new parameter holding a copy of `value` (no storage shared with anything)."""
+    old = getattr(module, attr)
+    setattr(module, attr, torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
 
 
 def _parameter(root: torch.nn.Module, name: str) -> torch.nn.Parameter:
@@ -214,12 +225,7 @@ def untie_flags_if_needed(merged: Any, declared: dict[str, str]) -> tuple[list[s
     the flag must say what the saved tensors are. Returns the actions, and {parameter name: factor} for tensors
     that were rescaled to keep the outputs unchanged (transformers 4's T5 family).
     """
-    params = {p.name: p.tensor for p in base_parameters(merged)}
-    split = [
-        (alias, source)
-        for alias, source in declared.items()
-        if alias in params and source in params and params[alias] is not params[source]
-    ]
+    split = split_declared_ties(merged, declared)
     flags = [path for path, value in tie_flags(merged.config) if value]
     if not split or not flags:
         return [], {}
@@ -257,8 +263,7 @@ def _separate_declared_groups(merged: Any, declared: dict[str, str]) -> list[str
             if id(p.owner) in owners:
                 continue  # one module object: it cannot hold two tensors (and loads as one)
             owners.add(id(p.owner))
-            attr = p.name.rpartition(".")[2]
-            setattr(p.owner, attr, torch.nn.Parameter(p.tensor.detach().clone(), requires_grad=p.tensor.requires_grad))
+            _give_own_tensor(p.owner, p.name.rpartition(".")[2], p.tensor)
         actions.append(
             f"saved [{_names(names)}] as separate copies of one value: with tie_word_embeddings=False transformers "
             "would not restore this tie on load"

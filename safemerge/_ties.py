@@ -69,6 +69,16 @@ def tie_groups(model: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(p.name for p in group) for group in storage_groups(base_parameters(model)))
 
 
+def split_declared_ties(model: torch.nn.Module, declared: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Declared (alias, source) ties whose tensors are separate in `model`."""
+    params = {p.name: p.tensor for p in base_parameters(model)}
+    return [
+        (alias, source)
+        for alias, source in declared.items()
+        if alias in params and source in params and params[alias] is not params[source]
+    ]
+
+
 def config_levels(config: PretrainedConfig) -> Iterator[tuple[str, PretrainedConfig]]:
     """The config and every nested config (text_config, decoder, ...), with their attribute paths."""
     yield "", config
