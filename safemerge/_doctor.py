@@ -367,23 +367,6 @@ def _check_recorded_base(base: Any, config_data: dict[str, Any], checkup: _Check
     )
 
 
-def model_class_for_task(config: Any, task_type: str | None) -> Any:
-    """The class users load the base with for this adapter: a head-adding Auto class for classification tasks,
-    else the architecture the checkpoint names."""
-    import transformers
-
-    from safemerge._load import _AUTO_BY_TASK
-
-    head_tasks = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
-    if task_type in head_tasks:
-        return getattr(transformers, _AUTO_BY_TASK[task_type])
-    for name in getattr(config, "architectures", None) or ():
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return getattr(transformers, _AUTO_BY_TASK.get(task_type or "", "AutoModel"))
-
-
 def _expected_tensors(
     base: Any, base_config: Any, peft_config: Any, checkup: _Checkup
 ) -> tuple[dict[str, tuple[int, ...]] | None, Any]:
@@ -391,7 +374,9 @@ def _expected_tensors(
     import peft
     from accelerate import init_empty_weights
 
-    cls = type(base) if isinstance(base, torch.nn.Module) else model_class_for_task(base_config, peft_config.task_type)
+    from safemerge._load import model_class_for
+
+    cls = type(base) if isinstance(base, torch.nn.Module) else model_class_for(base_config, peft_config.task_type)
     try:
         with init_empty_weights(include_buffers=False):
             meta_model = cls.from_config(base_config) if hasattr(cls, "from_config") else cls(base_config)
@@ -402,7 +387,8 @@ def _expected_tensors(
             f"The base model class {cls.__name__} cannot be built from the base config, so names and shapes were "
             "not checked.",
             [f"{type(exc).__name__}: {exc}"],
-            "",
+            "Pass the loaded base model to safemerge.doctor(base_model, adapter) instead of its path, or check that "
+            "this transformers release supports the base's config.",
         )
         return None, None
     try:

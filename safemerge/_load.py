@@ -31,10 +31,16 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
     return dtype
 
 
-def model_class_for(base: str, task_type: str | None = None) -> Any:
-    """The class that loads `base`: its config's architecture, else the Auto class of the adapter's task type."""
-    config = transformers.AutoConfig.from_pretrained(base)
-    for name in config.architectures or ():
+#: Tasks whose head the base checkpoint usually lacks: the adapter was trained on the Auto class that adds it.
+_HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
+
+
+def model_class_for(config: Any, task_type: str | None = None) -> Any:
+    """The class users load the base with for an adapter of `task_type`: the head-adding Auto class for
+    classification tasks, else the architecture the checkpoint's config names, else the task's Auto class."""
+    if task_type in _HEAD_TASKS:
+        return getattr(transformers, _AUTO_BY_TASK[task_type])
+    for name in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
@@ -44,13 +50,13 @@ def model_class_for(base: str, task_type: str | None = None) -> Any:
 def load_pretrained(
     path: str, *, task_type: str | None = None, dtype: torch.dtype | str | None = None, device_map: Any = None
 ) -> Any:
-    """Load a transformers model from a directory or hub id with the class its config names."""
+    """Load a transformers model from a directory or hub id with the class model_class_for() picks."""
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    cls = model_class_for(path, task_type)
+    cls = model_class_for(transformers.AutoConfig.from_pretrained(path), task_type)
     logger.info("loading %s with %s.from_pretrained", path, cls.__name__)
     return cls.from_pretrained(path, **kwargs).eval()
 

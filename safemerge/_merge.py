@@ -183,15 +183,18 @@ def safe_merge(
     root = peft_model.get_base_model()
     actions = _policy.unwrap_tied_members(root, analysis.tied)
     merged = peft_model.merge_and_unload()
+    actions.append("merged the remaining adapter layers with peft's merge_and_unload()")
     actions += _policy.write_tied_values(merged, analysis.tied)
+    # `rescaled`: members deliberately multiplied by a factor (see _compat.keep_output_scale_when_untied).
     flag_actions, rescaled = _policy.untie_flags_if_needed(merged, analysis.declared)
     actions += flag_actions
-    actions.append("merged the remaining adapter layers with peft's merge_and_unload()")
 
     verification: Verification | None = None
     if verify:
         logger.info("checking the merged model in memory")
-        verification = _check_in_memory(merged, analysis, logits_tolerance, rescaled)
+        verification = _check_against_adapter(
+            merged, analysis, tolerance=logits_tolerance, scales=rescaled, rounding_slack=0.0
+        )
         if not verification.ok:
             report = _report(tie_policy, None, analysis, merged, actions, verification)
             raise VerificationError(_failure_message(verification, saved_at=None), report=report)
@@ -201,7 +204,7 @@ def safe_merge(
         logger.info("saving to %s", staging)
         merged.save_pretrained(str(staging))
         if verification is not None:
-            verification, retie = _check_reload(merged, staging, analysis, verification)
+            verification, retie = _check_reload(merged, staging, analysis, verification, rescaled)
             actions += _policy.retie_like(merged, retie)
             if not verification.ok:
                 failed = _save.quarantine(staging, target, list(verification.problems))
@@ -235,16 +238,6 @@ def _report(
     )
 
 
-def _check_in_memory(
-    merged: Any, analysis: _Analysis, tolerance: float | None, rescaled: dict[str, float]
-) -> Verification:
-    """Merged model against the adapter model: every tied member's tensor and the probe logits.
-
-    `rescaled` holds members deliberately multiplied by a factor (see _compat.keep_output_scale_when_untied).
-    """
-    return _check_against_adapter(merged, analysis, tolerance=tolerance, scales=rescaled, rounding_slack=0.0)
-
-
 def _check_against_adapter(
     model: Any,
     analysis: _Analysis,
@@ -252,6 +245,7 @@ def _check_against_adapter(
     tolerance: float | None,
     scales: dict[str, float],
     rounding_slack: float,
+    label: str = "merged",
 ) -> Verification:
     """Probe logits and every tied member's weight of `model` against the adapter model.
 
@@ -269,16 +263,16 @@ def _check_against_adapter(
         logits, _ = _verify.run_probe(model, analysis.probe)
         diff = max_abs_diff(logits, analysis.adapter_logits)
     except Exception as exc:  # a model that cannot run the probe is not faithful
-        problems.append(f"the merged model failed on the probe batch ({type(exc).__name__}: {exc})")
+        problems.append(f"the {label} model failed on the probe batch ({type(exc).__name__}: {exc})")
         diff = float("inf")
     if not diff <= tol:
-        problems.append(f"merged logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
+        problems.append(f"{label} logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
     params = {p.name: p.tensor for p in base_parameters(model)}
     members = []
     for group in analysis.tied.groups:
         for member in group.members:
             if member.name not in params:
-                problems.append(f"{member.name}: not in the merged model")
+                problems.append(f"{member.name}: not in the {label} model")
                 continue
             expected = analysis.tied.effective[member.name] * scales.get(member.name, 1.0)
             member_diff = max_abs_diff(params[member.name].cpu(), expected.cpu())
@@ -290,7 +284,8 @@ def _check_against_adapter(
                     else "the adapter leaves it unchanged"
                 )
                 problems.append(
-                    f"{member.name}: differs from the weight the adapter model uses by {member_diff:.3g} ({change})"
+                    f"{label} {member.name}: differs from the weight the adapter model uses by {member_diff:.3g} "
+                    f"({change})"
                 )
     return Verification(
         probe_tokens=_verify.probe_size(analysis.probe),
@@ -306,7 +301,7 @@ def _check_against_adapter(
 
 
 def _check_reload(
-    merged: Any, saved: Path, analysis: _Analysis, in_memory: Verification
+    merged: Any, saved: Path, analysis: _Analysis, in_memory: Verification, rescaled: dict[str, float]
 ) -> tuple[Verification, tuple[tuple[str, ...], ...]]:
     """Reload `saved` with transformers' loader; compare tensors bit for bit, ties, and logits.
 
@@ -319,36 +314,30 @@ def _check_reload(
         problem = f"transformers could not reload the saved model ({type(exc).__name__}: {exc})"
         return dataclasses.replace(in_memory, problems=(*in_memory.problems, problem)), ()
     compared, not_identical = _verify.compare_state(merged, reloaded)
-    logits, _ = _verify.run_probe(reloaded, analysis.probe)
-    diff = max_abs_diff(logits, analysis.adapter_logits)
+    against_adapter = _check_against_adapter(
+        reloaded, analysis, tolerance=in_memory.logits_tolerance, scales=rescaled, rounding_slack=0.0, label="reloaded"
+    )
     ties_after = tie_groups(reloaded)
-    problems = list(in_memory.problems) + [f"reloaded {d}" for d in not_identical]
-    if not diff <= in_memory.logits_tolerance:
-        tol = in_memory.logits_tolerance
-        problems.append(f"reloaded logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
+    problems = [*in_memory.problems, *(f"reloaded {name}: {what}" for name, what in not_identical.items())]
+    problems += against_adapter.problems
     before = {frozenset(g) for g in tie_groups(merged)}
     after = {frozenset(g) for g in ties_after}
     lost = [g for g in before if not any(g <= a for a in after)]
     problems += [f"tie lost on reload: {sorted(g)} were one tensor and load as separate tensors" for g in lost]
     # Extra ties join only bit-identical tensors (checked above); mirror them so the returned model is what loads.
     retie = tuple(g for g in ties_after if frozenset(g) not in before) if not not_identical else ()
-    bad_names = {d.split(":")[0] for d in not_identical}
-    members = tuple(MemberCheck(m.name, m.max_abs_diff_vs_adapter, m.name not in bad_names) for m in in_memory.members)
+    members = tuple(dataclasses.replace(m, reload_bit_identical=m.name not in not_identical) for m in in_memory.members)
     del reloaded
-    return (
-        Verification(
-            probe_tokens=in_memory.probe_tokens,
-            logits_tolerance=in_memory.logits_tolerance,
-            max_abs_logits_diff_merged=in_memory.max_abs_logits_diff_merged,
-            max_abs_logits_diff_reloaded=diff,
-            members=members,
-            tensors_compared=compared,
-            tensors_not_identical=tuple(not_identical),
-            ties_after_reload=ties_after,
-            problems=tuple(problems),
-        ),
-        retie,
+    verification = dataclasses.replace(
+        in_memory,
+        max_abs_logits_diff_reloaded=against_adapter.max_abs_logits_diff_merged,
+        members=members,
+        tensors_compared=compared,
+        tensors_not_identical=tuple(f"{name}: {what}" for name, what in not_identical.items()),
+        ties_after_reload=ties_after,
+        problems=tuple(problems),
     )
+    return verification, retie
 
 
 def _failure_message(verification: Verification, *, saved_at: Path | None) -> str:
@@ -362,8 +351,10 @@ def _failure_message(verification: Verification, *, saved_at: Path | None) -> st
     )
     return (
         f"Verification failed: {shown}{more}. The merged model does not compute what the adapter model computes, "
-        f"so it must not be shipped.{where} Fix: report this with the JSON report (error.report.to_dict()); try "
-        "policy='untie', or a higher logits_tolerance if the difference is rounding in a low-precision dtype."
+        f"so it must not be shipped.{where} Fix: if only the logits differ and the model is in bfloat16/float16, "
+        "merge in float32 (load with dtype=torch.float32; CLI: --dtype float32) or accept the rounding with "
+        "logits_tolerance= (CLI: --logits-tolerance); otherwise report it with the JSON report "
+        "(error.report.to_dict(); CLI: --report PATH)."
     )
 
 
@@ -382,8 +373,8 @@ def merge_pretrained(
     """Load `base` and `adapter` (local directories or hub ids) and run safe_merge() on them.
 
     The adapter doctor runs first (it reads configs and tensor headers only) and stops on an `error` or `silent`
-    finding with AdapterMismatchError. Then the base is loaded with the class its config names (else the Auto class
-    of the adapter's task type), the adapter with `PeftModel.from_pretrained`, and safe_merge() runs.
+    finding with AdapterMismatchError. Then the base is loaded with the class its config names (the head-adding
+    Auto class for classification adapters), the adapter with `PeftModel.from_pretrained`, and safe_merge() runs.
     """
     tie_policy = _policy.parse_policy(policy)
     _save.check_target(Path(save_directory), overwrite=overwrite)

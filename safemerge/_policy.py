@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from safemerge._ties import (
     TiedWeights,
     base_parameters,
     config_levels,
+    declares_tie,
     split_declared_ties,
     storage_groups,
     tie_flags,
@@ -188,23 +190,11 @@ def write_tied_values(merged: torch.nn.Module, tied: TiedWeights) -> list[str]:
                 f"{max(m.max_abs_change for m in group.members):.3g}); they stay one tensor"
             )
             continue
-        # New tensors for all members but the first, before the first's (shared) tensor is overwritten. Members of
-        # one module object get theirs through that module.
-        owners = {id(_module_of(merged, names[0]))}
-        for name in names[1:]:
-            module = _module_of(merged, name)
-            if id(module) not in owners:
-                owners.add(id(module))
-                _give_own_tensor(module, name.rpartition(".")[2], tied.effective[name])
+        # New tensors for all members but the first, before the first's (shared) tensor is overwritten.
+        _give_own_tensors(merged, names, tied.effective)
         _parameter(merged, names[0]).data.copy_(tied.effective[names[0]])
         actions.append(f"untied [{_names(names)}]: each member now has its own tensor with its effective weight")
     return actions
-
-
-def _give_own_tensor(module: torch.nn.Module, attr: str, value: torch.Tensor) -> None:
-    """Replace `module.<attr>` by a new parameter holding a copy of `value` (no storage shared with anything)."""
-    old = getattr(module, attr)
-    setattr(module, attr, torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
 
 
 def _parameter(root: torch.nn.Module, name: str) -> torch.nn.Parameter:
@@ -252,23 +242,33 @@ def _separate_declared_groups(merged: Any, declared: dict[str, str]) -> list[str
     With the flag False, transformers saves one key of a shared tensor and does not re-tie the others on load
     (BERT's decoder bias would load random); separate copies are each saved and loaded.
     """
-    pairs = {frozenset(pair) for pair in declared.items()}
     actions = []
     for group in storage_groups(base_parameters(merged)):
         names = [p.name for p in group]
-        if not any(frozenset((a, b)) in pairs for a in names for b in names if a != b):
-            continue
-        owners = {id(group[0].owner)}
-        for p in group[1:]:
-            if id(p.owner) in owners:
-                continue  # one module object: it cannot hold two tensors (and loads as one)
-            owners.add(id(p.owner))
-            _give_own_tensor(p.owner, p.name.rpartition(".")[2], p.tensor)
-        actions.append(
-            f"saved [{_names(names)}] as separate copies of one value: with tie_word_embeddings=False transformers "
-            "would not restore this tie on load"
-        )
+        if declares_tie(declared, names):
+            _give_own_tensors(merged, names, {p.name: p.tensor for p in group})
+            actions.append(
+                f"saved [{_names(names)}] as separate copies of one value: with tie_word_embeddings=False "
+                "transformers would not restore this tie on load"
+            )
     return actions
+
+
+def _give_own_tensors(root: torch.nn.Module, names: list[str], values: Mapping[str, torch.Tensor]) -> None:
+    """Give every member after the first a new tensor holding a copy of its value.
+
+    Members held by one module object as an earlier member (transformers 4's T5 embeddings) cannot get a tensor
+    of their own: they share that module's.
+    """
+    owners = {id(_module_of(root, names[0]))}
+    for name in names[1:]:
+        module = _module_of(root, name)
+        if id(module) in owners:
+            continue
+        owners.add(id(module))
+        attr = name.rpartition(".")[2]
+        old = getattr(module, attr)
+        setattr(module, attr, torch.nn.Parameter(values[name].detach().clone(), requires_grad=old.requires_grad))
 
 
 def retie_like(merged: torch.nn.Module, groups: tuple[tuple[str, ...], ...]) -> list[str]:

@@ -69,6 +69,11 @@ def tie_groups(model: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(p.name for p in group) for group in storage_groups(base_parameters(model)))
 
 
+def declares_tie(declared: Mapping[str, str], names: Sequence[str]) -> bool:
+    """Whether the model class declares a tie between any two of `names`."""
+    return any(declared.get(a) == b or declared.get(b) == a for a in names for b in names if a != b)
+
+
 def split_declared_ties(model: torch.nn.Module, declared: Mapping[str, str]) -> list[tuple[str, str]]:
     """Declared (alias, source) ties whose tensors are separate in `model`."""
     params = {p.name: p.tensor for p in base_parameters(model)}
@@ -185,7 +190,6 @@ def find_tied_weights(
     """
     groups, params, effective = [], [], {}
     merged_cache: dict[int, dict[str, torch.Tensor]] = {}
-    declared_pairs = {frozenset(pair) for pair in declared.items()}
     for group in storage_groups(base_parameters(root)):
         base = group[0].tensor.detach()
         # The base weight is overwritten in place by a merge: keep a copy where a member will change it.
@@ -224,7 +228,7 @@ def find_tied_weights(
                 members=tuple(members),
                 shape=tuple(base.shape),
                 dtype=str(base.dtype).removeprefix("torch."),
-                declared=any(frozenset((a, b)) in declared_pairs for a in names for b in names if a != b),
+                declared=declares_tie(declared, names),
                 max_abs_spread=spread,
                 uniform=spread <= same_weight_tolerance(first),
                 inseparable=inseparable,

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import transformers
 
-from safemerge._ties import max_abs_diff, tie_groups
+from safemerge._ties import config_levels, max_abs_diff, tie_groups
 
 #: Relative logits tolerance per dtype: merging rounds W + dW once to the weight dtype, the adapter model does not.
 _LOGITS_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -47,8 +47,8 @@ def make_probe(model: Any, extra_token_ids: list[int]) -> dict[str, torch.Tensor
         vocab = int(config.get_text_config().vocab_size)
     reserved = {
         int(value)
-        for _, level in _config_items(config)
-        for key, value in level
+        for _, level in config_levels(config)
+        for key, value in vars(level).items()
         if isinstance(value, int) and _MULTIMODAL_TOKEN.search(key)
     }
     usable = [i for i in range(vocab - 1, -1, -1) if i not in reserved]
@@ -73,12 +73,6 @@ def probe_size(probe: Mapping[str, torch.Tensor]) -> int:
     """Number of token ids in a probe."""
     ids = probe.get("input_ids", probe.get("decoder_input_ids"))
     return int(ids.numel()) if ids is not None else 0
-
-
-def _config_items(config: Any) -> list[tuple[str, list[tuple[str, Any]]]]:
-    from safemerge._ties import config_levels
-
-    return [(path, list(vars(level).items())) for path, level in config_levels(config)]
 
 
 def run_probe(
@@ -139,11 +133,11 @@ def reload(save_directory: str | os.PathLike[str], like: torch.nn.Module) -> Any
     return model.to(model_device(like)).eval()
 
 
-def compare_state(expected: torch.nn.Module, actual: torch.nn.Module) -> tuple[int, list[str]]:
-    """Compare every state-dict tensor bit for bit; returns (number compared, descriptions of the differences)."""
+def compare_state(expected: torch.nn.Module, actual: torch.nn.Module) -> tuple[int, dict[str, str]]:
+    """Compare every state-dict tensor bit for bit; returns (number compared, {name: what differs})."""
     want, got = expected.state_dict(), actual.state_dict()
-    problems = [f"{name}: missing after reload" for name in want if name not in got]
-    problems += [f"{name}: not in the merged model" for name in got if name not in want]
+    problems = {name: "missing after reload" for name in want if name not in got}
+    problems |= {name: "not in the merged model" for name in got if name not in want}
     compared = 0
     for name, tensor in want.items():
         other = got.get(name)
@@ -151,11 +145,9 @@ def compare_state(expected: torch.nn.Module, actual: torch.nn.Module) -> tuple[i
             continue
         compared += 1
         if other.shape != tensor.shape or other.dtype != tensor.dtype:
-            problems.append(
-                f"{name}: {tuple(other.shape)} {other.dtype} instead of {tuple(tensor.shape)} {tensor.dtype}"
-            )
+            problems[name] = f"{tuple(other.shape)} {other.dtype} instead of {tuple(tensor.shape)} {tensor.dtype}"
         elif not torch.equal(other.to(tensor.device), tensor):
-            problems.append(f"{name}: values differ (max |difference| {max_abs_diff(other.cpu(), tensor.cpu()):.3g})")
+            problems[name] = f"values differ (max |difference| {max_abs_diff(other.cpu(), tensor.cpu()):.3g})"
     return compared, problems
 
 

@@ -37,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     loading.add_argument("--dtype", default=None, help="load dtype: float32, bfloat16, float16 or auto")
     loading.add_argument("--device-map", default=None, help="accelerate device map for big models, e.g. auto")
     loading.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    tolerance = argparse.ArgumentParser(add_help=False)
+    tolerance.add_argument(
+        "--logits-tolerance",
+        type=float,
+        default=None,
+        metavar="X",
+        help="max |logits difference| accepted vs the adapter model (default: relative to dtype and logit scale)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser(
@@ -44,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     merge = commands.add_parser(
-        "merge", parents=[common, loading], help="merge ADAPTER into BASE under a tie policy, save and verify OUT"
+        "merge",
+        parents=[common, loading, tolerance],
+        help="merge ADAPTER into BASE under a tie policy, save and verify OUT",
     )
     merge.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
     merge.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter: local directory or hub id")
@@ -70,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
 
     verify = commands.add_parser(
-        "verify", parents=[common, loading], help="check a merged model made by any tool against the adapter model"
+        "verify",
+        parents=[common, loading, tolerance],
+        help="check a merged model made by any tool against the adapter model",
     )
     verify.add_argument("merged", metavar="MERGED", help="merged model directory to check")
     verify.add_argument("--base", required=True, help="base model the adapter was trained on")
@@ -147,6 +159,7 @@ def _merge(args: argparse.Namespace) -> int:
         device_map=args.device_map,
         verify=not args.no_verify,
         overwrite=args.overwrite,
+        logits_tolerance=args.logits_tolerance,
     )
     if args.report is not None:
         write_json_atomic(args.report, report.to_dict())
@@ -212,7 +225,7 @@ def _verify(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype)
     model = load_adapter_model(args.base, args.adapter, dtype=dtype, device_map=args.device_map)
     logging.getLogger("safemerge").info("loading %s and comparing it with the adapter model", args.merged)
-    verification = verify_merged(args.merged, model)
+    verification = verify_merged(args.merged, model, logits_tolerance=args.logits_tolerance)
     _emit(args, {"merged": args.merged, **verification.to_dict()}, _verdict(args, verification))
     return EXIT_OK if verification.ok else EXIT_FAILED
 

@@ -30,8 +30,8 @@ def assert_reload_identical(save_directory: str | os.PathLike[str], model: Any) 
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not this one
     reloaded = _verify.reload(save_directory, like=model)
-    compared, problems = _verify.compare_state(model, reloaded)
-    problems += _verify.compare_ties(model, reloaded)
+    compared, differences = _verify.compare_state(model, reloaded)
+    problems = [f"{name}: {what}" for name, what in differences.items()] + _verify.compare_ties(model, reloaded)
     if problems:
         shown = problems[:_MAX_LISTED]
         more = [f"... and {len(problems) - _MAX_LISTED} more"] if len(problems) > _MAX_LISTED else []

@@ -117,3 +117,19 @@ def test_python_dash_m_and_version() -> None:
         [sys.executable, "-m", "safemerge", "--version"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and result.stdout.startswith("safemerge ")
+
+
+def test_merge_loads_a_classification_base_with_its_head(base_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A SEQ_CLS adapter on a causal-LM checkpoint: merge loads the base as it was trained, with its `score` head."""
+    import peft
+    import transformers
+
+    from tests.models import perturb
+
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_dirs["llama-untied"])
+    trained = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    perturb(trained)
+    trained.save_pretrained(tmp_path / "cls-adapter")
+    out = tmp_path / "out"
+    assert run("merge", base_dirs["llama-untied"], tmp_path / "cls-adapter", out, "--policy", "refuse", "-q") == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]

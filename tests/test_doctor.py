@@ -24,7 +24,6 @@ from tests.models import (
     logits,
     perturb,
     sample_ids,
-    save_base,
     trained_and_reloaded,
 )
 
@@ -344,13 +343,6 @@ def test_merge_runs_the_doctor_first(good: dict[str, Path], tmp_path: Path, caps
     with pytest.raises(safemerge.AdapterMismatchError) as info:
         safemerge.merge_pretrained(str(good["base"]), str(target), tmp_path / "out", policy="keep")
     assert not info.value.report.ok
-
-
-def test_shallow_base_fixture_is_real(tmp_path: Path) -> None:
-    """The layer-count tests rely on save_base writing the layer count it was given."""
-    arch = ARCHS["llama"]
-    save_base(arch, tmp_path / "b")
-    assert json.loads((tmp_path / "b" / "config.json").read_text())["num_hidden_layers"] == 2
 
 
 def test_every_finding_code_is_documented() -> None:
