@@ -15,11 +15,11 @@ TRANSFORMERS_4 = ["transformers==4.57.6", "peft==0.18.1"]
 LOWEST = ["transformers==4.57.1", "peft==0.18.0", "accelerate==1.0.0", "safetensors==0.4.3"]
 
 
-def _test(session: nox.Session, *pins: str) -> None:
+def _test(session: nox.Session, *pins: str, args: tuple[str, ...] = ()) -> None:
     session.install(TORCH)
     session.install("-e", ".[test]", *pins)
     session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
-    session.run("pytest", *session.posargs)
+    session.run("pytest", *args, *session.posargs)
 
 
 @nox.session(python="3.11")
@@ -29,9 +29,16 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def matrix(session: nox.Session) -> None:
+    """Run every merge case of the matrix, in memory and reloaded, on the current releases."""
+    _test(session, args=("tests/test_merge.py", "--full-matrix"))
+
+
+@nox.session(python="3.11")
 def tests_transformers4(session: nox.Session) -> None:
-    """Run the test suite on the second supported stack: transformers 4.57.6 + peft 0.18.1."""
-    _test(session, *TRANSFORMERS_4)
+    """Run the test suite, with the full merge matrix, on the second supported stack: transformers 4.57.6 + peft
+    0.18.1."""
+    _test(session, *TRANSFORMERS_4, args=("--full-matrix",))
 
 
 @nox.session(python="3.11")
@@ -44,8 +51,8 @@ def lowest(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""
     session.install("ruff")
-    session.run("ruff", "check", "safemerge", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "safemerge", "tests", "noxfile.py")
+    session.run("ruff", "check", "safemerge", "tests", "docs", "noxfile.py")
+    session.run("ruff", "format", "--check", "safemerge", "tests", "docs", "noxfile.py")
 
 
 @nox.session(python="3.11")

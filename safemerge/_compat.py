@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import peft
@@ -69,11 +69,26 @@ def merged_module(wrapper: torch.nn.Module) -> torch.nn.Module:
 
 
 def _deepcopy(module: torch.nn.Module) -> Any:
-    # peft 0.18 keeps `trainable_tokens_original` as a non-leaf buffer (a clone of a weight that requires grad),
-    # which deepcopy refuses: give it a detached copy instead.
-    tensors = itertools.chain(module.parameters(), module.buffers())
-    memo = {id(t): t.detach().clone() for t in tensors if not t.is_leaf}
+    """deepcopy that gives every non-leaf tensor the module holds a detached copy (deepcopy refuses non-leaves).
+
+    peft 0.18 keeps `trainable_tokens_original` as a non-leaf buffer; peft 0.21 with `ensure_weight_tying` keeps
+    the embedding's LoRA factors, transposed (non-leaf views), in the tied head's `kwargs["tied_adapter"]`.
+    """
+    memo = {id(t): t.detach().clone() for t in _tensors_held(module) if not t.is_leaf}
     return copy.deepcopy(module, memo)
+
+
+def _tensors_held(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Every tensor the module tree holds: parameters, buffers, and plain attributes (in dicts, lists, tuples)."""
+    pending: list[Any] = [vars(m) for m in module.modules()]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            pending += [v for k, v in value.items() if k != "_modules"]
+        elif isinstance(value, list | tuple):
+            pending += value
 
 
 def declared_ties(model: Any) -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from safemerge import _compat, _load, _policy, _save, _verify
+from safemerge import _compat, _load, _policy, _save, _undo, _verify
 from safemerge._doctor import doctor
 from safemerge._report import MemberCheck, MergeReport, TieInspection, TiePolicy, Verification
 from safemerge._ties import (
@@ -67,14 +67,7 @@ def _analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> _An
     wrappers = [p.wrapper for group in storage_groups(base_parameters(root)) for p in group if p.wrapper is not None]
     probe = dict(probe_inputs) if probe_inputs is not None else _verify.make_probe(root, [])
     logits, called = _run(model, probe, wrappers)
-    try:
-        tied = find_tied_weights(root, called, declared, _compat.ties_kept_whatever_the_flag(root))
-    except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:
-        raise UnsupportedAdapterError(
-            f"PEFT cannot merge a layer that holds a tied weight ({type(exc).__name__}: {exc}), so no merged model "
-            "can stand for this adapter model. Fix: keep using it as an adapter, or retrain without adapting the "
-            "tied modules."
-        ) from exc
+    tied = find_tied_weights(root, called, declared, _compat.ties_kept_whatever_the_flag(root))
     if probe_inputs is None:
         changed_rows = _changed_rows(tied)
         if changed_rows:
@@ -145,7 +138,8 @@ def safe_merge(
     """Merge a PEFT adapter into its base model under an explicit tie policy, save atomically, and verify.
 
     Args:
-        model: a `peft.PeftModel`. It is merged in place (like `merge_and_unload()`); on a refusal it is untouched.
+        model: a `peft.PeftModel`. It is merged in place (like `merge_and_unload()`). On any error it is left
+            computing what it computed before: untouched on a refusal, restored after a failure later on.
         save_directory: where the merged model goes. Written into a temporary sibling and renamed into place.
         policy: "keep", "untie" or "refuse" (or a `TiePolicy`); see docs/how-to/choose-a-policy.md.
         verify: compare the merged and the reloaded model with the adapter model (weights and probe logits).
@@ -179,28 +173,21 @@ def safe_merge(
         )
     logger.info("merging under policy %r: %s", tie_policy.value, outcome.reason)
 
-    # From here on the model changes.
-    root = peft_model.get_base_model()
-    actions = _policy.unwrap_tied_members(root, analysis.tied)
-    merged = peft_model.merge_and_unload()
-    actions.append("merged the remaining adapter layers with peft's merge_and_unload()")
-    actions += _policy.write_tied_values(merged, analysis.tied)
-    # `rescaled`: members deliberately multiplied by a factor (see _compat.keep_output_scale_when_untied).
-    flag_actions, rescaled = _policy.untie_flags_if_needed(merged, analysis.declared)
-    actions += flag_actions
-
-    verification: Verification | None = None
-    if verify:
-        logger.info("checking the merged model in memory")
-        verification = _check_against_adapter(
-            merged, analysis, tolerance=logits_tolerance, scales=rescaled, rounding_slack=0.0
-        )
-        if not verification.ok:
-            report = _report(tie_policy, None, analysis, merged, actions, verification)
-            raise VerificationError(_failure_message(verification, saved_at=None), report=report)
-
-    staging = _save.staging_directory(target)
+    # From here on the model changes: any failure puts the user's PEFT model back as it was.
+    snapshot = _undo.take_snapshot(peft_model)
+    staging: Path | None = None
     try:
+        merged, actions, rescaled = _merge_under_policy(peft_model, analysis)
+        verification: Verification | None = None
+        if verify:
+            logger.info("checking the merged model in memory")
+            verification = _check_against_adapter(
+                merged, analysis, tolerance=logits_tolerance, scales=rescaled, rounding_slack=0.0
+            )
+            if not verification.ok:
+                report = _report(tie_policy, None, analysis, merged, actions, verification, restored=True)
+                raise VerificationError(_failure_message(verification, saved_at=None), report=report)
+        staging = _save.staging_directory(target)
         logger.info("saving to %s", staging)
         merged.save_pretrained(str(staging))
         if verification is not None:
@@ -208,14 +195,33 @@ def safe_merge(
             actions += _policy.retie_like(merged, retie)
             if not verification.ok:
                 failed = _save.quarantine(staging, target, list(verification.problems))
-                report = _report(tie_policy, str(failed), analysis, merged, actions, verification)
+                report = _report(tie_policy, str(failed), analysis, merged, actions, verification, restored=True)
                 raise VerificationError(_failure_message(verification, saved_at=failed), report=report)
         _save.commit(staging, target)
-    except BaseException:
-        _save.discard(staging)
+    except BaseException as exc:
+        if staging is not None:
+            _save.discard(staging)
+        problem = _undo.restore(snapshot)
+        if problem is not None:
+            _undo.say_first(exc, f"The PEFT model could not be restored and must not be used: {problem}.")
         raise
     actions.append(f"saved to {target}")
     return _report(tie_policy, str(target), analysis, merged, actions, verification)
+
+
+def _merge_under_policy(peft_model: Any, analysis: _Analysis) -> tuple[Any, list[str], dict[str, float]]:
+    """PEFT's merge of every layer that holds no tied weight, then the tied weights as the policy decided.
+
+    Returns the merged model, the actions, and {member: factor} for members deliberately multiplied by a factor
+    (see _compat.keep_output_scale_when_untied).
+    """
+    actions = _policy.unwrap_tied_members(peft_model.get_base_model(), analysis.tied)
+    merged = peft_model.merge_and_unload()
+    actions.append("merged the remaining adapter layers with peft's merge_and_unload()")
+    actions += _policy.write_tied_values(merged, analysis.tied)
+    actions += _policy.separate_adapter_ties(merged, analysis.tied)
+    flag_actions, rescaled = _policy.untie_flags_if_needed(merged, analysis.declared)
+    return merged, actions + flag_actions, rescaled
 
 
 def _report(
@@ -225,7 +231,10 @@ def _report(
     merged: Any,
     actions: list[str],
     verification: Verification | None,
+    *,
+    restored: bool = False,
 ) -> MergeReport:
+    """The report; with `restored` (a failed merge: the PEFT model is put back) it holds no model."""
     return MergeReport(
         policy=policy.value,
         save_directory=save_directory,
@@ -234,7 +243,7 @@ def _report(
         actions=tuple(actions),
         verification=verification,
         versions=_compat.versions(),
-        model=merged,
+        model=None if restored else merged,
     )
 
 
@@ -351,10 +360,10 @@ def _failure_message(verification: Verification, *, saved_at: Path | None) -> st
     )
     return (
         f"Verification failed: {shown}{more}. The merged model does not compute what the adapter model computes, "
-        f"so it must not be shipped.{where} Fix: if only the logits differ and the model is in bfloat16/float16, "
-        "merge in float32 (load with dtype=torch.float32; CLI: --dtype float32) or accept the rounding with "
-        "logits_tolerance= (CLI: --logits-tolerance); otherwise report it with the JSON report "
-        "(error.report.to_dict(); CLI: --report PATH)."
+        f"so it must not be shipped.{where} Your PEFT model was put back as it was. Fix: if only the logits "
+        "differ and the model is in bfloat16/float16, merge in float32 (load with dtype=torch.float32; CLI: "
+        "--dtype float32) or accept the rounding with logits_tolerance= (CLI: --logits-tolerance); otherwise "
+        "report it with the JSON report (error.report.to_dict(); CLI: --report PATH)."
     )
 
 

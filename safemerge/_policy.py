@@ -44,10 +44,10 @@ def _names(names: tuple[str, ...] | list[str]) -> str:
 def _changes(group: TieGroup) -> str:
     parts = []
     for m in group.members:
-        if m.changed:
+        if m.inert:
+            parts.append(f"{m.name}: {m.adapter}, never called by the forward, so it follows the other members")
+        elif m.changed:
             parts.append(f"{m.name}: {m.adapter}, changed by up to {m.max_abs_change:.3g}")
-        elif m.adapter and not m.used_in_forward:
-            parts.append(f"{m.name}: {m.adapter}, never called by the forward, so unchanged")
         else:
             parts.append(f"{m.name}: unchanged")
     return "; ".join(parts)
@@ -144,10 +144,10 @@ def unwrap_tied_members(root: torch.nn.Module, tied: TiedWeights) -> list[str]:
             actions += _keep_untied_changes(
                 bare, param.wrapper_path, tied.merged_params.get(id(param.wrapper)), tied_names
             )
-            if not member.used_in_forward:
+            if member.inert:
                 actions.append(
                     f"dropped {member.adapter} on {param.wrapper_path}: the adapter model's forward never calls it, "
-                    "so it changes nothing there, but merged it would change every alias of the shared tensor"
+                    "so it changes nothing; merged, it would change every alias of the shared tensor"
                 )
     return actions
 
@@ -159,14 +159,13 @@ def _keep_untied_changes(
     if merged is None:  # a wrapper the forward never calls changes nothing
         return []
     changed = []
-    with torch.no_grad():
-        for name, param in bare.named_parameters(remove_duplicate=False):
-            full = f"{path}.{name}" if path else name
-            value = merged.get(name)
-            if full in tied_names or value is None or value.shape != param.shape or torch.equal(value, param):
-                continue
-            param.copy_(value)
-            changed.append(full)
+    for name, param in bare.named_parameters(remove_duplicate=False):
+        full = f"{path}.{name}" if path else name
+        value = merged.get(name)
+        if full in tied_names or value is None or value.shape != param.shape or torch.equal(value, param):
+            continue
+        _set_parameter(bare, name, value)
+        changed.append(full)
     return [f"merged the adapter's change to {', '.join(changed)} (not tied)"] if changed else []
 
 
@@ -176,7 +175,10 @@ def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) ->
 
 
 def write_tied_values(merged: torch.nn.Module, tied: TiedWeights) -> list[str]:
-    """Give every tied member its effective weight: once into the shared tensor, or into tensors of their own."""
+    """Give every tied member its effective weight: once for the whole group, or a tensor of its own each.
+
+    Tied tensors get new parameters rather than being written in place, so a failed merge can put the originals back.
+    """
     actions = []
     for group in tied.groups:
         if group.uniform and not group.changed:
@@ -184,16 +186,36 @@ def write_tied_values(merged: torch.nn.Module, tied: TiedWeights) -> list[str]:
         names = list(group.names)
         if group.uniform:
             source = next(m.name for m in group.members if m.changed)
-            _parameter(merged, names[0]).data.copy_(tied.effective[source])
+            shared = torch.nn.Parameter(tied.effective[source], requires_grad=False)
+            for name in names:
+                _set_parameter(merged, name, shared)
             actions.append(
                 f"applied the shared change once to [{_names(names)}] (max |change| "
                 f"{max(m.max_abs_change for m in group.members):.3g}); they stay one tensor"
             )
             continue
-        # New tensors for all members but the first, before the first's (shared) tensor is overwritten.
-        _give_own_tensors(merged, names, tied.effective)
-        _parameter(merged, names[0]).data.copy_(tied.effective[names[0]])
+        _give_own_tensors(merged, names, tied.effective, first_too=True)
         actions.append(f"untied [{_names(names)}]: each member now has its own tensor with its effective weight")
+    return actions
+
+
+def separate_adapter_ties(merged: torch.nn.Module, tied: TiedWeights) -> list[str]:
+    """Give separate tensors to members that share one only because the adapter made them (not tied in the base).
+
+    peft 0.18's ensure_weight_tying on an untied base hands lm_head the embedding's modules_to_save copy; saved with
+    tie_word_embeddings=False, that one tensor is written once and the other key loads randomly initialised.
+    """
+    tied_in_base = [set(group.names) for group in tied.groups]
+    actions = []
+    for group in storage_groups(base_parameters(merged)):
+        names = [p.name for p in group]
+        if any(set(names) <= base_group for base_group in tied_in_base):
+            continue
+        _give_own_tensors(merged, names, {p.name: p.tensor for p in group})
+        actions.append(
+            f"gave [{_names(names)}] separate copies of one value: the adapter made them share one tensor, but the "
+            "base model keeps them separate"
+        )
     return actions
 
 
@@ -254,21 +276,31 @@ def _separate_declared_groups(merged: Any, declared: dict[str, str]) -> list[str
     return actions
 
 
-def _give_own_tensors(root: torch.nn.Module, names: list[str], values: Mapping[str, torch.Tensor]) -> None:
-    """Give every member after the first a new tensor holding a copy of its value.
+def _give_own_tensors(
+    root: torch.nn.Module, names: list[str], values: Mapping[str, torch.Tensor], *, first_too: bool = False
+) -> None:
+    """Give every member after the first (every member, with `first_too`) a new tensor holding a copy of its value.
 
     Members held by one module object as an earlier member (transformers 4's T5 embeddings) cannot get a tensor
     of their own: they share that module's.
     """
-    owners = {id(_module_of(root, names[0]))}
-    for name in names[1:]:
+    owners = set() if first_too else {id(_module_of(root, names[0]))}
+    for name in names if first_too else names[1:]:
         module = _module_of(root, name)
         if id(module) in owners:
             continue
         owners.add(id(module))
-        attr = name.rpartition(".")[2]
-        old = getattr(module, attr)
-        setattr(module, attr, torch.nn.Parameter(values[name].detach().clone(), requires_grad=old.requires_grad))
+        _set_parameter(root, name, values[name].detach().clone())
+
+
+def _set_parameter(root: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put a new parameter holding `value` (shared, not copied) at `name`, keeping the old one's requires_grad."""
+    module = _module_of(root, name)
+    attr = name.rpartition(".")[2]
+    old = getattr(module, attr)
+    new = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value.detach(), requires_grad=False)
+    new.requires_grad_(old.requires_grad)
+    setattr(module, attr, new)
 
 
 def retie_like(merged: torch.nn.Module, groups: tuple[tuple[str, ...], ...]) -> list[str]:

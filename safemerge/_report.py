@@ -35,6 +35,11 @@ class TieMember:
     #: Whether the effective weight differs from the base weight at all.
     changed: bool
 
+    @property
+    def inert(self) -> bool:
+        """A PEFT layer the forward never calls: nothing reads this member, so it follows the other members."""
+        return bool(self.adapter) and not self.used_in_forward
+
 
 @dataclass(frozen=True)
 class TieGroup:
@@ -216,6 +221,8 @@ def _jsonable(value: Any) -> Any:
 def _properties(value: Any) -> dict[str, Any]:
     if isinstance(value, TieGroup):
         return {"names": list(value.names), "changed": value.changed}
+    if isinstance(value, TieMember):
+        return {"inert": value.inert}
     if isinstance(value, Verification):
         return {"ok": value.ok}
     return {}

@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 from safemerge import _compat
 from safemerge._report import TieGroup, TieMember
+from safemerge.errors import UnsupportedAdapterError
 
 
 @dataclass
@@ -185,42 +186,36 @@ def find_tied_weights(
 ) -> TiedWeights:
     """Tie groups of `root` (a PEFT model's base model) and each member's effective weight.
 
-    `called` holds the ids of the PEFT wrappers that the adapter model's forward called: a wrapper the forward never
-    calls (T5's `shared`) changes nothing, so its member's effective weight is the base weight.
+    `called` holds the ids of the PEFT wrappers that the adapter model's forward called. A wrapper the forward never
+    calls (T5's `shared`) makes its member inert: nothing reads it, so it takes the weight the other members agree
+    on (the base weight when they disagree).
     """
     groups, params, effective = [], [], {}
     merged_cache: dict[int, dict[str, torch.Tensor]] = {}
     for group in storage_groups(base_parameters(root)):
         base = group[0].tensor.detach()
-        # The base weight is overwritten in place by a merge: keep a copy where a member will change it.
-        base_copy: torch.Tensor | None = None
-        members, values = [], []
-        for p in group:
-            value = base
-            if p.wrapper is not None and id(p.wrapper) in called:
-                if id(p.wrapper) not in merged_cache:
-                    merged = _compat.merged_module(p.wrapper)
-                    merged_cache[id(p.wrapper)] = dict(merged.named_parameters(remove_duplicate=False))
-                value = merged_cache[id(p.wrapper)][p.name_in_wrapper].detach()
-            change = max_abs_diff(value, base)
-            # Exact: an unchanged member is the base tensor itself; any real delta, however small, counts.
-            changed = change > 0
-            members.append(
-                TieMember(
-                    name=p.name,
-                    adapter=describe_wrapper(p.wrapper),
-                    used_in_forward=p.wrapper is not None and id(p.wrapper) in called,
-                    max_abs_change=change,
-                    changed=changed,
-                )
-            )
-            values.append(value if changed else None)
-        if any(v is not None for v in values):
-            base_copy = base.clone()
+        inert = [p.wrapper is not None and id(p.wrapper) not in called for p in group]
+        # None: the member's weight is the base weight.
+        values = [None if dead else _adapted_value(p, base, merged_cache) for p, dead in zip(group, inert, strict=True)]
+        live = [v for v, dead in zip(values, inert, strict=True) if not dead]
+        uniform = _spread([base if v is None else v for v in live] or [base]) <= same_weight_tolerance(base)
+        shared = next((v for v in live if v is not None), None)
+        if uniform and shared is not None:
+            values = [shared if dead else v for v, dead in zip(values, inert, strict=True)]
+        # The base weight is overwritten in place by a merge: members that keep it get a copy where others change.
+        base_value = base.clone() if any(v is not None for v in values) else base
         for p, v in zip(group, values, strict=True):
-            effective[p.name] = v if v is not None else (base_copy if base_copy is not None else base)
-        first = effective[group[0].name]
-        spread = max(max_abs_diff(effective[p.name], first) for p in group)
+            effective[p.name] = base_value if v is None else v
+        members = [
+            TieMember(
+                name=p.name,
+                adapter=describe_wrapper(p.wrapper),
+                used_in_forward=p.wrapper is not None and not dead,
+                max_abs_change=0.0 if v is None else max_abs_diff(v, base),
+                changed=v is not None,
+            )
+            for p, v, dead in zip(group, values, inert, strict=True)
+        ]
         names = [p.name for p in group]
         inseparable = _inseparable_clusters(group, kept_tied)
         groups.append(
@@ -229,11 +224,40 @@ def find_tied_weights(
                 shape=tuple(base.shape),
                 dtype=str(base.dtype).removeprefix("torch."),
                 declared=declares_tie(declared, names),
-                max_abs_spread=spread,
-                uniform=spread <= same_weight_tolerance(first),
+                max_abs_spread=_spread([effective[n] for n in names]),
+                uniform=uniform,
                 inseparable=inseparable,
                 separable=all(_same(effective, cluster) for cluster in inseparable),
             )
         )
         params.append(tuple(group))
     return TiedWeights(tuple(groups), tuple(params), effective, merged_cache)
+
+
+def _adapted_value(
+    p: BaseParameter, base: torch.Tensor, cache: dict[int, dict[str, torch.Tensor]]
+) -> torch.Tensor | None:
+    """The member's weight after PEFT's own merge of a copy of its layer; None where that is the base weight."""
+    if p.wrapper is None:
+        return None
+    if id(p.wrapper) not in cache:
+        try:
+            merged = _compat.merged_module(p.wrapper)
+        except Exception as exc:
+            raise UnsupportedAdapterError(
+                f"safemerge could not work out the merged weight of {p.name}: merging a copy of the PEFT layer on "
+                f"{p.wrapper_path or 'the model'} ({describe_wrapper(p.wrapper)}) raised {type(exc).__name__}: "
+                f"{str(exc).rstrip('.')}. That weight is tied to others, and without it safemerge cannot tell what "
+                "the merged model must hold, so nothing was merged or changed. Fix: keep using the adapter unmerged "
+                "(PeftModel.from_pretrained), or retrain without the setting the reason names; if the reason looks "
+                "like a safemerge bug, report it with the versions in use."
+            ) from exc
+        cache[id(p.wrapper)] = dict(merged.named_parameters(remove_duplicate=False))
+    value = cache[id(p.wrapper)][p.name_in_wrapper].detach()
+    # Exact: any real delta, however small, counts as a change.
+    return None if torch.equal(value, base) else value
+
+
+def _spread(values: Sequence[torch.Tensor]) -> float:
+    """max |value - first value|."""
+    return max(max_abs_diff(v, values[0]) for v in values)

@@ -72,7 +72,8 @@ class TiedWeightsError(SafeMergeError):
 
 
 class UnsupportedAdapterError(SafeMergeError):
-    """The adapter model cannot be represented by a merged model, so it is not merged.
+    """The adapter model cannot be represented by a merged model, or safemerge cannot tell what the merged model
+    must hold; nothing was merged or changed.
 
     Example message::
 
@@ -94,8 +95,9 @@ class OutputExistsError(SafeMergeError, FileExistsError):
 class VerificationError(SafeMergeError):
     """The merged or reloaded model does not compute what the adapter model computed.
 
-    `report` holds every figure; `report.model` is the merged model. The saved files, if any, were moved to a
-    sibling directory whose name ends in `.failed-<random>` and which holds SAFEMERGE_VERIFICATION_FAILED.txt.
+    `report` holds every figure (`report.model` is None: the PEFT model was restored and computes what it did).
+    The saved files, if any, were moved to a sibling directory whose name ends in `.failed-<random>` and which
+    holds SAFEMERGE_VERIFICATION_FAILED.txt.
 
     Example message::
 

@@ -1,22 +1,26 @@
-"""Assertions for your own pytest suite: is a saved model what you have in memory?
+"""Assertions for your own pytest suite: does a merged model compute what the adapter model computes?
 
-Example::
+Example (docs/how-to/test_merged_model.py runs the whole file)::
 
-    from safemerge.testing import assert_reload_identical
+    from safemerge.testing import assert_merge_faithful, assert_reload_identical
 
-    def test_merged_model_reloads(tmp_path):
-        report = safemerge.safe_merge(peft_model, tmp_path / "merged", policy="untie")
+    def test_merged_model(tmp_path):
+        report = safemerge.safe_merge(load_adapter_model(), tmp_path / "merged", policy="untie")
         assert_reload_identical(tmp_path / "merged", report.model)
+        assert_merge_faithful(tmp_path / "merged", load_adapter_model())
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from safemerge import _verify
 
-__all__ = ["assert_reload_identical"]
+__all__ = ["assert_merge_faithful", "assert_reload_identical"]
 
 _MAX_LISTED = 20
 
@@ -38,4 +42,36 @@ def assert_reload_identical(save_directory: str | os.PathLike[str], model: Any) 
         raise AssertionError(
             f"{save_directory} does not reload to the model in memory ({len(problems)} difference(s) over "
             f"{compared} tensors compared):\n  " + "\n  ".join(shown + more)
+        )
+
+
+def assert_merge_faithful(
+    merged: str | os.PathLike[str] | torch.nn.Module,
+    adapter_model: Any,
+    *,
+    logits_tolerance: float | None = None,
+    probe_inputs: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Assert that `merged` (a directory, loaded with transformers' own loader, or a model) computes what
+    `adapter_model` (the `peft.PeftModel` it was merged from) computes.
+
+    Checks what `safemerge verify` checks: the weight of every tied member (embedding, output head) against the
+    weight the adapter model uses for it, and logits on a probe batch within a tolerance set by the dtype. A merge
+    made by any tool can be checked; `adapter_model` is only read.
+
+    Raises:
+        AssertionError: listing every difference, with the figures.
+    """
+    __tracebackhide__ = True
+    from safemerge._merge import verify_merged
+
+    verification = verify_merged(merged, adapter_model, logits_tolerance=logits_tolerance, probe_inputs=probe_inputs)
+    if not verification.ok:
+        shown = list(verification.problems[:_MAX_LISTED])
+        if len(verification.problems) > _MAX_LISTED:
+            shown.append(f"... and {len(verification.problems) - _MAX_LISTED} more")
+        raise AssertionError(
+            f"{merged if not isinstance(merged, torch.nn.Module) else type(merged).__name__} does not compute what "
+            f"the adapter model computes (max |logits difference| {verification.max_abs_logits_diff_merged:.4g}, "
+            f"tolerance {verification.logits_tolerance:.3g}):\n  " + "\n  ".join(shown)
         )

@@ -172,7 +172,13 @@ ADAPTERS: dict[str, Callable[[Arch], Any]] = {
     "save-embed": lambda a: _lora(a, list(a.attention), modules_to_save=[a.embed]),
     "save-head": lambda a: _lora(a, list(a.attention), modules_to_save=[a.head]),
     "save-both": lambda a: _lora(a, list(a.attention), modules_to_save=[a.embed, a.head]),
+    "save-embed-ensure-tying": lambda a: _lora(
+        a, list(a.attention), modules_to_save=[a.embed], ensure_weight_tying=True
+    ),
     "trainable-token-indices": lambda a: _lora(a, list(a.attention), trainable_token_indices=TOKENS),
+    "trainable-token-indices-ensure-tying": lambda a: _lora(
+        a, list(a.attention), trainable_token_indices=TOKENS, ensure_weight_tying=True
+    ),
     "trainable-tokens": lambda a: peft.TrainableTokensConfig(target_modules=[a.embed], token_indices=TOKENS),
 }
 
@@ -200,6 +206,18 @@ def perturb(model: Any, seed: int = 1) -> None:
                 param.add_(0.05 * noise.to(param.dtype))
 
 
+def trained(arch: Arch, base_dir: Path, kind: str) -> Any:
+    """The PEFT model right after training: built on a freshly loaded base, every trainable tensor changed."""
+    model = peft.get_peft_model(load_base(arch, base_dir), ADAPTERS[kind](arch))
+    perturb(model)
+    return model.train()
+
+
+def save_adapter(arch: Arch, base_dir: Path, kind: str, adapter_dir: Path) -> Path:
+    trained(arch, base_dir, kind).save_pretrained(adapter_dir)
+    return adapter_dir
+
+
 def adapter_model(arch: Arch, base_dir: Path, kind: str, adapter_dir: Path) -> Any:
     """A PEFT model as a user has it after training: adapter saved, then loaded onto a freshly loaded base.
 
@@ -210,15 +228,12 @@ def adapter_model(arch: Arch, base_dir: Path, kind: str, adapter_dir: Path) -> A
 
 def trained_and_reloaded(arch: Arch, base_dir: Path, kind: str, adapter_dir: Path) -> tuple[Any, Any]:
     """The adapter model as trained (in memory), and as PEFT loads it back from `adapter_dir`."""
-    base = load_base(arch, base_dir)
     try:
-        config = ADAPTERS[kind](arch)
-        trained = peft.get_peft_model(base, config)
-    except (ValueError, TypeError) as exc:  # e.g. an option this peft lacks, or targets it cannot find
+        model = trained(arch, base_dir, kind)
+    except (ValueError, TypeError, AttributeError) as exc:  # an option this peft lacks, targets it cannot find
         pytest.skip(f"peft {peft.__version__} cannot build {kind} on {arch.name}: {exc}")
-    perturb(trained)
-    trained.save_pretrained(adapter_dir)
-    return trained.eval(), peft.PeftModel.from_pretrained(load_base(arch, base_dir), adapter_dir).eval()
+    model.save_pretrained(adapter_dir)
+    return model.eval(), peft.PeftModel.from_pretrained(load_base(arch, base_dir), adapter_dir).eval()
 
 
 def lora_tied_by_peft(model: Any) -> bool:
@@ -229,11 +244,16 @@ def lora_tied_by_peft(model: Any) -> bool:
 
 
 def logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits in eval mode (no dropout); a model in train mode is put back in train mode."""
     kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids}
     if getattr(model.config, "is_encoder_decoder", False):
         kwargs["decoder_input_ids"] = input_ids
-    with torch.no_grad():
-        return model(**kwargs).logits.float()
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            return model.eval()(**kwargs).logits.float()
+    finally:
+        model.train(was_training)
 
 
 def sample_ids() -> torch.Tensor:

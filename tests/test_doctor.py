@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import safemerge
+from safemerge import _compat
 from safemerge.cli import main
 from tests.models import (
     ADAPTERS,
@@ -73,8 +74,14 @@ def test_correct_adapters_are_clean(base_dirs: dict[str, Path], tmp_path: Path, 
     not inject: there the doctor must say so.
     """
     trained, reloaded = trained_and_reloaded(ARCHS[arch], base_dirs[arch], kind, tmp_path / "adapter")
-    faithful = torch.allclose(logits(trained, sample_ids()), logits(reloaded, sample_ids()), rtol=0, atol=1e-5)
     report = safemerge.doctor(str(base_dirs[arch]), str(tmp_path / "adapter"))
+    if kind == "save-embed-ensure-tying" and arch in ("t5", "bart") and _compat.TRANSFORMERS_MAJOR >= 5:
+        # peft 0.21 builds a model whose forward fails, and saves the embeddings as plain base-model keys.
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            logits(trained, sample_ids())
+        assert codes(report, "error", "silent") == {"base-weights-in-adapter"}
+        return
+    faithful = torch.allclose(logits(trained, sample_ids()), logits(reloaded, sample_ids()), rtol=0, atol=1e-5)
     if faithful:
         assert codes(report, "error", "silent", "warning") == set(), [str(f) for f in report.findings]
         assert report.ok

@@ -3,45 +3,232 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import peft
 import pytest
 import torch
 
 import safemerge
+from safemerge import _compat
 from safemerge.testing import assert_reload_identical
-from tests.models import ADAPTERS, ARCHS, adapter_model, load_base, logits, lora_tied_by_peft, sample_ids
+from tests.models import ADAPTERS, ARCHS, load_base, logits, lora_tied_by_peft, sample_ids
+
+STACK = "transformers4" if _compat.TRANSFORMERS_MAJOR < 5 else "transformers5"
+POLICIES = ("keep", "untie", "refuse")
+VARIANTS = ("in-memory", "reloaded")
+
+#: What (keep, untie, refuse) do, by what the adapter model does to tied weights: README's policy table.
+MERGES = {
+    "alone": (True, True, True),  # the adapter leaves tied weights alone, or the base ties nothing
+    "together": (True, True, False),  # tied members change identically (inert members follow them)
+    "apart": (False, True, False),  # tied members change differently
+    "inseparable": (False, False, False),  # apart, and they load as one tensor whatever is saved (transformers 4)
+}
+#: Not merge outcomes: "unbuildable": PEFT's get_peft_model raises (the regex below is PEFT's message);
+#: "unrunnable": PEFT builds a model whose forward fails, so safe_merge raises UnsupportedAdapterError.
+
+#: The category of each adapter kind on a tied base, on both stacks, in memory and reloaded ...
+ON_TIED_BASE = {
+    "lora-attention": "alone",
+    "lora-embed": "apart",
+    "lora-head": "apart",
+    "lora-both": "apart",
+    "lora-both-ensure-tying": "together",
+    "dora-head": "apart",
+    "save-embed": "apart",
+    "save-head": "apart",
+    "save-both": "apart",
+    "save-embed-ensure-tying": "together",
+    "trainable-token-indices": "together",
+    "trainable-token-indices-ensure-tying": "together",
+    "trainable-tokens": "together",
+}
+
+#: ... except these rows: (stack, arch, kind, variant, category, why); "*" matches any; the first match wins.
+EXCEPTIONS = [
+    # PEFT's ensure_weight_tying knows the names embed_tokens / lm_head (and ties LoRA only from peft 0.21).
+    ("*", "gpt2", "save-embed-ensure-tying", "*", "apart", "PEFT does not tie wte's copy to lm_head"),
+    ("*", "bert", "lora-both-ensure-tying", "*", "apart", "PEFT does not know BERT's tied names"),
+    ("*", "bert", "save-embed-ensure-tying", "*", "apart", "PEFT does not know BERT's tied names"),
+    ("*", "distilbert", "lora-both-ensure-tying", "*", "apart", "PEFT does not know DistilBERT's tied names"),
+    ("*", "distilbert", "save-embed-ensure-tying", "*", "apart", "PEFT does not know DistilBERT's tied names"),
+    ("transformers5", "gpt2", "lora-both-ensure-tying", "reloaded", "apart", "PEFT's reload skips lm_head's LoRA"),
+    # T5 / BART: `shared` is never called; encoder and decoder embed_tokens get LoRAs of their own.
+    ("transformers5", "t5", "lora-both-ensure-tying", "in-memory", "apart", "encoder/decoder LoRAs differ"),
+    ("transformers5", "t5", "lora-both-ensure-tying", "reloaded", "alone", "PEFT's reload ignores the weights"),
+    ("transformers5", "bart", "lora-both-ensure-tying", "in-memory", "apart", "encoder/decoder LoRAs differ"),
+    ("transformers5", "bart", "lora-both-ensure-tying", "reloaded", "alone", "PEFT's reload ignores the weights"),
+    ("transformers5", "t5", "save-embed-ensure-tying", "in-memory", "unrunnable", "PEFT's model fails"),
+    ("transformers5", "t5", "save-embed-ensure-tying", "reloaded", "alone", "PEFT's reload ignores the weights"),
+    ("transformers5", "bart", "save-embed-ensure-tying", "in-memory", "unrunnable", "PEFT's model fails"),
+    ("transformers5", "bart", "save-embed-ensure-tying", "reloaded", "alone", "PEFT's reload ignores the weights"),
+    # transformers 4 ties these again on every load, whatever the flag.
+    ("transformers4", "t5", "save-embed", "*", "inseparable", "encoder/decoder embed_tokens are `shared`"),
+    ("transformers4", "t5", "save-both", "*", "inseparable", "encoder/decoder embed_tokens are `shared`"),
+    ("transformers4", "bart", "lora-embed", "*", "inseparable", "BART's embeddings are re-tied on load"),
+    ("transformers4", "bart", "lora-both", "*", "inseparable", "BART's embeddings are re-tied on load"),
+    ("transformers4", "bart", "lora-both-ensure-tying", "*", "inseparable", "BART's embeddings are re-tied"),
+    ("transformers4", "bart", "save-embed", "*", "inseparable", "BART's embeddings are re-tied on load"),
+    ("transformers4", "bart", "save-both", "*", "inseparable", "BART's embeddings are re-tied on load"),
+    ("transformers4", "bart", "trainable-tokens", "*", "inseparable", "BART's embeddings are re-tied on load"),
+    ("transformers4", "bert", "save-head", "*", "inseparable", "BERT's decoder bias is re-tied on load"),
+    ("transformers4", "bert", "save-both", "*", "inseparable", "BERT's decoder bias is re-tied on load"),
+    # transformers 4's T5 embeddings are the `shared` module, which PEFT does not find by these names.
+    ("transformers4", "t5", "lora-embed", "*", "unbuildable", r"Target modules \{'embed_tokens'\} not found"),
+    ("transformers4", "t5", "trainable-tokens", "*", "unbuildable", r"Target modules \['embed_tokens'\] not found"),
+    ("transformers4", "t5", "save-embed-ensure-tying", "*", "unbuildable", "has no attribute 'modules_to_save'"),
+    ("transformers4", "bart", "save-embed-ensure-tying", "*", "unbuildable", "has no attribute 'modules_to_save'"),
+    ("transformers4", "*", "lora-both-ensure-tying", "*", "apart", "peft 0.18 trains two independent LoRAs"),
+    ("*", "t5", "trainable-tokens", "*", "apart", "encoder and decoder get separate deltas"),
+    ("*", "bart", "trainable-tokens", "*", "apart", "encoder and decoder get separate deltas"),
+]
+
+
+def expected(arch: str, kind: str, variant: str) -> tuple[str, str]:
+    """(category, why) of one case on this stack."""
+    if not ARCHS[arch].tied:
+        return "alone", "the base ties nothing"
+    for stack, e_arch, e_kind, e_variant, category, why in EXCEPTIONS:
+        if e_kind == kind and all(
+            pattern in ("*", value) for pattern, value in ((stack, STACK), (e_arch, arch), (e_variant, variant))
+        ):
+            return category, why
+    return ON_TIED_BASE[kind], ""
+
+
+def test_every_exception_names_a_case() -> None:
+    assert all(arch in (*ARCHS, "*") and kind in ADAPTERS for _, arch, kind, *_ in EXCEPTIONS)
+    assert set(ON_TIED_BASE) == set(ADAPTERS)
+
 
 CASES = [(arch, kind) for arch in ARCHS for kind in ADAPTERS]
 
 
-@pytest.fixture
-def make_adapter_model(base_dirs: dict[str, Path], tmp_path: Path):  # type: ignore[no-untyped-def]
-    def make(arch: str, kind: str):  # type: ignore[no-untyped-def]
-        return adapter_model(ARCHS[arch], base_dirs[arch], kind, tmp_path / f"adapter-{arch}-{kind}")
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The matrix's rows: every row in memory; reloaded too with --full-matrix, else where the outcome differs."""
+    if metafunc.definition.name == "test_merge_matrix":
+        full = metafunc.config.getoption("--full-matrix")
+        rows = [
+            (arch, kind, variant)
+            for arch, kind in CASES
+            for variant in VARIANTS
+            if full or variant == "in-memory" or expected(arch, kind, variant) != expected(arch, kind, "in-memory")
+        ]
+        metafunc.parametrize(("arch", "kind", "variant"), rows)
 
-    return make
 
-
-@pytest.mark.parametrize("policy", ["keep", "untie", "refuse"])
-@pytest.mark.parametrize(("arch", "kind"), CASES)
-def test_refused_untouched_or_reloads_faithfully(make_adapter_model, tmp_path: Path, arch: str, kind: str, policy: str):  # type: ignore[no-untyped-def]
-    model = make_adapter_model(arch, kind)
-    ids = sample_ids()
-    expected = logits(model, ids)
-    out = tmp_path / "merged"
-    try:
-        report = safemerge.safe_merge(model, out, policy=policy)
-    except safemerge.TiedWeightsError as error:
-        assert not out.exists(), "a refused merge must not create save_directory"
-        assert torch.equal(logits(model, ids), expected), "a refused merge must leave the PEFT model as it was"
-        assert "Fix:" in str(error) and "Nothing was changed" in str(error)
-        assert ARCHS[arch].tied, "an untied model has nothing to refuse"
+@pytest.mark.parametrize("policy", POLICIES)
+def test_merge_matrix(build, tmp_path: Path, arch: str, kind: str, variant: str, policy: str):  # type: ignore[no-untyped-def]
+    """Each case merges faithfully or refuses, exactly as the table says; a refusal changes nothing."""
+    category, why = expected(arch, kind, variant)
+    if category == "unbuildable":
+        with pytest.raises((ValueError, AttributeError), match=why):
+            build(arch, kind, variant)
         return
-    assert report.ok and report.verified
-    assert report.policy == policy
-    reloaded = load_base(ARCHS[arch], out)
-    torch.testing.assert_close(logits(reloaded, ids), expected, rtol=0, atol=1e-5)
-    assert_reload_identical(out, report.model)
+    model = build(arch, kind, variant)
+    out = tmp_path / "merged"
+    if category == "unrunnable":
+        with pytest.raises(safemerge.UnsupportedAdapterError, match=r"failed on safemerge's probe batch.*Fix:"):
+            safemerge.safe_merge(model, out, policy=policy)
+        assert not out.exists()
+        return
+    ids = sample_ids()
+    before = logits(model, ids)
+    if not MERGES[category][POLICIES.index(policy)]:
+        with pytest.raises(
+            safemerge.TiedWeightsError, match=r"does not merge this model: .* Fix: .* Nothing was changed"
+        ):
+            safemerge.safe_merge(model, out, policy=policy)
+        assert not out.exists(), "a refused merge must not create save_directory"
+        assert torch.equal(logits(model, ids), before), "a refused merge must leave the PEFT model as it was"
+        return
+    report = safemerge.safe_merge(model, out, policy=policy)
+    assert report.ok and report.verified and report.policy == policy
+    torch.testing.assert_close(logits(load_base(ARCHS[arch], out), ids), before, rtol=0, atol=1e-5)
+    if category in ("alone", "together"):  # "merges; ties kept"
+        kept = {frozenset(names) for names in report.groups_after}
+        assert all(frozenset(group.names) in kept for group in report.groups_before)
+
+
+@pytest.mark.parametrize(("arch", "kind"), [case for case in CASES if expected(*case, "in-memory")[0] in MERGES])
+def test_inspect_agrees_with_the_table(build, arch: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+    category, _ = expected(arch, kind, "in-memory")
+    inspection = safemerge.inspect_ties(build(arch, kind, "in-memory"))
+    assert tuple(inspection.outcome(p).merges for p in POLICIES) == MERGES[category]
+
+
+#: Cases whose merge changes the model in every way a restore must undo: tied values, own tensors, PEFT layers,
+#: flags, trainable-token rows, and ties the adapter made in an untied base.
+RESTORED = [
+    ("llama", "lora-both-ensure-tying", "untie"),
+    ("llama", "save-embed-ensure-tying", "keep"),
+    ("llama", "save-both", "untie"),
+    ("gpt2", "lora-head", "untie"),
+    ("t5", "trainable-token-indices", "keep"),
+    ("gemma3", "lora-embed", "untie"),
+    ("llama-untied", "save-embed-ensure-tying", "keep"),
+]
+
+
+def _layers(model: Any) -> list[tuple[str, type]]:
+    return [(name, type(module)) for name, module in model.named_modules()]
+
+
+def _interrupt_once_merged(model: Any) -> None:
+    """Ctrl-C in the first forward after PEFT's layers are gone: during the check of the merged model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    root = model.get_base_model()
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        if not any(isinstance(m, BaseTunerLayer) for m in root.modules()):
+            raise KeyboardInterrupt
+
+    root.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("fault", ["verification", "interrupt"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("arch", "kind", "policy"), RESTORED)
+def test_a_failed_merge_leaves_the_peft_model_as_it_was(build, tmp_path: Path, arch, kind, policy, variant, fault):  # type: ignore[no-untyped-def]
+    model = build(arch, kind, variant)
+    ids = sample_ids()
+    before, layers = logits(model, ids), _layers(model)
+    out = tmp_path / "merged"
+    if fault == "verification":  # no merge is exact to 1e-30: the check of the merged model fails
+        with pytest.raises(
+            safemerge.VerificationError, match=r"logits differ .* Nothing was saved\. Your PEFT model was put back"
+        ) as info:
+            safemerge.safe_merge(model, out, policy=policy, logits_tolerance=1e-30)
+        assert info.value.report.model is None
+    else:
+        _interrupt_once_merged(model)
+        with pytest.raises(KeyboardInterrupt):
+            safemerge.safe_merge(model, out, policy=policy)
+        model.get_base_model()._forward_hooks.clear()
+    assert _layers(model) == layers, "PEFT's layers must be back in place"
+    # PEFT's unmerge restores LoRA weights up to float rounding (W + dW - dW); tied weights come back exactly.
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no output and no temporary directory may remain"
+    report = safemerge.safe_merge(model, out, policy=policy)
+    torch.testing.assert_close(logits(load_base(ARCHS[arch], out), ids), before, rtol=0, atol=1e-5)
+    assert report.ok
+
+
+def test_a_tied_layer_that_cannot_be_merged_is_named(base_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """PEFT cannot merge LoRA with lora_bias=True into a layer without a bias: refused before anything changes."""
+    model = peft.get_peft_model(
+        load_base(ARCHS["llama"], base_dirs["llama"]), peft.LoraConfig(r=4, target_modules=["lm_head"], lora_bias=True)
+    )
+    before = logits(model, sample_ids())
+    with pytest.raises(
+        safemerge.UnsupportedAdapterError,
+        match=r"merged weight of lm_head\.weight: merging a copy of the PEFT layer on lm_head \(lora\.Linear\) "
+        r"raised .*lora_bias=True.* nothing was merged or changed\. Fix: keep using the adapter unmerged",
+    ):
+        safemerge.safe_merge(model, tmp_path / "m", policy="untie")
+    assert torch.equal(logits(model, sample_ids()), before) and not (tmp_path / "m").exists()
 
 
 def tied_lora_model(make_adapter_model):  # type: ignore[no-untyped-def]
@@ -49,39 +236,6 @@ def tied_lora_model(make_adapter_model):  # type: ignore[no-untyped-def]
     if not lora_tied_by_peft(model):
         pytest.skip("this peft does not tie the LoRA of embed_tokens and lm_head; the matrix covers it")
     return model
-
-
-# What each policy must do on a tied Llama, where the answer is known.
-EXPECTED_LLAMA = {
-    # kind: (keep merges, untie unties, refuse merges)
-    "lora-attention": (True, False, True),
-    "lora-embed": (False, True, False),
-    "lora-head": (False, True, False),
-    "lora-both": (False, True, False),
-    "lora-both-ensure-tying": (True, False, False),
-    "dora-head": (False, True, False),
-    "save-embed": (False, True, False),
-    "save-head": (False, True, False),
-    "save-both": (False, True, False),
-    "trainable-token-indices": (True, False, False),
-    "trainable-tokens": (True, False, False),
-}
-
-
-@pytest.mark.parametrize("kind", sorted(EXPECTED_LLAMA))
-def test_policy_decisions_on_tied_llama(make_adapter_model, kind: str):  # type: ignore[no-untyped-def]
-    keep, untie_splits, refuse = EXPECTED_LLAMA[kind]
-    model = make_adapter_model("llama", kind)
-    if kind == "lora-both-ensure-tying" and not lora_tied_by_peft(model):
-        keep, untie_splits = False, True  # peft < 0.21 keeps two independent LoRAs: the members differ
-    inspection = safemerge.inspect_ties(model)
-    (group,) = inspection.groups
-    assert set(group.names) == {"model.embed_tokens.weight", "lm_head.weight"}
-    assert group.declared
-    assert inspection.outcome("keep").merges is keep
-    assert inspection.outcome("refuse").merges is refuse
-    assert inspection.outcome("untie").merges
-    assert ("own tensor" in inspection.outcome("untie").reason) is untie_splits
 
 
 def test_untie_gives_lm_head_its_own_tensor_and_flag(make_adapter_model, tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -106,7 +260,6 @@ def test_keep_applies_ensure_weight_tying_delta_once(make_adapter_model, base_di
 
 
 def test_t5_lora_on_shared_is_dropped_because_forward_never_calls_it(base_dirs: dict[str, Path], tmp_path: Path):
-    import peft
 
     from tests.models import perturb
 

@@ -1,4 +1,5 @@
-"""safemerge.testing.assert_reload_identical catches value and tie differences."""
+"""safemerge.testing: assert_reload_identical catches value and tie differences; assert_merge_faithful catches a
+merge that does not compute what the adapter model computes; the docs' pytest how-to runs as written."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from safemerge.testing import assert_reload_identical
+import safemerge
+from safemerge.testing import assert_merge_faithful, assert_reload_identical
 from tests.models import ARCHS, load_base
+
+pytest_plugins = ["pytester"]
+HOW_TO = Path(__file__).resolve().parent.parent / "docs" / "how-to" / "test_merged_model.py"
 
 
 def test_identical_reload_passes(base_dirs: dict[str, Path]) -> None:
@@ -28,3 +33,23 @@ def test_tie_difference_is_listed(base_dirs: dict[str, Path], tmp_path: Path) ->
     model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
     with pytest.raises(AssertionError, match=r"tied after reload, not in the merged model"):
         assert_reload_identical(base_dirs["llama"], model)
+
+
+def test_faithful_merge_passes(build, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    safemerge.safe_merge(build("gpt2", "save-head", "reloaded"), tmp_path / "m", policy="untie")
+    assert_merge_faithful(tmp_path / "m", build("gpt2", "save-head", "reloaded"))
+
+
+def test_plain_merge_of_a_tied_head_fails_with_the_member_and_figures(build, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    build("llama", "lora-head", "reloaded").merge_and_unload().save_pretrained(tmp_path / "plain")
+    with pytest.raises(
+        AssertionError,
+        match=r"(?s)does not compute what the adapter model computes \(max \|logits difference\| [0-9.]+.*"
+        r"model\.embed_tokens\.weight: differs from the weight the adapter model uses",
+    ):
+        assert_merge_faithful(tmp_path / "plain", build("llama", "lora-head", "reloaded"))
+
+
+def test_the_pytest_how_to_runs_as_written(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_merged_model=HOW_TO.read_text(encoding="utf-8"))
+    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
