@@ -51,8 +51,8 @@ def lowest(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""
     session.install("ruff")
-    session.run("ruff", "check", "safemerge", "tests", "docs", "noxfile.py")
-    session.run("ruff", "format", "--check", "safemerge", "tests", "docs", "noxfile.py")
+    session.run("ruff", "check", "safemerge", "tests", "docs", "scripts", "noxfile.py")
+    session.run("ruff", "format", "--check", "safemerge", "tests", "docs", "scripts", "noxfile.py")
 
 
 @nox.session(python="3.11")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import peft
@@ -125,6 +125,48 @@ def declared_ties(model: Any) -> dict[str, str]:
             partner = embedding
         ties[alias] = partner or ""  # "": restored on load, from a source not known here (a meta model not tied yet)
     return ties
+
+
+def names_loaded_from(model: Any, checkpoint_keys: Iterable[str], model_names: set[str]) -> set[str]:
+    """The parameter names of `model` that transformers' loader fills from `checkpoint_keys`, by its own rules.
+
+    transformers 5: the class's conversion mapping (GPT-NeoX saves `lm_head` as `embed_out`), then the base-model
+    prefix, as `convert_and_load_state_dict_in_model` renames. transformers 4: `_get_key_renaming_mapping` (gamma/beta,
+    the VLM key mapping, the base-model prefix), as `_load_pretrained_model` calls it. `model_names`: the parameter
+    names of the bare base model (PEFT wrappers seen through).
+    """
+    keys = list(checkpoint_keys)
+    prefix = model.base_model_prefix
+    if TRANSFORMERS_MAJOR >= 5:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        expected = dict.fromkeys(model_names, True)
+        loaded = set()
+        for key in keys:
+            renamed, _ = rename_source_key(key, renamings, converters, prefix, expected)
+            if renamed not in expected and key in expected:
+                renamed, _ = rename_source_key(key, [], [], prefix, expected)
+            loaded.add(renamed)
+        return loaded
+    # Only the classes transformers 4 lists as VLMs load with their `_checkpoint_conversion_mapping`.
+    vlms = getattr(transformers.modeling_utils, "VLMS", ())
+    vlm = any(name in cls.__name__.lower() for cls in type(model).__mro__[:-1] for name in vlms)
+    has_prefix = bool(prefix) and any(k.startswith(prefix) for k in keys)
+    expects_prefix = bool(prefix) and hasattr(model, prefix)
+    try:
+        mapping = model._get_key_renaming_mapping(
+            keys,
+            model._checkpoint_conversion_mapping if vlm else None,
+            has_prefix and not expects_prefix,
+            expects_prefix and not has_prefix,
+        )
+    except ValueError:  # transformers' own refusal of a corrupt checkpoint: nothing is known to load
+        return set()
+    return set(mapping.values())
 
 
 #: transformers 4 model types whose forward rescales the decoder output by d_model**-0.5 while

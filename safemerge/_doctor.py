@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from packaging.version import InvalidVersion, Version
 
+from safemerge import _peft_settings
 from safemerge._report import DoctorReport, Finding, Severity
 
 logger = logging.getLogger(__name__)
@@ -263,22 +265,7 @@ def _peft_config(data: dict[str, Any], checkup: _Checkup) -> Any:
     known = {f.name for f in dataclasses.fields(config_class)}
     unknown = {k: v for k, v in data.items() if k not in known}
     if unknown:
-        recorded = data.get("peft_version") or "a newer release"
-        used = [k for k, v in unknown.items() if v not in (None, False, [], {}, "", 0)]
-        checkup.add(
-            "newer-peft-config",
-            "silent" if used else "warning",
-            f"{CONFIG_NAME} was written by peft {recorded} and has settings peft {peft.__version__} does not know; "
-            + (
-                "they are set, and PEFT drops them on load, so the adapter will compute something else."
-                if used
-                else "they are at their defaults, so dropping them changes nothing."
-            ),
-            [f"{k} = {json.dumps(v)[:80]}" for k, v in unknown.items()],
-            f"Upgrade peft to the version that wrote it (pip install -U 'peft>={recorded}')"
-            if data.get("peft_version")
-            else "Upgrade peft (pip install -U peft).",
-        )
+        _check_unknown_settings(unknown, config_class.__name__, data.get("peft_version"), checkup)
     try:
         return config_class(**{k: v for k, v in data.items() if k in known})
     except Exception as exc:
@@ -290,6 +277,67 @@ def _peft_config(data: dict[str, Any], checkup: _Checkup) -> Any:
             "Fix the value named above, or upgrade peft.",
         )
         return None
+
+
+def _check_unknown_settings(unknown: dict[str, Any], config_class: str, recorded: Any, checkup: _Checkup) -> None:
+    """Keys of adapter_config.json this PEFT does not know: a finding only where dropping them changes the adapter.
+
+    PEFT drops unknown keys on load. A setting a newer PEFT release added (`_peft_settings`) changes what the adapter
+    computes when it is set; keys PEFT never had (a user's own notes, 0.2-era `enable_lora` / `merge_weights`) do not.
+    """
+    import peft
+
+    installed = Version(peft.__version__)
+    added = _peft_settings.SETTINGS_ADDED.get(config_class, {})
+    newer = {k: v for k, v in unknown.items() if k in added and Version(added[k]) > installed}
+    used = {k: v for k, v in newer.items() if v not in (None, False, [], {}, "", 0)}
+    written_by = _release(recorded)
+    if used:
+        release = max((added[k] for k in used), key=Version)
+        checkup.add(
+            "newer-peft-setting",
+            "silent",
+            f"{CONFIG_NAME} sets {_listed(list(used))}, which peft {release} added and peft {peft.__version__} does "
+            "not know: PEFT drops it on load, so the adapter computes something else than it was trained to.",
+            [f"{k} = {json.dumps(v)[:80]} (added in peft {added[k]})" for k, v in used.items()],
+            f"Upgrade peft: pip install -U 'peft>={release}'.",
+        )
+    rest = {k: v for k, v in unknown.items() if k not in used}
+    if not rest:
+        return
+    if written_by is not None and written_by > installed and not set(rest) <= set(newer):
+        checkup.add(
+            "newer-peft-config",
+            "warning",
+            f"{CONFIG_NAME} was written by peft {written_by}, newer than peft {peft.__version__}, and has keys this "
+            "release does not know; PEFT drops them on load. If they are settings of the newer release, the adapter "
+            "may compute something else.",
+            [f"{k} = {json.dumps(v)[:80]}" for k, v in rest.items()],
+            f"Upgrade peft to the release that wrote it: pip install -U 'peft>={written_by}'.",
+        )
+        return
+    checkup.add(
+        "unused-config-keys",
+        "info",
+        f"{CONFIG_NAME} has keys that peft {peft.__version__} does not use ({_listed(list(rest))}); PEFT ignores them "
+        "on load, which changes nothing"
+        + (" (settings of newer releases left at their defaults)." if set(rest) <= set(newer) else "."),
+        [f"{k} = {json.dumps(v)[:80]}" for k, v in rest.items()],
+        "",
+    )
+
+
+def _release(recorded: Any) -> Version | None:
+    """The PEFT release recorded in adapter_config.json ("0.17.2.dev0@abc123" included), or None."""
+    try:
+        return Version(str(recorded).split("@")[0]) if recorded else None
+    except InvalidVersion:
+        return None
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
 
 
 def _check_tensors_exist(actual: dict[str, tuple[int, ...]], checkup: _Checkup) -> None:
@@ -738,15 +786,21 @@ def _check_missing_head(
 ) -> None:
     """Weights that neither the base checkpoint nor the adapter provides: transformers initialises them randomly."""
     from safemerge import _compat
+    from safemerge._ties import base_parameters
 
     model = peft_model.get_base_model()
     tied = _compat.declared_ties(model)
     provided = {k.removeprefix("base_model.model.") for k in actual}
     names = sorted(_base_names(peft_model))
-    # transformers may save under other prefixes than it loads into (Gemma3: language_model.model.* on disk):
-    # a weight counts as present when a checkpoint name ends with the same last two or more segments.
-    saved = {".".join(parts[i:]) for parts in (k.split(".") for k in checkpoint_keys) for i in range(len(parts) - 1)}
-    absent = [n for n in names if n not in tied and n not in provided and not any(s in saved for s in _suffixes(n))]
+    # Matched as transformers' loader matches them (GPT-NeoX saves lm_head as embed_out, Gemma3 under other prefixes).
+    filled = _compat.names_loaded_from(model, checkpoint_keys, set(names)) | provided
+    # A name that is the very parameter of a filled name is filled with it (transformers 4's T5 embeddings are the
+    # `shared` module itself, whatever the tie flag).
+    aliases: dict[int, set[str]] = {}
+    for p in base_parameters(model):
+        aliases.setdefault(id(p.tensor), set()).add(p.name)
+    filled |= {n for group in aliases.values() if group & filled for n in group}
+    absent = [n for n in names if n not in tied and n not in filled]
     if not absent:
         return
     if len(absent) * 4 > len(names):
@@ -769,11 +823,6 @@ def _check_missing_head(
         f'Train with that module in modules_to_save (e.g. "modules_to_save": ["{absent[0].split(".")[0]}"]) and '
         "save again, or load the base with the class it was saved with.",
     )
-
-
-def _suffixes(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[i:]) for i in range(len(parts) - 1)]
 
 
 def _report_scaling(peft_model: Any, checkup: _Checkup) -> None:

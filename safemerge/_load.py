@@ -37,14 +37,21 @@ _HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
 
 def model_class_for(config: Any, task_type: str | None = None) -> Any:
     """The class users load the base with for an adapter of `task_type`: the head-adding Auto class for
-    classification tasks, else the architecture the checkpoint's config names, else the task's Auto class."""
+    classification tasks; else the architecture the checkpoint's config names, where it is the class the task's Auto
+    class builds for this config (or that Auto class builds none: Llava, Whisper); else the task's Auto class (a BERT
+    checkpoint saved as BertForPreTraining, with a CAUSAL_LM adapter, loads as BertLMHeadModel)."""
+    auto = getattr(transformers, _AUTO_BY_TASK.get(task_type or "", "AutoModel"))
     if task_type in _HEAD_TASKS:
-        return getattr(transformers, _AUTO_BY_TASK[task_type])
+        return auto
+    try:
+        task_class = auto._model_mapping[type(config)]
+    except (KeyError, ValueError, AttributeError):
+        task_class = None
     for name in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, name, None)
-        if cls is not None:
+        if cls is not None and (task_class is None or cls is task_class or not task_type):
             return cls
-    return getattr(transformers, _AUTO_BY_TASK.get(task_type or "", "AutoModel"))
+    return auto
 
 
 def load_pretrained(

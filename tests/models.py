@@ -29,17 +29,31 @@ class Arch:
     tied: bool = True
 
 
+#: Tiny sizes, by the config names of Llama-style decoders and of BART-style encoder-decoders.
+DECODER = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+ENCODER_DECODER = {
+    "vocab_size": VOCAB,
+    "d_model": HIDDEN,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "max_position_embeddings": 64,
+}
+
+
 def _llama(tied: bool) -> Any:
-    return tf.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-    )
+    return tf.LlamaConfig(**DECODER, tie_word_embeddings=tied)
 
 
 def _gemma3() -> Any:
@@ -106,21 +120,23 @@ ARCHS = {
         ),
         Arch(
             "bart",
-            lambda: tf.BartConfig(
-                vocab_size=VOCAB,
-                d_model=HIDDEN,
-                encoder_layers=1,
-                decoder_layers=1,
-                encoder_attention_heads=4,
-                decoder_attention_heads=4,
-                encoder_ffn_dim=64,
-                decoder_ffn_dim=64,
-                max_position_embeddings=64,
-            ),
+            lambda: tf.BartConfig(**ENCODER_DECODER),
             tf.BartForConditionalGeneration,
             "embed_tokens",
             "lm_head",
             ("q_proj", "v_proj"),
+        ),
+        # Untied, and transformers 5 saves its lm_head as embed_out (the module's name in transformers 4).
+        Arch(
+            "gpt-neox-untied",
+            lambda: tf.GPTNeoXConfig(
+                **{k: v for k, v in DECODER.items() if k != "num_key_value_heads"}, tie_word_embeddings=False
+            ),
+            tf.GPTNeoXForCausalLM,
+            "embed_in",
+            "lm_head" if int(tf.__version__.split(".")[0]) >= 5 else "embed_out",
+            ("query_key_value",),
+            tied=False,
         ),
         Arch("gemma3", _gemma3, tf.Gemma3ForConditionalGeneration, "embed_tokens", "lm_head", ("q_proj", "v_proj")),
         # A second declared tie (decoder.bias / predictions.bias) beside the embedding's.

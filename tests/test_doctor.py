@@ -10,10 +10,11 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from packaging.version import Version
 from safetensors.torch import load_file, save_file
 
 import safemerge
-from safemerge import _compat
+from safemerge import _compat, _peft_settings
 from safemerge.cli import main
 from tests.models import (
     ADAPTERS,
@@ -114,14 +115,57 @@ def test_no_weights_file(good: dict[str, Path], tmp_path: Path) -> None:
     assert "save_pretrained" in finding(safemerge.doctor(str(good["base"]), str(target)), "no-weights").fix
 
 
-@pytest.mark.parametrize(("value", "severity"), [(True, "silent"), (None, "warning")])
-def test_config_from_newer_peft(good: dict[str, Path], tmp_path: Path, value: object, severity: str) -> None:
-    def future(data: dict) -> None:
-        data.update(peft_version="9.1.0", lora_quantum_folding=value)
+@pytest.mark.parametrize(("value", "code", "severity"), [(True, "newer-peft-setting", "silent"), (False, None, None)])
+def test_a_setting_of_a_newer_peft_release(good, tmp_path: Path, monkeypatch, value, code, severity) -> None:  # type: ignore[no-untyped-def]
+    """Set, it changes what the adapter computes (PEFT drops it): silent, naming the release; at its default: info."""
+    monkeypatch.setitem(_peft_settings.SETTINGS_ADDED, "LoraConfig", {"lora_quantum_folding": "9.0.0"})
+    config = tampered(good["lora-attention"], tmp_path / "a", config=lambda d: d.update(lora_quantum_folding=value))
+    report = safemerge.doctor(str(good["base"]), str(config))
+    if code is None:
+        assert report.ok and codes(report) == {"unused-config-keys", "scaling"}
+        assert "left at their defaults" in finding(report, "unused-config-keys").message
+        return
+    found = finding(report, code)
+    assert found.severity == severity and not report.ok
+    assert "lora_quantum_folding, which peft 9.0.0 added" in found.message and "peft>=9.0.0" in found.fix
+
+
+def test_a_setting_newer_than_peft_0_18_is_known_from_the_table(good, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bdlora = {"nblocks": 1, "match_strict": False}  # BD-LoRA on no module: peft >= 0.19 computes plain LoRA
+    config = tampered(good["lora-attention"], tmp_path / "a", config=lambda d: d.update(use_bdlora=bdlora))
+    report = safemerge.doctor(str(good["base"]), str(config))
+    if Version(peft.__version__) < Version("0.19"):
+        found = finding(report, "newer-peft-setting")
+        assert found.evidence == ('use_bdlora = {"nblocks": 1, "match_strict": false} (added in peft 0.19.0)',)
+    else:  # this peft knows it
+        assert report.ok and "use_bdlora" not in str(report.findings)
+
+
+def test_unknown_keys_of_a_newer_release_are_a_warning(good, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    def future(data: dict) -> None:  # type: ignore[type-arg]
+        data.update(peft_version="9.1.0", lora_quantum_folding=True)
 
     report = safemerge.doctor(str(good["base"]), str(tampered(good["lora-attention"], tmp_path / "a", config=future)))
     found = finding(report, "newer-peft-config")
-    assert found.severity == severity and "lora_quantum_folding" in found.evidence[0] and "9.1.0" in found.fix
+    assert found.severity == "warning" and report.ok
+    assert "written by peft 9.1.0" in found.message and "peft>=9.1.0" in found.fix
+
+
+def test_keys_peft_never_used_are_info_and_the_merge_runs(good, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A user's own keys and 0.2-era ones, with no peft_version: PEFT loads the file and computes the same."""
+
+    def annotated(data: dict) -> None:  # type: ignore[type-arg]
+        data.pop("peft_version", None)
+        data.update(task="summaries", domain="legal", enable_lora=None, merge_weights=False)
+
+    adapter = tampered(good["lora-attention"], tmp_path / "a", config=annotated)
+    report = safemerge.doctor(str(good["base"]), str(adapter))
+    found = finding(report, "unused-config-keys")
+    assert report.ok and found.severity == "info"
+    assert found.message.startswith("adapter_config.json has keys that peft ") and "None" not in found.message
+    assert "task, domain, enable_lora, merge_weights" in found.message
+    merged = safemerge.merge_pretrained(str(good["base"]), str(adapter), tmp_path / "m", policy="untie")
+    assert merged.ok and merged.verified
 
 
 def test_pickled_whole_model_bin(good: dict[str, Path], tmp_path: Path) -> None:
