@@ -30,8 +30,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def matrix(session: nox.Session) -> None:
-    """Run every merge case of the matrix, in memory and reloaded, on the current releases."""
-    _test(session, args=("tests/test_merge.py", "--full-matrix"))
+    """Run every merge case of the matrix (in memory and reloaded) and every fault, on the current releases."""
+    _test(session, args=("tests/test_merge.py", "tests/test_faults.py", "--full-matrix"))
 
 
 @nox.session(python="3.11")

@@ -81,8 +81,12 @@ def _deepcopy(module: torch.nn.Module) -> Any:
 def _tensors_held(module: torch.nn.Module) -> Iterator[torch.Tensor]:
     """Every tensor the module tree holds: parameters, buffers, and plain attributes (in dicts, lists, tuples)."""
     pending: list[Any] = [vars(m) for m in module.modules()]
+    seen: set[int] = set()
     while pending:
         value = pending.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
         if isinstance(value, torch.Tensor):
             yield value
         elif isinstance(value, dict):
@@ -139,18 +143,23 @@ def names_loaded_from(model: Any, checkpoint_keys: Iterable[str], model_names: s
     prefix = model.base_model_prefix
     if TRANSFORMERS_MAJOR >= 5:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         expected = dict.fromkeys(model_names, True)
         loaded = set()
-        for key in keys:
-            renamed, _ = rename_source_key(key, renamings, converters, prefix, expected)
+        for key in sorted(keys, key=dot_natural_key):  # the loader's order (some renamings depend on it)
+            renamed, source = rename_source_key(key, renamings, converters, prefix, expected)
             if renamed not in expected and key in expected:
-                renamed, _ = rename_source_key(key, [], [], prefix, expected)
+                renamed, source = rename_source_key(key, [], [], prefix, expected)
             loaded.add(renamed)
+            # A one-to-many converter (fused qkv split into q, k, v) names its first target; it fills all of them.
+            converter = next((c for c in converters if source in c.source_patterns), None) if source else None
+            if converter is not None:
+                first, *others = converter.target_patterns
+                loaded.update(renamed.replace(first, other) for other in others if first in renamed)
         return loaded
     # Only the classes transformers 4 lists as VLMs load with their `_checkpoint_conversion_mapping`.
     vlms = getattr(transformers.modeling_utils, "VLMS", ())

@@ -306,12 +306,18 @@ def _check_unknown_settings(unknown: dict[str, Any], config_class: str, recorded
     if not rest:
         return
     if written_by is not None and written_by > installed and not set(rest) <= set(newer):
+        set_keys = [k for k in rest if k not in newer and rest[k] not in (None, False, [], {}, "", 0)]
         checkup.add(
             "newer-peft-config",
-            "warning",
+            "silent" if set_keys else "warning",
             f"{CONFIG_NAME} was written by peft {written_by}, newer than peft {peft.__version__}, and has keys this "
-            "release does not know; PEFT drops them on load. If they are settings of the newer release, the adapter "
-            "may compute something else.",
+            "release does not know; PEFT drops them on load. "
+            + (
+                f"{_listed(set_keys)} {'is' if len(set_keys) == 1 else 'are'} set, so the adapter will compute "
+                "something else if that is a setting of the newer release."
+                if set_keys
+                else "They are at their defaults, so that changes nothing."
+            ),
             [f"{k} = {json.dumps(v)[:80]}" for k, v in rest.items()],
             f"Upgrade peft to the release that wrote it: pip install -U 'peft>={written_by}'.",
         )

@@ -37,19 +37,15 @@ _HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
 
 def model_class_for(config: Any, task_type: str | None = None) -> Any:
     """The class users load the base with for an adapter of `task_type`: the head-adding Auto class for
-    classification tasks; else the architecture the checkpoint's config names, where it is the class the task's Auto
-    class builds for this config (or that Auto class builds none: Llava, Whisper); else the task's Auto class (a BERT
-    checkpoint saved as BertForPreTraining, with a CAUSAL_LM adapter, loads as BertLMHeadModel)."""
+    classification tasks; else the architecture the checkpoint's config names; else the task's Auto class. A
+    CAUSAL_LM adapter needs a class that can generate (PEFT's causal-LM model calls its generation hooks): a BERT
+    checkpoint saved as BertForPreTraining loads as BertLMHeadModel then."""
     auto = getattr(transformers, _AUTO_BY_TASK.get(task_type or "", "AutoModel"))
     if task_type in _HEAD_TASKS:
         return auto
-    try:
-        task_class = auto._model_mapping[type(config)]
-    except (KeyError, ValueError, AttributeError):
-        task_class = None
     for name in getattr(config, "architectures", None) or ():
         cls = getattr(transformers, name, None)
-        if cls is not None and (task_class is None or cls is task_class or not task_type):
+        if cls is not None and (task_type != "CAUSAL_LM" or cls.can_generate()):
             return cls
     return auto
 

@@ -6,14 +6,15 @@ import dataclasses
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 
-from safemerge import _compat, _load, _policy, _save, _undo, _verify
+from safemerge import _compat, _inputs, _load, _output, _policy, _undo, _verify
 from safemerge._doctor import doctor
 from safemerge._report import MemberCheck, MergeReport, TieInspection, TiePolicy, Verification
 from safemerge._ties import (
@@ -27,7 +28,15 @@ from safemerge._ties import (
     tie_flags,
     tie_groups,
 )
-from safemerge.errors import AdapterMismatchError, TiedWeightsError, UnsupportedAdapterError, VerificationError
+from safemerge.errors import (
+    AdapterMismatchError,
+    InputError,
+    NonFiniteWeightsError,
+    SafeMergeError,
+    TiedWeightsError,
+    UnsupportedAdapterError,
+    VerificationError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +58,13 @@ def _require_peft_model(model: Any) -> Any:
         raise TypeError(
             f"safemerge expects a peft.PeftModel, got {type(model).__name__}. Fix: load the adapter onto its base "
             "first: PeftModel.from_pretrained(base_model, adapter_path)."
+        )
+    merged = sorted({type(m).__name__ for m in model.modules() if getattr(m, "merged", False) is True})
+    if merged:
+        raise InputError(
+            f"This PEFT model already has adapter weights merged into its base layers ({', '.join(merged)}: "
+            "model.merge_adapter() was called), so its base weights are not the base model's any more and a merge "
+            "would apply the change twice. Nothing was changed. Fix: call model.unmerge_adapter() first."
         )
     config = model.active_peft_config
     if getattr(config, "is_prompt_learning", False):
@@ -158,55 +174,81 @@ def safe_merge(
         VerificationError: the merge or its reload does not match the adapter model (`.report` has the figures).
     """
     tie_policy = _policy.parse_policy(policy)
+    _inputs.check_tolerance(logits_tolerance)
     peft_model = _require_peft_model(model)
-    target = Path(save_directory)
-    _save.check_target(target, overwrite=overwrite)
-
-    logger.info("inspecting tied weights and probing the adapter model")
-    analysis = _analyse(peft_model, probe_inputs)
-    outcome = analysis.inspection.outcome(tie_policy)
-    if not outcome.merges:
-        raise TiedWeightsError(
-            _policy.refusal_message(analysis.tied.groups, tie_policy),
-            policy=tie_policy.value,
-            groups=analysis.tied.groups,
-        )
-    logger.info("merging under policy %r: %s", tie_policy.value, outcome.reason)
-
-    # From here on the model changes: any failure puts the user's PEFT model back as it was.
-    snapshot = _undo.take_snapshot(peft_model)
-    staging: Path | None = None
-    try:
-        merged, actions, rescaled = _merge_under_policy(peft_model, analysis)
-        verification: Verification | None = None
-        if verify:
-            logger.info("checking the merged model in memory")
-            verification = _check_against_adapter(
-                merged, analysis, tolerance=logits_tolerance, scales=rescaled, rounding_slack=0.0
+    target = _output.resolved(save_directory)
+    _output.check_target(target, overwrite=overwrite)
+    _refuse_non_finite("adapter", peft.get_peft_model_state_dict(peft_model).items())
+    with _output.claim(target, overwrite=overwrite) as held:
+        logger.info("inspecting tied weights and probing the adapter model")
+        analysis = _analyse(peft_model, probe_inputs)
+        outcome = analysis.inspection.outcome(tie_policy)
+        if not outcome.merges:
+            raise TiedWeightsError(
+                _policy.refusal_message(analysis.tied.groups, tie_policy),
+                policy=tie_policy.value,
+                groups=analysis.tied.groups,
             )
-            if not verification.ok:
-                report = _report(tie_policy, None, analysis, merged, actions, verification, restored=True)
-                raise VerificationError(_failure_message(verification, saved_at=None), report=report)
-        staging = _save.staging_directory(target)
-        logger.info("saving to %s", staging)
-        merged.save_pretrained(str(staging))
-        if verification is not None:
-            verification, retie = _check_reload(merged, staging, analysis, verification, rescaled)
-            actions += _policy.retie_like(merged, retie)
-            if not verification.ok:
-                failed = _save.quarantine(staging, target, list(verification.problems))
-                report = _report(tie_policy, str(failed), analysis, merged, actions, verification, restored=True)
-                raise VerificationError(_failure_message(verification, saved_at=failed), report=report)
-        _save.commit(staging, target)
-    except BaseException as exc:
-        if staging is not None:
-            _save.discard(staging)
-        problem = _undo.restore(snapshot)
-        if problem is not None:
-            _undo.say_first(exc, f"The PEFT model could not be restored and must not be used: {problem}.")
-        raise
-    actions.append(f"saved to {target}")
-    return _report(tie_policy, str(target), analysis, merged, actions, verification)
+        logger.info("merging under policy %r: %s", tie_policy.value, outcome.reason)
+        # From here on the model changes: any failure puts the user's PEFT model back as it was.
+        snapshot = _undo.take_snapshot(peft_model)
+        try:
+            merged, actions, verification = _merge_and_save(
+                peft_model, analysis, held, tie_policy, verify=verify, tolerance=logits_tolerance
+            )
+        except BaseException as exc:
+            problem = _undo.restore(snapshot)
+            if problem is not None:
+                _undo.say_first(exc, f"The PEFT model could not be restored and must not be used: {problem}.")
+            raise
+    actions.append(f"saved to {save_directory}")
+    return _report(tie_policy, str(save_directory), analysis, merged, actions, verification)
+
+
+def _merge_and_save(
+    peft_model: Any,
+    analysis: _Analysis,
+    held: _output.Claim,
+    policy: TiePolicy,
+    *,
+    verify: bool,
+    tolerance: float | None,
+) -> tuple[Any, list[str], Verification | None]:
+    """Merge, check in memory, save into the claim's staging directory, reload and check, put in place."""
+    merged, actions, rescaled = _merge_under_policy(peft_model, analysis)
+    _refuse_non_finite("merged model", merged.named_parameters())
+    verification: Verification | None = None
+    if verify:
+        logger.info("checking the merged model in memory")
+        verification = _check_against_adapter(merged, analysis, tolerance=tolerance, scales=rescaled, rounding_slack=0)
+        if not verification.ok:
+            report = _report(policy, None, analysis, merged, actions, verification, restored=True)
+            raise VerificationError(_failure_message(verification, saved_at=None), report=report)
+    logger.info("saving to %s", held.staging)
+    _output.save_model(merged, held)
+    if verification is not None:
+        verification, retie = _check_reload(merged, held.staging, analysis, verification, rescaled)
+        actions += _policy.retie_like(merged, retie)
+        if not verification.ok:
+            failed = held.quarantine(list(verification.problems))
+            report = _report(policy, str(failed), analysis, merged, actions, verification, restored=True)
+            raise VerificationError(_failure_message(verification, saved_at=failed), report=report)
+    held.commit()
+    return merged, actions, verification
+
+
+def _refuse_non_finite(what: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """NonFiniteWeightsError naming every floating-point tensor that holds NaN or Inf."""
+    bad = [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+    if not bad:
+        return
+    shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+    raise NonFiniteWeightsError(
+        f"The {what} holds NaN or Inf in {len(bad)} tensor(s): {shown}. A merged model would compute NaN or Inf, so "
+        "nothing was saved" + (" and the PEFT model was put back as it was" if what != "adapter" else "") + ". Fix: "
+        "train again from a checkpoint before the loss diverged (lower the learning rate, or use bfloat16 rather "
+        "than float16), or merge in float32 (CLI: --dtype float32) if the merge overflowed."
+    )
 
 
 def _merge_under_policy(peft_model: Any, analysis: _Analysis) -> tuple[Any, list[str], dict[str, float]]:
@@ -353,7 +395,7 @@ def _failure_message(verification: Verification, *, saved_at: Path | None) -> st
     shown = "; ".join(verification.problems[:6])
     more = f" and {len(verification.problems) - 6} more" if len(verification.problems) > 6 else ""
     where = (
-        f" The saved files were moved to '{saved_at}' (marked {_save.FAILED_MARKER}); the output directory was not "
+        f" The saved files were moved to '{saved_at}' (marked {_output.FAILED_MARKER}); the output directory was not "
         "written."
         if saved_at is not None
         else " Nothing was saved."
@@ -386,7 +428,15 @@ def merge_pretrained(
     Auto class for classification adapters), the adapter with `PeftModel.from_pretrained`, and safe_merge() runs.
     """
     tie_policy = _policy.parse_policy(policy)
-    _save.check_target(Path(save_directory), overwrite=overwrite)
+    _inputs.check_tolerance(logits_tolerance)
+    inputs = _inputs.named_inputs(
+        [("base model", _inputs.local_path(base, "base model")), ("adapter", _inputs.local_path(adapter, "adapter"))]
+    )
+    target = _output.resolved(save_directory)
+    _inputs.check_outputs({"output directory": Path(save_directory)}, inputs)
+    _output.check_target(target, overwrite=overwrite)
+    for directory in inputs.values():
+        _inputs.check_files(directory)
     logger.info("checking that %s fits %s (doctor)", adapter, base)
     checkup = doctor(base, adapter)
     if not checkup.ok:
@@ -397,7 +447,7 @@ def merge_pretrained(
             "nothing was loaded or merged:\n" + "\n".join(str(f) for f in bad),
             report=checkup,
         )
-    model = _load.load_adapter_model(base, adapter, dtype=_load.parse_dtype(dtype), device_map=device_map)
+    model = load_inputs(base, adapter, dtype=dtype, device_map=device_map)
     return safe_merge(
         model,
         save_directory,
@@ -406,6 +456,30 @@ def merge_pretrained(
         overwrite=overwrite,
         logits_tolerance=logits_tolerance,
     )
+
+
+def load_inputs(base: str, adapter: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None) -> Any:
+    """The adapter model; a load that fails is an InputError that names the inputs and the loader's reason."""
+    try:
+        return _load.load_adapter_model(base, adapter, dtype=_load.parse_dtype(dtype), device_map=device_map)
+    except SafeMergeError:
+        raise
+    except Exception as exc:  # transformers / PEFT / safetensors / torch.load: every way a file can fail to load
+        raise InputError(
+            f"Could not load the base '{base}' with the adapter '{adapter}' ({type(exc).__name__}: "
+            f"{str(exc).strip()[:400]}). Nothing was written. Fix: check that both are complete and belong together "
+            "(safemerge doctor BASE ADAPTER explains most mismatches)."
+        ) from exc
+
+
+def _reload_merged(merged: str | os.PathLike[str], like: torch.nn.Module) -> Any:
+    try:
+        return _verify.reload(merged, like=like)
+    except Exception as exc:
+        raise InputError(
+            f"Could not load the merged model '{merged}' ({type(exc).__name__}: {str(exc).strip()[:400]}). Fix: "
+            "check that it is a complete model directory saved with save_pretrained."
+        ) from exc
 
 
 def verify_merged(
@@ -428,7 +502,7 @@ def verify_merged(
     peft_model = _require_peft_model(model)
     analysis = _analyse(peft_model, probe_inputs)
     root = peft_model.get_base_model()
-    loaded = merged if isinstance(merged, torch.nn.Module) else _verify.reload(merged, like=root)
+    loaded = merged if isinstance(merged, torch.nn.Module) else _reload_merged(merged, root)
     # The output embedding may carry a rescale the forward no longer applies (transformers 4's T5 untied).
     head = _compat.output_embedding_name(root)
     scales = {head: _compat.output_scale(root) / _compat.output_scale(loaded)} if head else {}

@@ -198,7 +198,12 @@ def find_tied_weights(
         # None: the member's weight is the base weight.
         values = [None if dead else _adapted_value(p, base, merged_cache) for p, dead in zip(group, inert, strict=True)]
         live = [v for v, dead in zip(values, inert, strict=True) if not dead]
-        uniform = _spread([base if v is None else v for v in live] or [base]) <= same_weight_tolerance(base)
+        # A member that keeps the base weight exactly and one that changed differ, however small the change (in
+        # bfloat16 a real change can be below the rounding tolerance); changed members may differ by rounding.
+        mixed = any(v is None for v in live) and any(v is not None for v in live)
+        uniform = not mixed and _spread([base if v is None else v for v in live] or [base]) <= same_weight_tolerance(
+            base
+        )
         shared = next((v for v in live if v is not None), None)
         if uniform and shared is not None:
             values = [shared if dead else v for v, dead in zip(values, inert, strict=True)]

@@ -1,6 +1,8 @@
 """The `safemerge` command: thin over the library, the only module that prints.
 
-Exit codes: 0 success, 1 refused or not faithful, 2 usage error (bad arguments, unreadable input, occupied output).
+Exit codes: 0 success; 1 refused, not faithful, or not written; 2 usage error (bad arguments, an input that is missing,
+damaged or overlaps the output, an occupied output); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Whatever
+the code, nothing is left half-written and no input is changed.
 """
 
 from __future__ import annotations
@@ -8,18 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safemerge import __version__
+from safemerge import __version__, _inputs
+from safemerge._output import write_json_atomic
 from safemerge._report import MergeReport, TieInspection, TiePolicy, Verification
-from safemerge._save import write_json_atomic
-from safemerge.errors import OutputExistsError, SafeMergeError
+from safemerge.errors import InputError, OutputExistsError, SafeMergeError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 #: Doctor findings that mean an argument names nothing readable: a usage error, not a bad adapter.
 _UNREADABLE_INPUT = {"adapter-not-found", "base-not-found"}
 
@@ -94,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
     _configure_output(verbose=args.verbose, quiet=args.quiet)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so the library's cleanup and restore run (kill -9 leaves what the next run
+        # recognises as stale and removes).
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return _COMMANDS[args.command](args)
     except SafeMergeError as error:
@@ -103,13 +112,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = getattr(error, "report", None)
         if report is not None and getattr(args, "report", None) is not None:
             write_json_atomic(args.report, report.to_dict())
-        return EXIT_USAGE if isinstance(error, OutputExistsError) or _unreadable_input(error) else EXIT_FAILED
-    except (OSError, ValueError) as error:  # unreadable input, unknown hub id, bad dtype ...
+        usage = isinstance(error, OutputExistsError | InputError) or _unreadable_input(error)
+        return EXIT_USAGE if usage else EXIT_FAILED
+    except (OSError, ValueError) as error:  # unknown hub id, bad dtype ...
         if args.verbose:
             raise
         print(f"safemerge: error: {error}", file=sys.stderr)
         print("Fix: check the paths or hub ids and the options (safemerge COMMAND --help).", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("safemerge: interrupted; nothing was written at the output and no input was changed.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as stop:
+        if stop.code == EXIT_TERMINATED:
+            print("safemerge: terminated; nothing was written at the output and no input was changed.", file=sys.stderr)
+        raise
+    except Exception as error:  # a bug: say so, without a traceback unless -v
+        if args.verbose:
+            raise
+        print(f"safemerge: unexpected {type(error).__name__}: {error}", file=sys.stderr)
+        print("This is a bug in safemerge: run again with -v and report the traceback.", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(EXIT_TERMINATED)
 
 
 def _unreadable_input(error: SafeMergeError) -> bool:
@@ -150,6 +177,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from safemerge._merge import merge_pretrained
 
+    if args.report is not None:
+        _check_report_path(args)
     report = merge_pretrained(
         args.base,
         args.adapter,
@@ -167,6 +196,25 @@ def _merge(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def _check_report_path(args: argparse.Namespace) -> None:
+    """--report must not overwrite an input or land in OUT, and must be writable, before any work is done."""
+    inputs = _inputs.named_inputs(
+        [
+            ("base model", _inputs.local_path(args.base, "base model")),
+            ("adapter", _inputs.local_path(args.adapter, "adapter")),
+        ]
+    )
+    _inputs.check_outputs({"report": Path(args.report), "output directory": Path(args.out)}, inputs)
+    parent = Path(args.report).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(
+            f"The report '{args.report}' cannot be written: '{parent}' is not a writable directory. Nothing was "
+            "loaded or written. Fix: choose a report path in a directory you can write to."
+        )
+
+
 def _merge_summary(args: argparse.Namespace, report: MergeReport) -> list[str]:
     lines = [f"merged {args.adapter} into {args.base} -> {args.out} (policy {report.policy})"]
     lines += [f"  - {action}" for action in report.actions]
@@ -181,11 +229,19 @@ def _merge_summary(args: argparse.Namespace, report: MergeReport) -> list[str]:
     return lines
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    from safemerge._load import load_adapter_model, parse_dtype
-    from safemerge._merge import inspect_ties
+def _checked_inputs(*pairs: tuple[str, str]) -> None:
+    """Local inputs exist and their safetensors files are whole, before anything is loaded."""
+    for name, role in pairs:
+        path = _inputs.local_path(name, role)
+        if path is not None:
+            _inputs.check_files(path)
 
-    model = load_adapter_model(args.base, args.adapter, dtype=parse_dtype(args.dtype), device_map=args.device_map)
+
+def _inspect(args: argparse.Namespace) -> int:
+    from safemerge._merge import inspect_ties, load_inputs
+
+    _checked_inputs((args.base, "base model"), (args.adapter, "adapter"))
+    model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map)
     inspection = inspect_ties(model)
     _emit(args, inspection.to_dict(), inspection_table(inspection))
     return EXIT_OK
@@ -219,11 +275,10 @@ def inspection_table(inspection: TieInspection) -> list[str]:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from safemerge._load import load_adapter_model, parse_dtype
-    from safemerge._merge import verify_merged
+    from safemerge._merge import load_inputs, verify_merged
 
-    dtype = parse_dtype(args.dtype)
-    model = load_adapter_model(args.base, args.adapter, dtype=dtype, device_map=args.device_map)
+    _checked_inputs((args.base, "base model"), (args.adapter, "adapter"), (args.merged, "merged model"))
+    model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map)
     logging.getLogger("safemerge").info("loading %s and comparing it with the adapter model", args.merged)
     verification = verify_merged(args.merged, model, logits_tolerance=args.logits_tolerance)
     _emit(args, {"merged": args.merged, **verification.to_dict()}, _verdict(args, verification))

@@ -3,11 +3,17 @@
 The tree::
 
     SafeMergeError                    base of everything safemerge raises on purpose
+    ├── InputError                    an input or output path cannot be used, or a file is damaged (a ValueError)
     ├── AdapterMismatchError          the doctor found that the adapter does not fit the base (nothing loaded)
     ├── TiedWeightsError              the tie policy forbids this merge (nothing was changed)
     ├── UnsupportedAdapterError       the adapter model cannot be represented by a merged model
+    ├── NonFiniteWeightsError         the adapter or the merged weights hold NaN or Inf
     ├── OutputExistsError             save_directory is not empty and overwrite=False (also a FileExistsError)
+    │   └── OutputBusyError           another safemerge run is writing save_directory right now
+    ├── OutputWriteError              the merged model could not be written (disk full, no permission; an OSError)
     └── VerificationError             the merged or reloaded model does not compute what the adapter model did
+
+The command line exits with 2 for InputError, OutputExistsError and bad arguments, and with 1 for the others.
 
     SafeMergeWarning                  base of the warnings safemerge emits
 """
@@ -21,7 +27,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AdapterMismatchError",
+    "InputError",
+    "NonFiniteWeightsError",
+    "OutputBusyError",
     "OutputExistsError",
+    "OutputWriteError",
     "SafeMergeError",
     "SafeMergeWarning",
     "TiedWeightsError",
@@ -107,3 +117,43 @@ class VerificationError(SafeMergeError):
     def __init__(self, message: str, *, report: MergeReport) -> None:
         super().__init__(message)
         self.report = report
+
+
+class InputError(SafeMergeError, ValueError):
+    """An input or output path cannot be used as given, or an input file is damaged; nothing was loaded or written.
+
+    Example message::
+
+        This file is damaged: adapter/adapter_model.safetensors (truncated: its header says the data ends at byte
+        4096, the file has 1000 bytes). Nothing was loaded or written. Fix: copy or download it again.
+    """
+
+
+class NonFiniteWeightsError(SafeMergeError):
+    """The adapter, or the merged model, holds NaN or Inf values; nothing was saved and the PEFT model is as it was.
+
+    Example message::
+
+        The adapter holds NaN or Inf in 2 tensors: base_model.model.lm_head.lora_B.default.weight, ... A merged model
+        would compute NaN. Fix: train again from a checkpoint before the loss diverged (lower the learning rate).
+    """
+
+
+class OutputBusyError(OutputExistsError):
+    """Another safemerge run holds `save_directory` (its temporary sibling is locked by a live process).
+
+    Example message::
+
+        Another safemerge run (pid 4242) is writing 'out/merged' right now; nothing was merged. Fix: wait for it to
+        finish, or choose another directory.
+    """
+
+
+class OutputWriteError(SafeMergeError, OSError):
+    """The merged model could not be written; nothing was written at `save_directory`, the temporary files are gone.
+
+    Example message::
+
+        Could not write the merged model into 'out/.merged.safemerge/model' (OSError: [Errno 28] No space left on
+        device); 'out/merged' was not written. Fix: free space or choose another filesystem, then run again.
+    """

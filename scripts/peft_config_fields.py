@@ -16,21 +16,31 @@ from pathlib import Path
 
 
 def config_fields(wheel: Path) -> dict[str, set[str]]:
-    """{config class name: its dataclass field names} in one peft wheel."""
-    found: dict[str, set[str]] = {}
+    """{config class name: its dataclass field names, inherited ones included} in one peft wheel."""
+    own: dict[str, set[str]] = {}
+    bases: dict[str, list[str]] = {}
     with zipfile.ZipFile(wheel) as archive:
         for name in archive.namelist():
             if not (name.startswith("peft/") and name.endswith("config.py")):
                 continue
             for node in ast.walk(ast.parse(archive.read(name))):
-                if isinstance(node, ast.ClassDef) and (node.name.endswith("Config") or node.name == "PeftConfigMixin"):
-                    fields = {
+                if isinstance(node, ast.ClassDef):
+                    own.setdefault(node.name, set()).update(
                         n.target.id
                         for n in node.body
                         if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
-                    }
-                    found.setdefault(node.name, set()).update(fields)
-    return found
+                    )
+                    bases.setdefault(node.name, []).extend(
+                        b.id if isinstance(b, ast.Name) else b.attr
+                        for b in node.bases
+                        if isinstance(b, ast.Name | ast.Attribute)
+                    )
+
+    def fields(cls: str, seen: frozenset[str] = frozenset()) -> set[str]:
+        inherited = set().union(*(fields(b, seen | {cls}) for b in bases.get(cls, []) if b in own and b not in seen))
+        return own.get(cls, set()) | inherited
+
+    return {cls: fields(cls) for cls in own if cls.endswith("Config") and fields(cls)}
 
 
 def main(versions: list[str]) -> None:
@@ -42,16 +52,12 @@ def main(versions: list[str]) -> None:
             )
             by_version[version] = config_fields(next(Path(tmp).glob(f"peft-{version}-*.whl")))
     lowest, *later = versions
-    base = {"PeftConfigMixin", "PeftConfig"}
     added: dict[str, dict[str, str]] = {}
     for version in later:
-        fields = by_version[version]
-        inherited = set().union(*(fields.get(c, set()) for c in base))
-        for cls, names in sorted(fields.items()):
+        for cls, names in sorted(by_version[version].items()):
             if cls not in by_version[lowest]:
                 continue  # a PEFT type the lowest release lacks: its configs fail as an unknown peft_type anyway
-            known = by_version[lowest].get(cls, set()) | set().union(*(by_version[lowest].get(c, set()) for c in base))
-            for name in sorted((names | inherited) - known):
+            for name in sorted(names - by_version[lowest][cls]):
                 added.setdefault(cls, {}).setdefault(name, version)
     print('"""Config settings that PEFT releases after the lowest supported one added, per config class.')
     print()

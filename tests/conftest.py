@@ -14,8 +14,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--full-matrix",
         action="store_true",
-        help="run every merge case on the reloaded adapter model too (CI: nox -s matrix tests_transformers4)",
+        help="every merge case on the reloaded adapter model too, every signal at every step of a merge "
+        "(CI: nox -s matrix tests_transformers4)",
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked full_matrix run with --full-matrix only (CI runs them on both stacks through nox)."""
+    if config.getoption("--full-matrix"):
+        return
+    deselected = [item for item in items if item.get_closest_marker("full_matrix")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("full_matrix")]
 
 
 @pytest.fixture(scope="session")

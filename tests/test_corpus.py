@@ -140,6 +140,7 @@ def _adapter(base_dir: Path, source: Path, directory: Path) -> Path:
     (directory / "config").mkdir(parents=True)
     shutil.copyfile(source, directory / "config" / "adapter_config.json")
     config = peft.PeftConfig.from_pretrained(directory / "config")  # as PEFT reads the file
+    config.inference_mode = False  # as during training (saved configs say True): the adapter's tensors train
     base = model_class_for(tf.AutoConfig.from_pretrained(base_dir), config.task_type).from_pretrained(base_dir)
     model = peft.get_peft_model(base, config)
     perturb(model)
@@ -170,7 +171,12 @@ def test_real_adapter_config_passes_the_doctor_and_merges(corpus_bases, tmp_path
 
     merged = safemerge.merge_pretrained(str(base_dir), str(adapter_dir), tmp_path / "merged", policy="untie")
     assert merged.ok and merged.verified
-    assert_merge_faithful(tmp_path / "merged", _reload(base_dir, adapter_dir))
+    reference = _reload(base_dir, adapter_dir)
+    loaded = peft.get_peft_model_state_dict(reference)
+    assert any("lora_B" in name and bool(t.any()) for name, t in loaded.items()), (
+        "PEFT loaded an adapter that does nothing"
+    )
+    assert_merge_faithful(tmp_path / "merged", reference)
 
 
 @pytest.mark.parametrize("entry", BROKEN, ids=[e["file"].removesuffix(".json") for e in BROKEN])

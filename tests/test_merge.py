@@ -151,6 +151,7 @@ def test_merge_matrix(build, tmp_path: Path, arch: str, kind: str, variant: str,
         assert all(frozenset(group.names) in kept for group in report.groups_before)
 
 
+@pytest.mark.full_matrix
 @pytest.mark.parametrize(("arch", "kind"), [case for case in CASES if expected(*case, "in-memory")[0] in MERGES])
 def test_inspect_agrees_with_the_table(build, arch: str, kind: str) -> None:  # type: ignore[no-untyped-def]
     category, _ = expected(arch, kind, "in-memory")
@@ -171,8 +172,14 @@ RESTORED = [
 ]
 
 
-def _layers(model: Any) -> list[tuple[str, type]]:
-    return [(name, type(module)) for name, module in model.named_modules()]
+def _state(model: Any) -> tuple[Any, ...]:
+    """What a restore must bring back: the modules, tied weights bit for bit, the ties, the flags."""
+    from safemerge._ties import base_parameters, tie_flags, tie_groups
+
+    root = model.get_base_model()
+    tied = {name for group in tie_groups(root) for name in group}
+    weights = {p.name: p.tensor.detach().clone() for p in base_parameters(root) if p.name in tied}
+    return [(n, type(m)) for n, m in model.named_modules()], weights, tie_groups(root), tie_flags(root.config)
 
 
 def _interrupt_once_merged(model: Any) -> None:
@@ -194,7 +201,7 @@ def _interrupt_once_merged(model: Any) -> None:
 def test_a_failed_merge_leaves_the_peft_model_as_it_was(build, tmp_path: Path, arch, kind, policy, variant, fault):  # type: ignore[no-untyped-def]
     model = build(arch, kind, variant)
     ids = sample_ids()
-    before, layers = logits(model, ids), _layers(model)
+    before, (layers, tied, ties, flags) = logits(model, ids), _state(model)
     out = tmp_path / "merged"
     if fault == "verification":  # no merge is exact to 1e-30: the check of the merged model fails
         with pytest.raises(
@@ -207,7 +214,10 @@ def test_a_failed_merge_leaves_the_peft_model_as_it_was(build, tmp_path: Path, a
         with pytest.raises(KeyboardInterrupt):
             safemerge.safe_merge(model, out, policy=policy)
         model.get_base_model()._forward_hooks.clear()
-    assert _layers(model) == layers, "PEFT's layers must be back in place"
+    layers_after, tied_after, ties_after, flags_after = _state(model)
+    assert layers_after == layers, "PEFT's layers must be back in place"
+    assert (ties_after, flags_after) == (ties, flags)
+    assert all(torch.equal(tied_after[name], value) for name, value in tied.items()), "tied weights come back exactly"
     # PEFT's unmerge restores LoRA weights up to float rounding (W + dW - dW); tied weights come back exactly.
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-5, atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "no output and no temporary directory may remain"
@@ -356,6 +366,29 @@ def test_small_change_on_a_tied_member_is_never_ignored(make_adapter_model, tmp_
     assert head.changed and 0 < head.max_abs_change < 1e-4
     with pytest.raises(safemerge.TiedWeightsError):
         safemerge.safe_merge(model, tmp_path / "m", policy="refuse")
+
+
+def test_a_small_head_change_in_bfloat16_is_never_written_into_the_embedding(make_adapter_model, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """In bfloat16 a real change to lm_head can be below the rounding tolerance: it is still a change."""
+    model = make_adapter_model("llama", "lora-head").to(torch.bfloat16)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.01)
+    (group,) = safemerge.inspect_ties(model).groups
+    assert not group.uniform
+    with pytest.raises(safemerge.TiedWeightsError, match="policy='untie'"):
+        safemerge.safe_merge(model, tmp_path / "m", policy="keep")
+
+
+def test_a_model_with_merged_adapters_is_refused(make_adapter_model, tmp_path: Path):  # type: ignore[no-untyped-def]
+    model = make_adapter_model("llama", "lora-attention")
+    model.merge_adapter()
+    with pytest.raises(
+        safemerge.InputError, match=r"already has adapter weights merged.*Fix: call model.unmerge_adapter"
+    ):
+        safemerge.safe_merge(model, tmp_path / "m", policy="keep")
+    assert not (tmp_path / "m").exists()
 
 
 def test_untied_head_keeps_its_trained_bias(make_adapter_model, tmp_path: Path):  # type: ignore[no-untyped-def]

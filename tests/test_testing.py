@@ -50,6 +50,11 @@ def test_plain_merge_of_a_tied_head_fails_with_the_member_and_figures(build, tmp
         assert_merge_faithful(tmp_path / "plain", build("llama", "lora-head", "reloaded"))
 
 
+def test_the_pytest_how_to_includes_the_file() -> None:
+    page = (HOW_TO.parent / "pytest.md").read_text(encoding="utf-8")
+    assert '\n--8<-- "docs/how-to/test_merged_model.py"\n' in page
+
+
 def test_the_pytest_how_to_runs_as_written(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_merged_model=HOW_TO.read_text(encoding="utf-8"))
     pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)

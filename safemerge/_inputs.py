@@ -1,0 +1,153 @@
+"""Check every input and output path, and the numbers, before any weight is loaded or any byte is written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import InputError
+
+#: A safetensors header larger than this is not a header (the format's own readers cap it at 100 MB).
+_MAX_HEADER = 100_000_000
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def local_path(name: str | os.PathLike[str], role: str) -> Path | None:
+    """The local directory `name` names, or None for a hub id. A name that looks like a path must exist here: it
+    is never looked up on the hub (that would only answer with a confusing repo-id error, after retries)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    text = os.fspath(name)
+    # Hub ids are "name" or "organisation/name"; anything else can only be a local path.
+    looks_local = text.startswith(("/", ".", "~")) or text.endswith("/") or text.count("/") > 1 or "\\" in text
+    if looks_local:
+        raise InputError(
+            f"The {role} '{text}' does not exist (no such file or directory); nothing was loaded or written. Fix: "
+            "check the path (a hub id has the form 'organisation/name')."
+        )
+    return None
+
+
+def check_tolerance(value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"logits_tolerance must be a finite number >= 0, got {value!r}; nothing was loaded. Fix: leave it unset "
+            "(the default follows the dtype) or pass e.g. 1e-3."
+        )
+
+
+def check_outputs(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
+    """Refuse an output that is, or is inside, or contains an input (or another output): it would overwrite it."""
+    resolved_inputs = {role: path.resolve() for role, path in inputs.items()}
+    for role, path in outputs.items():
+        where = path.resolve()
+        for other, source in resolved_inputs.items():
+            if where == source or source in where.parents or where in source.parents:
+                relation = "is" if where == source else "is inside" if source in where.parents else "contains"
+                raise InputError(
+                    f"The {role} '{path}' {relation} the {other} '{inputs[other]}': writing it would overwrite or "
+                    f"delete the {other}. Nothing was loaded or written. Fix: choose an {role} outside the inputs."
+                )
+    if "report" in outputs and "output directory" in outputs:
+        report, out = outputs["report"].resolve(), outputs["output directory"].resolve()
+        if report == out or out in report.parents:
+            raise InputError(
+                f"The report '{outputs['report']}' is the output directory or inside it, where only the verified "
+                "model may go. Nothing was loaded or written. Fix: write the report beside the output directory."
+            )
+        if report.is_dir():
+            raise InputError(
+                f"The report '{outputs['report']}' is a directory. Fix: give a file name, e.g. report.json."
+            )
+
+
+def check_files(directory: Path) -> None:
+    """Every safetensors file in `directory` is whole (a readable header whose tensors lie inside the file), and an
+    adapter's pickled weights load as plain tensors (adapters are small; a base's .bin is left to the loader)."""
+    for path in sorted(directory.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise damaged(path, problem)
+    adapter_bin = directory / "adapter_model.bin"
+    if adapter_bin.is_file() and not (directory / "adapter_model.safetensors").is_file():
+        import torch
+
+        try:
+            torch.load(adapter_bin, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            if _whole_pickle(adapter_bin):
+                return  # a pickle of Python objects beyond tensors, not a damaged one: the doctor explains it
+            raise damaged(adapter_bin, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def _whole_pickle(path: Path) -> bool:
+    """Whether `path` is an intact pickle stream (torch's zip format or a bare pickle), whatever it holds."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                data = archive.read(name)
+        else:
+            data = path.read_bytes()
+        for _ in pickletools.genops(data):
+            pass
+    except Exception:  # truncated, not a pickle, a broken zip
+        return False
+    return True
+
+
+def damaged(path: Path, problem: str) -> InputError:
+    return InputError(
+        f"This file is damaged: {path} ({problem}). Nothing was loaded or written. Fix: copy or download it again "
+        "(an interrupted copy or a full disk leaves files like this)."
+    )
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's header, or None (reads the header only)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return f"{size} bytes: too short for a safetensors header"
+            length = int.from_bytes(prefix, "little")
+            if length > min(_MAX_HEADER, size - 8):
+                return f"its header length is {length} bytes, the file has {size}"
+            header = json.loads(handle.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"its header is not readable JSON: {exc}"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    return _tensor_problem(header, size - 8 - length)
+
+
+def _tensor_problem(header: dict[str, Any], data_size: int) -> str | None:
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = entry["data_offsets"]
+            count = math.prod(entry["shape"])
+            width = _DTYPE_BYTES.get(str(entry.get("dtype")))
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return f"tensor {name} has no valid data_offsets / shape"
+        if not 0 <= start <= end:
+            return f"tensor {name} has data offsets {start}..{end}"
+        if end > data_size:
+            return f"truncated: its header says the data ends at byte {end}, the file holds {data_size}"
+        if width is not None and end - start != count * width:
+            return f"tensor {name} holds {end - start} bytes for shape {entry['shape']}"
+    return None
+
+
+def named_inputs(pairs: Iterable[tuple[str, Path | None]]) -> dict[str, Path]:
+    return {role: path for role, path in pairs if path is not None}

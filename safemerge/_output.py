@@ -1,0 +1,210 @@
+"""The output directory: claimed for the whole run, written beside it, put in place atomically.
+
+All temporary work lives in one sibling, `<parent>/.<name>.safemerge/`:
+- `lock`: held (flock) by the run that owns the output; a second run is refused while it is held;
+- `model/`: the merged model being written and verified;
+- `previous/`: only on platforms without an atomic directory swap, the old output while it is being replaced.
+The sibling is removed on every exit path. One left by a killed run is stale once its lock is free: the next run
+puts `previous/` back if the output is missing, and removes the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import InputError, OutputBusyError, OutputExistsError, OutputWriteError
+
+logger = logging.getLogger(__name__)
+
+FAILED_MARKER = "SAFEMERGE_VERIFICATION_FAILED.txt"
+#: Bytes safemerge adds to the output's name for its siblings: "." + ".safemerge", "." + "failed-" + 8 hex.
+_LONGEST_ADDITION = len(".failed-") + 8
+
+
+def resolved(save_directory: str | os.PathLike[str]) -> Path:
+    """The absolute output path; a symbolic link is followed to the directory it names."""
+    path = Path(os.path.abspath(save_directory))
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def work_directory(target: Path) -> Path:
+    """The temporary sibling of `target` (documented in docs/reference/cli.md)."""
+    return target.parent / f".{target.name}.safemerge"
+
+
+def check_target(target: Path, *, overwrite: bool) -> None:
+    """Refuse a target that is a file, a non-empty directory unless `overwrite`, or a name too long for a sibling."""
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(
+            f"save_directory '{target}' exists and is a file; nothing was merged. "
+            "Fix: choose a directory path (it is created if missing)."
+        )
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"save_directory '{target}' exists and is not empty; nothing was merged. Fix: choose another "
+            "directory, or pass overwrite=True (CLI: --overwrite) to replace it once the new model is verified."
+        )
+    limit = _name_max(target.parent)
+    if len(os.fsencode(target.name)) + _LONGEST_ADDITION > limit:
+        raise InputError(
+            f"The output name '{target.name[:40]}...' is {len(os.fsencode(target.name))} bytes; safemerge writes "
+            f"beside it under names {_LONGEST_ADDITION} bytes longer, and this filesystem allows {limit}. Nothing "
+            f"was merged. Fix: choose a name of at most {limit - _LONGEST_ADDITION} bytes."
+        )
+
+
+def _name_max(directory: Path) -> int:
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+class Claim:
+    """Ownership of an output directory for one run: the locked temporary sibling and what is written in it."""
+
+    def __init__(self, target: Path, work: Path, lock_fd: int) -> None:
+        self.target = target
+        self.work = work
+        self.staging = work / "model"
+        self._lock_fd = lock_fd
+
+    def commit(self) -> None:
+        """Put the verified model at the target: a rename, or an atomic swap with the old directory."""
+        if self.target.is_dir() and any(self.target.iterdir()):
+            if not _exchange(self.staging, self.target):
+                # No atomic swap here: the old directory waits in the sibling; the next run restores it if need be.
+                os.rename(self.target, self.work / "previous")
+                os.rename(self.staging, self.target)
+            # After the swap, `staging` holds the old directory; release() removes it.
+            return
+        try:
+            os.rename(self.staging, self.target)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise OutputExistsError(
+                    f"save_directory '{self.target}' was filled by another program while safemerge ran; it was not "
+                    "replaced. Fix: run again with another directory, or with overwrite=True."
+                ) from exc
+            raise
+
+    def quarantine(self, problems: list[str]) -> Path:
+        """Keep a model that failed verification, under a name nobody mistakes for the output."""
+        failed = self.target.parent / f"{self.target.name}.failed-{secrets.token_hex(4)}"
+        os.rename(self.staging, failed)
+        (failed / FAILED_MARKER).write_text(
+            "safemerge verification failed for this model; do not use it.\n" + "\n".join(problems) + "\n",
+            encoding="utf-8",
+        )
+        return failed
+
+    def release(self) -> None:
+        """Remove the temporary sibling and give up the lock."""
+        shutil.rmtree(self.work / "model", ignore_errors=True)
+        shutil.rmtree(self.work / "previous", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.work / "lock").unlink()
+            self.work.rmdir()
+        os.close(self._lock_fd)
+
+
+@contextlib.contextmanager
+def claim(target: Path, *, overwrite: bool) -> Iterator[Claim]:
+    """Own `target` for the duration: lock its temporary sibling, clean what a killed run left, release at the end."""
+    check_target(target, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = work_directory(target)
+    work.mkdir(exist_ok=True)
+    fd = os.open(work / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputBusyError(
+            f"Another safemerge run ({_owner(work)}) is writing '{target}' right now; nothing was merged. Fix: wait "
+            "for it to finish, or choose another directory."
+        ) from None
+    _recover(work, target)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid()}).encode())
+    held = Claim(target, work, fd)
+    try:
+        check_target(target, overwrite=overwrite)  # again, now that no other safemerge run can change it
+        yield held
+    finally:
+        held.release()
+
+
+def _owner(work: Path) -> str:
+    try:
+        return f"pid {json.loads((work / 'lock').read_text())['pid']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _recover(work: Path, target: Path) -> None:
+    """Clean what a run killed before its cleanup left in `work` (its lock is free, so it is dead)."""
+    previous = work / "previous"
+    if previous.exists() and not target.exists():
+        os.rename(previous, target)
+        logger.warning("put back %s: a killed safemerge run had moved it to %s", target, previous)
+    leftovers = [p for p in (work / "model", previous) if p.exists()]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    if leftovers:
+        logger.warning("removed what a killed safemerge run left in %s", work)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where the platform cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EPERM):  # filesystem or kernel without the flag
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def save_model(model: Any, held: Claim) -> None:
+    """save_pretrained into the claim's staging directory; a failure is an OutputWriteError, nothing is left."""
+    try:
+        model.save_pretrained(str(held.staging))
+    except Exception as exc:  # safetensors raises its own error type for a full disk
+        shutil.rmtree(held.staging, ignore_errors=True)
+        raise OutputWriteError(
+            f"Could not write the merged model into '{held.staging}' ({type(exc).__name__}: {exc}); "
+            f"'{held.target}' was not written and the partial files were removed. Fix: free space or check "
+            "permissions there (or choose another directory), then run again."
+        ) from exc
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` as JSON to `path` through a temporary file in the same directory (mode from the umask)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
