@@ -178,7 +178,8 @@ def safe_merge(
     peft_model = _require_peft_model(model)
     target = _output.resolved(save_directory)
     _output.check_target(target, overwrite=overwrite)
-    _refuse_non_finite("adapter", peft.get_peft_model_state_dict(peft_model).items())
+    # save_embedding_layers=False: the adapter's own tensors, without peft's hub lookup for a resized vocabulary.
+    _refuse_non_finite("adapter", peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False).items())
     with _output.claim(target, overwrite=overwrite) as held:
         logger.info("inspecting tied weights and probing the adapter model")
         analysis = _analyse(peft_model, probe_inputs)
