@@ -52,31 +52,25 @@ ENCODER_DECODER = {
 }
 
 
+#: A tiny vision tower (Gemma3's SigLIP, Llava's CLIP).
+VISION = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 28,
+    "patch_size": 14,
+}
+
+
 def _llama(tied: bool) -> Any:
     return tf.LlamaConfig(**DECODER, tie_word_embeddings=tied)
 
 
 def _gemma3() -> Any:
     return tf.Gemma3Config(
-        text_config={
-            "vocab_size": VOCAB,
-            "hidden_size": HIDDEN,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 8,
-            "sliding_window": 8,
-            "max_position_embeddings": 64,
-        },
-        vision_config={
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 28,
-            "patch_size": 14,
-        },
+        text_config={**DECODER, "head_dim": 8, "sliding_window": 8},
+        vision_config=VISION,
         mm_tokens_per_image=4,
         image_token_index=VOCAB - 1,
         boi_token_index=VOCAB - 3,

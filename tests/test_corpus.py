@@ -22,7 +22,7 @@ import transformers as tf
 import safemerge
 from safemerge._load import model_class_for
 from safemerge.testing import assert_merge_faithful
-from tests.models import DECODER, ENCODER_DECODER, HIDDEN, VOCAB, perturb
+from tests.models import DECODER, ENCODER_DECODER, HIDDEN, VISION, VOCAB, perturb
 
 CORPUS = Path(__file__).parent / "corpus"
 MANIFEST: list[dict[str, Any]] = json.loads((CORPUS / "manifest.json").read_text(encoding="utf-8"))
@@ -94,15 +94,7 @@ TINY: dict[str, tuple[Callable[..., Any], dict[str, Any], Any]] = {
         tf.LlavaConfig,
         {
             "text_config": {"model_type": "llama", **DECODER},
-            "vision_config": {
-                "model_type": "clip_vision_model",
-                "hidden_size": 16,
-                "intermediate_size": 32,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": 28,
-                "patch_size": 14,
-            },
+            "vision_config": {"model_type": "clip_vision_model", **VISION},
             "image_token_index": VOCAB - 1,
         },
         tf.LlavaForConditionalGeneration,
