@@ -1,19 +1,26 @@
 """Merge a PEFT adapter into its base model without silent damage to tied weights, and prove it."""
 
+from safemerge._analysis import inspect_ties
 from safemerge._doctor import doctor
-from safemerge._merge import inspect_ties, merge_pretrained, safe_merge, verify_merged
+from safemerge._merge import merge_pretrained, safe_merge
 from safemerge._report import (
+    Action,
     DoctorReport,
     Finding,
+    GroupPlan,
+    GroupState,
     MemberCheck,
+    MergePlan,
     MergeReport,
-    PolicyOutcome,
+    TieDecision,
     TieGroup,
     TieInspection,
     TieMember,
     TiePolicy,
     Verification,
 )
+from safemerge._verify import verify_merged
+from safemerge._version import __version__
 from safemerge.errors import (
     AdapterMismatchError,
     InputError,
@@ -28,22 +35,24 @@ from safemerge.errors import (
     VerificationError,
 )
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "Action",
     "AdapterMismatchError",
     "DoctorReport",
     "Finding",
+    "GroupPlan",
+    "GroupState",
     "InputError",
     "MemberCheck",
+    "MergePlan",
     "MergeReport",
     "NonFiniteWeightsError",
     "OutputBusyError",
     "OutputExistsError",
     "OutputWriteError",
-    "PolicyOutcome",
     "SafeMergeError",
     "SafeMergeWarning",
+    "TieDecision",
     "TieGroup",
     "TieInspection",
     "TieMember",

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import peft
 import torch
 import transformers
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper
+
+from safemerge._modules import base_parameters, set_tie_flags
+from safemerge._version import __version__
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 PEFT_VERSION = tuple(int(part) for part in peft.__version__.split(".")[:2])
@@ -35,66 +36,6 @@ def warn_if_untested_stack() -> None:
         )
 
 
-#: PEFT modules that wrap a base module and change what it computes.
-PEFT_WRAPPERS: tuple[type, ...] = (BaseTunerLayer, AuxiliaryTrainingWrapper)
-
-
-def is_peft_wrapper(module: torch.nn.Module) -> bool:
-    """Whether `module` is a PEFT layer or wrapper standing in for a base module."""
-    return isinstance(module, PEFT_WRAPPERS)
-
-
-def wrapped_base(module: torch.nn.Module) -> torch.nn.Module:
-    """The base module a PEFT wrapper stands in for, with none of the adapter applied."""
-    if isinstance(module, AuxiliaryTrainingWrapper):
-        base: torch.nn.Module = module.original_module
-        return base
-    if isinstance(module, BaseTunerLayer):
-        layer: torch.nn.Module = module.get_base_layer()
-        return layer
-    return module
-
-
-def merged_module(wrapper: torch.nn.Module) -> torch.nn.Module:
-    """The module PEFT's merge would leave in place of `wrapper`, computed on a copy (the model is untouched)."""
-    clone = _deepcopy(wrapper)
-    # Same dispatch as peft's BaseTuner._unload_and_optionally_merge.
-    if hasattr(clone, "unload_and_optionally_merge_module"):
-        merged: torch.nn.Module = clone.unload_and_optionally_merge_module(
-            merge=True, safe_merge=False, adapter_names=None
-        )
-        return merged
-    clone.merge(safe_merge=False)
-    return wrapped_base(clone)
-
-
-def _deepcopy(module: torch.nn.Module) -> Any:
-    """deepcopy that gives every non-leaf tensor the module holds a detached copy (deepcopy refuses non-leaves).
-
-    peft 0.18 keeps `trainable_tokens_original` as a non-leaf buffer; peft 0.21 with `ensure_weight_tying` keeps
-    the embedding's LoRA factors, transposed (non-leaf views), in the tied head's `kwargs["tied_adapter"]`.
-    """
-    memo = {id(t): t.detach().clone() for t in _tensors_held(module) if not t.is_leaf}
-    return copy.deepcopy(module, memo)
-
-
-def _tensors_held(module: torch.nn.Module) -> Iterator[torch.Tensor]:
-    """Every tensor the module tree holds: parameters, buffers, and plain attributes (in dicts, lists, tuples)."""
-    pending: list[Any] = [vars(m) for m in module.modules()]
-    seen: set[int] = set()
-    while pending:
-        value = pending.pop()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, dict):
-            pending += [v for k, v in value.items() if k != "_modules"]
-        elif isinstance(value, list | tuple):
-            pending += value
-
-
 def declared_ties(model: Any) -> dict[str, str]:
     """Ties the model class will restore on load: {alias: source}, in merged-model parameter names.
 
@@ -106,8 +47,6 @@ def declared_ties(model: Any) -> dict[str, str]:
     # transformers 4: `_tied_weights_keys` of each PreTrainedModel (sub)module name aliases by suffix; tie_weights()
     # restores them on load while the decoder text config's flag is True. The source is the tensor an alias shares
     # storage with, else (an alias already split in memory) the input embedding if the shapes agree.
-    from safemerge._ties import base_parameters
-
     if not getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", True):
         return {}
     params = {p.name: p.tensor for p in base_parameters(model)}
@@ -204,12 +143,8 @@ def ties_kept_whatever_the_flag(model: Any) -> list[frozenset[str]]:
     """
     if TRANSFORMERS_MAJOR >= 5:
         return []
-    from safemerge._ties import base_parameters, config_levels
-
     config = copy.deepcopy(model.config)
-    for _, level in config_levels(config):
-        if isinstance(getattr(level, "tie_word_embeddings", None), bool):
-            level.tie_word_embeddings = False
+    set_tie_flags(config, False)
     try:
         with torch.device("meta"):
             skeleton = type(model)(config)
@@ -221,33 +156,17 @@ def ties_kept_whatever_the_flag(model: Any) -> list[frozenset[str]]:
     return [frozenset(names) for names in by_tensor.values() if len(names) > 1]
 
 
-def output_embedding_name(model: Any) -> str | None:
-    """Parameter name of the output embedding's weight, or None."""
-    try:
-        head = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    return next((f"{path}.weight" for path, m in model.named_modules() if m is head), None)
+def head_rescale_when_untied(config: Any) -> float | None:
+    """The factor to fold into the output embedding when the tie flag goes from True to False, or None.
 
-
-def keep_output_scale_when_untied(model: Any) -> tuple[str, float] | None:
-    """After the tie flag went from True to False: keep the logits unchanged where the flag also drove a rescale.
-
-    Folds the factor into the output embedding, as a new tensor. Returns (its parameter name, the factor).
+    transformers 4's T5 family rescales the decoder output by d_model**-0.5 only while the flag is True; folding the
+    factor into the output embedding keeps the logits unchanged.
     """
-    name = output_embedding_name(model)
-    if not _rescales_while_tied(model.config) or name is None:
-        return None
-    head = model.get_output_embeddings()
-    scale = float(model.config.d_model) ** -0.5
-    head.weight = torch.nn.Parameter(head.weight.detach() * scale, requires_grad=head.weight.requires_grad)
-    return name, scale
+    return float(config.d_model) ** -0.5 if _rescales_while_tied(config) else None
 
 
 def versions() -> tuple[tuple[str, str], ...]:
     """Versions of the libraries whose behaviour a merge depends on."""
-    from safemerge import __version__
-
     return (
         ("safemerge", __version__),
         ("torch", torch.__version__),

@@ -72,7 +72,7 @@ def run_demo(say: Callable[[str], None]) -> int:
                 say(f"   refused ({type(error).__name__}): {error}")
                 continue
             assert report.verification is not None
-            say(f"   merged; actions: {'; '.join(report.actions[:-1])}")
+            say(f"   merged; actions: {'; '.join(str(a) for a in report.actions[:-1])}")
             say(
                 f"   max |logits difference| vs the adapter model after reload: "
                 f"{report.verification.max_abs_logits_diff_reloaded:.2g} "

@@ -7,7 +7,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-REPORT_SCHEMA_VERSION = 1
+#: 2: structured actions, the merge plan, renamed verification figures (CHANGELOG 0.2.0).
+REPORT_SCHEMA_VERSION = 2
 
 
 class TiePolicy(str, enum.Enum):
@@ -27,7 +28,7 @@ class TieMember:
 
     name: str
     #: The PEFT layer standing in for this member's module ("lora.Linear", "modules_to_save", ...), or "".
-    adapter: str
+    peft_layer: str
     #: Whether the adapter model's forward calls that PEFT layer; an uncalled one changes nothing.
     used_in_forward: bool
     #: max |effective weight - base weight| of this member in the adapter model.
@@ -38,7 +39,7 @@ class TieMember:
     @property
     def inert(self) -> bool:
         """A PEFT layer the forward never calls: nothing reads this member, so it follows the other members."""
-        return bool(self.adapter) and not self.used_in_forward
+        return bool(self.peft_layer) and not self.used_in_forward
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,90 @@ class TieGroup:
         return any(m.changed for m in self.members)
 
 
+class GroupState(str, enum.Enum):
+    """What the adapter does to the members of one tie group (the input of a policy rule)."""
+
+    #: The adapter changes no member.
+    UNCHANGED = "unchanged"
+    #: Every member ends up with the same weight, so one tensor can still hold it.
+    SAME_CHANGE = "same-change"
+    #: Members end up with different weights, and each can be saved as a tensor of its own.
+    DIFFERENT = "different"
+    #: Members end up different, but some of them load as one tensor whatever is saved.
+    INSEPARABLE = "inseparable"
+
+
+class TieDecision(str, enum.Enum):
+    """What a policy does with one tie group (the output of a policy rule)."""
+
+    #: Nothing to do: the members stay one tensor with the base weight.
+    KEEP_TIE = "keep-tie"
+    #: The members stay one tensor; the shared change is applied once.
+    SHARED_CHANGE = "shared-change"
+    #: Every member gets a tensor of its own holding its effective weight.
+    OWN_TENSORS = "own-tensors"
+    #: The policy does not merge this model.
+    REFUSE = "refuse"
+
+
+#: Codes of the actions a merge plan and an engine take, in the order they happen.
+ActionCode = Literal[
+    "drop-inert-layer",
+    "merge-untied-parameters",
+    "peft-merge",
+    "apply-shared-change",
+    "replace-rows",
+    "own-tensors",
+    "separate-adapter-tie",
+    "set-tie-flags",
+    "separate-declared-tie",
+    "rescale-output-embedding",
+    "save",
+    "retie-like-loader",
+]
+
+
 @dataclass(frozen=True)
-class PolicyOutcome:
-    """Whether a policy would merge this model, and why."""
+class Action:
+    """One thing a merge does: a code a program can read, the tensors (or flags) it touches, and why in words."""
+
+    code: ActionCode
+    #: Parameter names (config flag paths for `set-tie-flags`) the action touches.
+    members: tuple[str, ...]
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """The rule applied to one tie group: what the adapter does to it, and what the policy decides."""
+
+    members: tuple[str, ...]
+    state: GroupState
+    decision: TieDecision
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What a policy does with a model, decided before any tensor changes; every engine executes it as it is."""
 
     policy: str
     merges: bool
     reason: str
+    groups: tuple[GroupPlan, ...]
+    #: The steps on tied tensors and flags, in order (none when the policy refuses).
+    actions: tuple[Action, ...]
+    #: Every `tie_word_embeddings` flag of the merged model's config, as it is saved.
+    tie_flags: tuple[tuple[str, bool], ...]
+    #: Names that share one tensor in the merged model.
+    ties_after: tuple[tuple[str, ...], ...]
+    #: (member, factor) for members deliberately multiplied by a factor (transformers 4's T5 untied).
+    rescaled: tuple[tuple[str, float], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": REPORT_SCHEMA_VERSION, **_jsonable(self)}
 
 
 @dataclass(frozen=True)
@@ -87,13 +165,14 @@ class TieInspection:
     config_flags: tuple[tuple[str, bool], ...]
     #: Ties the model class declares, as (alias, source) pairs.
     declared_ties: tuple[tuple[str, str], ...]
-    outcomes: tuple[PolicyOutcome, ...]
+    #: What each policy would do, one plan per policy.
+    plans: tuple[MergePlan, ...]
     notes: tuple[str, ...] = ()
 
-    def outcome(self, policy: str | TiePolicy) -> PolicyOutcome:
-        """The outcome for one policy."""
+    def plan(self, policy: str | TiePolicy) -> MergePlan:
+        """The plan of one policy."""
         wanted = TiePolicy(policy).value
-        return next(o for o in self.outcomes if o.policy == wanted)
+        return next(p for p in self.plans if p.policy == wanted)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": REPORT_SCHEMA_VERSION, **_jsonable(self)}
@@ -116,10 +195,13 @@ class Verification:
 
     probe_tokens: int
     logits_tolerance: float
-    max_abs_logits_diff_merged: float
+    #: max |logits difference| of the merged model before it was saved (None when only a saved model was checked).
+    max_abs_logits_diff_in_memory: float | None
+    #: max |logits difference| of the model loaded from disk (None when nothing was loaded).
     max_abs_logits_diff_reloaded: float | None
     members: tuple[MemberCheck, ...]
-    tensors_compared: int
+    #: Number of state-dict tensors compared bit for bit between the merged model and its reload.
+    reloaded_tensors_compared: int
     tensors_not_identical: tuple[str, ...]
     ties_after_reload: tuple[tuple[str, ...], ...] | None
     problems: tuple[str, ...]
@@ -127,6 +209,12 @@ class Verification:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def max_abs_logits_diff(self) -> float:
+        """The figure of the last model checked: the reload if there was one, else the model in memory."""
+        last = self.max_abs_logits_diff_reloaded
+        return last if last is not None else float(self.max_abs_logits_diff_in_memory or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": REPORT_SCHEMA_VERSION, **_jsonable(self)}
@@ -138,10 +226,13 @@ class MergeReport:
 
     policy: str
     save_directory: str | None
+    #: The plan the merge executed.
+    plan: MergePlan
     groups_before: tuple[TieGroup, ...]
     #: Tie groups of the merged model (names sharing one tensor), as saved and reloaded.
     groups_after: tuple[tuple[str, ...], ...]
-    actions: tuple[str, ...]
+    #: What was done, in order: the plan's actions plus the engine's (PEFT's merge, the save, ...).
+    actions: tuple[Action, ...]
     verification: Verification | None
     versions: tuple[tuple[str, str], ...]
     model: Any = field(default=None, repr=False, compare=False)
@@ -224,5 +315,5 @@ def _properties(value: Any) -> dict[str, Any]:
     if isinstance(value, TieMember):
         return {"inert": value.inert}
     if isinstance(value, Verification):
-        return {"ok": value.ok}
+        return {"ok": value.ok, "max_abs_logits_diff": value.max_abs_logits_diff}
     return {}

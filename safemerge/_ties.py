@@ -2,122 +2,222 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from transformers import PretrainedConfig
 
-from safemerge import _compat
+from safemerge._modules import (
+    BaseParameter,
+    bare_module,
+    base_parameters,
+    declares_tie,
+    max_abs_diff,
+    one_module_clusters,
+    same_weight_tolerance,
+    storage_groups,
+    wrapped_base,
+)
 from safemerge._report import TieGroup, TieMember
 from safemerge.errors import UnsupportedAdapterError
 
 
 @dataclass
-class BaseParameter:
-    """A parameter of the base model, named as it will be named in the merged model."""
+class TiedWeights:
+    """Tie groups with the effective weight of every member, as the adapter model's forward uses them."""
 
-    name: str
-    tensor: torch.Tensor
-    #: The base module that holds this parameter (PEFT wrappers removed).
-    owner: torch.nn.Module
-    #: Outermost PEFT wrapper standing in for a module that holds this parameter, and its path.
-    wrapper: torch.nn.Module | None
-    wrapper_path: str
-
-    @property
-    def name_in_wrapper(self) -> str:
-        return self.name[len(self.wrapper_path) + 1 :] if self.wrapper_path else self.name
-
-
-def base_parameters(root: torch.nn.Module) -> list[BaseParameter]:
-    """Every parameter of the base model under `root`, aliases included, seen through PEFT wrappers."""
-    found: list[BaseParameter] = []
-
-    def walk(module: torch.nn.Module, prefix: str, wrapper: torch.nn.Module | None, wrapper_path: str) -> None:
-        if _compat.is_peft_wrapper(module):
-            if wrapper is None:
-                wrapper, wrapper_path = module, prefix.rstrip(".")
-            walk(_compat.wrapped_base(module), prefix, wrapper, wrapper_path)
-            return
-        for pname, param in module._parameters.items():
-            if param is not None:
-                found.append(BaseParameter(prefix + pname, param, module, wrapper, wrapper_path))
-        for cname, child in module._modules.items():
-            if child is not None:
-                walk(child, f"{prefix}{cname}.", wrapper, wrapper_path)
-
-    walk(root, "", None, "")
-    return found
+    groups: tuple[TieGroup, ...]
+    #: Per group, the base parameters of its members (same order as TieGroup.members).
+    params: tuple[tuple[BaseParameter, ...], ...]
+    #: Effective weight of every tied member, by name.
+    effective: dict[str, torch.Tensor]
+    #: Per group, members held by one module object: they stay one tensor whatever a policy decides.
+    one_module: tuple[tuple[tuple[str, ...], ...], ...]
+    #: Merged values of parameters that are not tied but live in a tied member's PEFT layer (a modules_to_save
+    #: copy's bias): PEFT's merge will not see them, since that layer is taken out before it runs.
+    untied_changes: dict[str, torch.Tensor]
+    #: Names that share one tensor only in the merged model: the adapter gave them one modules_to_save copy.
+    adapter_ties: tuple[tuple[str, ...], ...]
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
-    return (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
+def find_tied_weights(
+    root: torch.nn.Module,
+    called: set[int],
+    declared: Mapping[str, str],
+    kept_tied: Sequence[frozenset[str]] = (),
+) -> TiedWeights:
+    """Tie groups of `root` (a PEFT model's base model) and each member's effective weight.
 
-
-def storage_groups(params: list[BaseParameter]) -> list[list[BaseParameter]]:
-    """Parameters that share one storage, two or more per group, in model order."""
-    by_key: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], list[BaseParameter]] = {}
-    for p in params:
-        if p.tensor.device.type == "meta" or p.tensor.numel() == 0:
-            continue  # no storage to compare: nothing can be said about sharing
-        by_key.setdefault(_storage_key(p.tensor), []).append(p)
-    return [group for group in by_key.values() if len(group) > 1]
-
-
-def tie_groups(model: torch.nn.Module) -> tuple[tuple[str, ...], ...]:
-    """Names of the parameters that share one storage in `model` (a plain or a PEFT model)."""
-    return tuple(tuple(p.name for p in group) for group in storage_groups(base_parameters(model)))
-
-
-def declares_tie(declared: Mapping[str, str], names: Sequence[str]) -> bool:
-    """Whether the model class declares a tie between any two of `names`."""
-    return any(declared.get(a) == b or declared.get(b) == a for a in names for b in names if a != b)
-
-
-def split_declared_ties(model: torch.nn.Module, declared: Mapping[str, str]) -> list[tuple[str, str]]:
-    """Declared (alias, source) ties whose tensors are separate in `model`."""
-    params = {p.name: p.tensor for p in base_parameters(model)}
-    return [
-        (alias, source)
-        for alias, source in declared.items()
-        if alias in params and source in params and params[alias] is not params[source]
-    ]
-
-
-def config_levels(config: PretrainedConfig) -> Iterator[tuple[str, PretrainedConfig]]:
-    """The config and every nested config (text_config, decoder, ...), with their attribute paths."""
-    yield "", config
-    for key, value in vars(config).items():
-        if isinstance(value, PretrainedConfig):
-            for path, sub in config_levels(value):
-                yield (f"{key}.{path}" if path else key), sub
-
-
-def tie_flags(config: PretrainedConfig) -> tuple[tuple[str, bool], ...]:
-    """Every config level that carries `tie_word_embeddings`, as (dotted path, value)."""
-    flags = []
-    for path, level in config_levels(config):
-        value = getattr(level, "tie_word_embeddings", None)
-        if isinstance(value, bool):
-            flags.append((f"{path}.tie_word_embeddings" if path else "tie_word_embeddings", value))
-    return tuple(flags)
-
-
-def same_weight_tolerance(reference: torch.Tensor) -> float:
-    """Largest |difference| that is still rounding, for two ways of computing the same merged weight.
-
-    A few units in the last place of the largest value: two members that got the same change through different
-    PEFT layers (ensure_weight_tying: an Embedding and a transposed Linear) differ by rounding only.
+    `called` holds the ids of the PEFT wrappers that the adapter model's forward called. A wrapper the forward never
+    calls (T5's `shared`) makes its member inert: nothing reads it, so it takes the weight the other members agree
+    on (the base weight when they disagree).
     """
-    eps = torch.finfo(reference.dtype).eps if reference.is_floating_point() else 0.0
-    return 4 * eps * float(reference.detach().abs().max()) if reference.numel() else 0.0
+    groups, params, one_module = [], [], []
+    effective: dict[str, torch.Tensor] = {}
+    merged_layers: dict[int, dict[str, torch.Tensor]] = {}
+    for group in storage_groups(base_parameters(root)):
+        inert = [p.wrapper is not None and id(p.wrapper) not in called for p in group]
+        adapted = [None if dead else _adapted_value(p, merged_layers) for p, dead in zip(group, inert, strict=True)]
+        values, changed, uniform = _settle(group[0].tensor.detach(), adapted, inert)
+        effective.update(zip((p.name for p in group), values, strict=True))
+        groups.append(_tie_group(group, values, changed, inert, uniform, declared, kept_tied))
+        params.append(tuple(group))
+        one_module.append(one_module_clusters(group))
+    tied_names = set(effective)
+    return TiedWeights(
+        groups=tuple(groups),
+        params=tuple(params),
+        effective=effective,
+        one_module=tuple(one_module),
+        untied_changes=dict(_untied_changes(params, merged_layers, tied_names)),
+        adapter_ties=_adapter_ties(root, [set(g.names) for g in groups]),
+    )
 
 
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    return float((a.detach().float() - b.detach().float()).abs().max()) if a.numel() else 0.0
+def _settle(
+    base: torch.Tensor, adapted: list[torch.Tensor | None], inert: list[bool]
+) -> tuple[list[torch.Tensor], list[bool], bool]:
+    """Every member's effective weight (inert members follow the others where they agree), whether it differs from
+    the base weight, and whether the members agree.
+
+    `adapted`: a member's value after its PEFT layer's merge, None where that is the base weight.
+    """
+    live = [v for v, dead in zip(adapted, inert, strict=True) if not dead]
+    # A member that keeps the base weight exactly and one that changed differ, however small the change (in
+    # bfloat16 a real change can be below the rounding tolerance); changed members may differ by rounding.
+    mixed = any(v is None for v in live) and any(v is not None for v in live)
+    uniform = not mixed and _spread([base if v is None else v for v in live] or [base]) <= same_weight_tolerance(base)
+    shared = next((v for v in live if v is not None), None)
+    if uniform and shared is not None:
+        adapted = [shared if dead else v for v, dead in zip(adapted, inert, strict=True)]
+    # The base weight is overwritten in place by a merge: members that keep it get a copy where others change.
+    base_value = base.clone() if any(v is not None for v in adapted) else base
+    return [base_value if v is None else v for v in adapted], [v is not None for v in adapted], uniform
+
+
+def _tie_group(
+    group: list[BaseParameter],
+    values: list[torch.Tensor],
+    changed: list[bool],
+    inert: list[bool],
+    uniform: bool,
+    declared: Mapping[str, str],
+    kept_tied: Sequence[frozenset[str]],
+) -> TieGroup:
+    base = group[0].tensor.detach()
+    members = tuple(
+        TieMember(
+            name=p.name,
+            peft_layer=describe_wrapper(p.wrapper),
+            used_in_forward=p.wrapper is not None and not dead,
+            max_abs_change=max_abs_diff(v, base),
+            changed=change,
+        )
+        for p, v, change, dead in zip(group, values, changed, inert, strict=True)
+    )
+    inseparable = _inseparable_clusters(group, kept_tied)
+    effective = {p.name: v for p, v in zip(group, values, strict=True)}
+    return TieGroup(
+        members=members,
+        shape=tuple(base.shape),
+        dtype=str(base.dtype).removeprefix("torch."),
+        declared=declares_tie(declared, [p.name for p in group]),
+        max_abs_spread=_spread(values),
+        uniform=uniform,
+        inseparable=inseparable,
+        separable=all(_same(effective, cluster) for cluster in inseparable),
+    )
+
+
+def _inseparable_clusters(
+    group: list[BaseParameter], kept_tied: Sequence[frozenset[str]]
+) -> tuple[tuple[str, ...], ...]:
+    """Members that load as one tensor whatever is saved: held by one module object, or tied again by the loader
+    whatever the flags say (`kept_tied`). Clusters are merged where they overlap."""
+    names = {p.name for p in group}
+    clusters: list[set[str]] = []
+    for cluster in [*map(set, one_module_clusters(group)), *(set(k) & names for k in kept_tied)]:
+        if len(cluster) < 2:
+            continue
+        overlapping = [c for c in clusters if c & cluster]
+        for c in overlapping:
+            clusters.remove(c)
+            cluster = cluster | c
+        clusters.append(cluster)
+    order = [p.name for p in group]
+    return tuple(tuple(n for n in order if n in c) for c in clusters)
+
+
+def _same(effective: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> bool:
+    first = effective[names[0]]
+    return all(max_abs_diff(effective[n], first) <= same_weight_tolerance(first) for n in names)
+
+
+def _spread(values: Sequence[torch.Tensor]) -> float:
+    """max |value - first value|."""
+    return max(max_abs_diff(v, values[0]) for v in values)
+
+
+def _adapted_value(p: BaseParameter, merged_layers: dict[int, dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """The member's weight after PEFT's own merge of a copy of its layer; None where that is the base weight."""
+    if p.wrapper is None:
+        return None
+    if id(p.wrapper) not in merged_layers:
+        try:
+            merged = merged_module(p.wrapper)
+        except Exception as exc:
+            raise UnsupportedAdapterError(
+                f"safemerge could not work out the merged weight of {p.name}: merging a copy of the PEFT layer on "
+                f"{p.wrapper_path or 'the model'} ({describe_wrapper(p.wrapper)}) raised {type(exc).__name__}: "
+                f"{str(exc).rstrip('.')}. That weight is tied to others, and without it safemerge cannot tell what "
+                "the merged model must hold, so nothing was merged or changed. Fix: keep using the adapter unmerged "
+                "(PeftModel.from_pretrained), or retrain without the setting the reason names; if the reason looks "
+                "like a safemerge bug, report it with the versions in use."
+            ) from exc
+        merged_layers[id(p.wrapper)] = dict(merged.named_parameters(remove_duplicate=False))
+    value = merged_layers[id(p.wrapper)][p.name_in_wrapper].detach()
+    # Exact: any real delta, however small, counts as a change.
+    return None if torch.equal(value, p.tensor) else value
+
+
+def _untied_changes(
+    params: list[tuple[BaseParameter, ...]], merged_layers: dict[int, dict[str, torch.Tensor]], tied: set[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, merged value) of every changed parameter of a called tied member's PEFT layer that is not tied."""
+    done: set[int] = set()
+    for p in (p for group in params for p in group):
+        merged = merged_layers.get(id(p.wrapper))
+        if p.wrapper is None or merged is None or id(p.wrapper) in done:
+            continue  # merged is None: a wrapper the forward never calls changes nothing
+        done.add(id(p.wrapper))
+        for name, param in bare_module(p.wrapper).named_parameters(remove_duplicate=False):
+            full = f"{p.wrapper_path}.{name}" if p.wrapper_path else name
+            value = merged.get(name)
+            if full not in tied and value is not None and value.shape == param.shape and not torch.equal(value, param):
+                yield full, value.detach()
+
+
+def _adapter_ties(root: torch.nn.Module, base_groups: list[set[str]]) -> tuple[tuple[str, ...], ...]:
+    """Names that will share one tensor after PEFT's unload but do not in the base model.
+
+    peft 0.18's ensure_weight_tying on an untied base hands lm_head the embedding's modules_to_save copy.
+    """
+    after_unload = storage_groups(base_parameters(root, through=_unloaded))
+    return tuple(
+        tuple(p.name for p in group)
+        for group in after_unload
+        if not any({p.name for p in group} <= base for base in base_groups)
+    )
+
+
+def _unloaded(wrapper: torch.nn.Module) -> torch.nn.Module:
+    """The module PEFT's unload leaves in place of `wrapper` (its active modules_to_save copy, or the base)."""
+    copies = getattr(wrapper, "modules_to_save", None)
+    if isinstance(copies, torch.nn.ModuleDict) and getattr(wrapper, "active_adapters", None):
+        return bare_module(copies[wrapper.active_adapter])  # type: ignore[index]
+    return wrapped_base(wrapper)
 
 
 def describe_wrapper(wrapper: torch.nn.Module | None) -> str:
@@ -137,132 +237,41 @@ def describe_wrapper(wrapper: torch.nn.Module | None) -> str:
     return label
 
 
-def _inseparable_clusters(
-    group: list[BaseParameter], kept_tied: Sequence[frozenset[str]]
-) -> tuple[tuple[str, ...], ...]:
-    """Members that load as one tensor whatever is saved: held by one module object, or tied again by the loader
-    whatever the flags say (`kept_tied`). Clusters are merged where they overlap."""
-    clusters: list[set[str]] = []
-    by_owner: dict[int, set[str]] = {}
-    for p in group:
-        by_owner.setdefault(id(p.owner), set()).add(p.name)
-    names = {p.name for p in group}
-    for cluster in [*by_owner.values(), *(set(k) & names for k in kept_tied)]:
-        if len(cluster) < 2:
-            continue
-        overlapping = [c for c in clusters if c & cluster]
-        for c in overlapping:
-            clusters.remove(c)
-            cluster = cluster | c
-        clusters.append(cluster)
-    order = [p.name for p in group]
-    return tuple(tuple(n for n in order if n in c) for c in clusters)
+def merged_module(wrapper: torch.nn.Module) -> torch.nn.Module:
+    """The module PEFT's merge would leave in place of `wrapper`, computed on a copy (the model is untouched)."""
+    clone = _deepcopy(wrapper)
+    # Same dispatch as peft's BaseTuner._unload_and_optionally_merge.
+    if hasattr(clone, "unload_and_optionally_merge_module"):
+        merged: torch.nn.Module = clone.unload_and_optionally_merge_module(
+            merge=True, safe_merge=False, adapter_names=None
+        )
+        return merged
+    clone.merge(safe_merge=False)
+    return wrapped_base(clone)
 
 
-def _same(effective: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> bool:
-    first = effective[names[0]]
-    return all(max_abs_diff(effective[n], first) <= same_weight_tolerance(first) for n in names)
+def _deepcopy(module: torch.nn.Module) -> Any:
+    """deepcopy that gives every non-leaf tensor the module holds a detached copy (deepcopy refuses non-leaves).
 
-
-@dataclass
-class TiedWeights:
-    """Tie groups with the effective weight of every member, as the adapter model's forward uses them."""
-
-    groups: tuple[TieGroup, ...]
-    #: Per group, the base parameters of its members (same order as TieGroup.members).
-    params: tuple[tuple[BaseParameter, ...], ...]
-    #: Effective weight of every tied member, by name.
-    effective: dict[str, torch.Tensor]
-    #: For each called PEFT wrapper that holds a tied member (by id): every parameter of the module that PEFT's
-    #: merge would leave in its place, by name inside it (a modules_to_save copy's bias, say).
-    merged_params: dict[int, dict[str, torch.Tensor]]
-
-
-def find_tied_weights(
-    root: torch.nn.Module,
-    called: set[int],
-    declared: Mapping[str, str],
-    kept_tied: Sequence[frozenset[str]] = (),
-) -> TiedWeights:
-    """Tie groups of `root` (a PEFT model's base model) and each member's effective weight.
-
-    `called` holds the ids of the PEFT wrappers that the adapter model's forward called. A wrapper the forward never
-    calls (T5's `shared`) makes its member inert: nothing reads it, so it takes the weight the other members agree
-    on (the base weight when they disagree).
+    peft 0.18 keeps `trainable_tokens_original` as a non-leaf buffer; peft 0.21 with `ensure_weight_tying` keeps
+    the embedding's LoRA factors, transposed (non-leaf views), in the tied head's `kwargs["tied_adapter"]`.
     """
-    groups, params, effective = [], [], {}
-    merged_cache: dict[int, dict[str, torch.Tensor]] = {}
-    for group in storage_groups(base_parameters(root)):
-        base = group[0].tensor.detach()
-        inert = [p.wrapper is not None and id(p.wrapper) not in called for p in group]
-        # None: the member's weight is the base weight.
-        values = [None if dead else _adapted_value(p, base, merged_cache) for p, dead in zip(group, inert, strict=True)]
-        live = [v for v, dead in zip(values, inert, strict=True) if not dead]
-        # A member that keeps the base weight exactly and one that changed differ, however small the change (in
-        # bfloat16 a real change can be below the rounding tolerance); changed members may differ by rounding.
-        mixed = any(v is None for v in live) and any(v is not None for v in live)
-        uniform = not mixed and _spread([base if v is None else v for v in live] or [base]) <= same_weight_tolerance(
-            base
-        )
-        shared = next((v for v in live if v is not None), None)
-        if uniform and shared is not None:
-            values = [shared if dead else v for v, dead in zip(values, inert, strict=True)]
-        # The base weight is overwritten in place by a merge: members that keep it get a copy where others change.
-        base_value = base.clone() if any(v is not None for v in values) else base
-        for p, v in zip(group, values, strict=True):
-            effective[p.name] = base_value if v is None else v
-        members = [
-            TieMember(
-                name=p.name,
-                adapter=describe_wrapper(p.wrapper),
-                used_in_forward=p.wrapper is not None and not dead,
-                max_abs_change=0.0 if v is None else max_abs_diff(v, base),
-                changed=v is not None,
-            )
-            for p, v, dead in zip(group, values, inert, strict=True)
-        ]
-        names = [p.name for p in group]
-        inseparable = _inseparable_clusters(group, kept_tied)
-        groups.append(
-            TieGroup(
-                members=tuple(members),
-                shape=tuple(base.shape),
-                dtype=str(base.dtype).removeprefix("torch."),
-                declared=declares_tie(declared, names),
-                max_abs_spread=_spread([effective[n] for n in names]),
-                uniform=uniform,
-                inseparable=inseparable,
-                separable=all(_same(effective, cluster) for cluster in inseparable),
-            )
-        )
-        params.append(tuple(group))
-    return TiedWeights(tuple(groups), tuple(params), effective, merged_cache)
+    memo = {id(t): t.detach().clone() for t in _tensors_held(module) if not t.is_leaf}
+    return copy.deepcopy(module, memo)
 
 
-def _adapted_value(
-    p: BaseParameter, base: torch.Tensor, cache: dict[int, dict[str, torch.Tensor]]
-) -> torch.Tensor | None:
-    """The member's weight after PEFT's own merge of a copy of its layer; None where that is the base weight."""
-    if p.wrapper is None:
-        return None
-    if id(p.wrapper) not in cache:
-        try:
-            merged = _compat.merged_module(p.wrapper)
-        except Exception as exc:
-            raise UnsupportedAdapterError(
-                f"safemerge could not work out the merged weight of {p.name}: merging a copy of the PEFT layer on "
-                f"{p.wrapper_path or 'the model'} ({describe_wrapper(p.wrapper)}) raised {type(exc).__name__}: "
-                f"{str(exc).rstrip('.')}. That weight is tied to others, and without it safemerge cannot tell what "
-                "the merged model must hold, so nothing was merged or changed. Fix: keep using the adapter unmerged "
-                "(PeftModel.from_pretrained), or retrain without the setting the reason names; if the reason looks "
-                "like a safemerge bug, report it with the versions in use."
-            ) from exc
-        cache[id(p.wrapper)] = dict(merged.named_parameters(remove_duplicate=False))
-    value = cache[id(p.wrapper)][p.name_in_wrapper].detach()
-    # Exact: any real delta, however small, counts as a change.
-    return None if torch.equal(value, base) else value
-
-
-def _spread(values: Sequence[torch.Tensor]) -> float:
-    """max |value - first value|."""
-    return max(max_abs_diff(v, values[0]) for v in values)
+def _tensors_held(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Every tensor the module tree holds: parameters, buffers, and plain attributes (in dicts, lists, tuples)."""
+    pending: list[Any] = [vars(m) for m in module.modules()]
+    seen: set[int] = set()
+    while pending:
+        value = pending.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            pending += [v for k, v in value.items() if k != "_modules"]
+        elif isinstance(value, list | tuple):
+            pending += value

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safemerge import __version__, _inputs
+from safemerge import _inputs
 from safemerge._output import write_json_atomic
 from safemerge._report import MergeReport, TieInspection, TiePolicy, Verification
+from safemerge._version import __version__
 from safemerge.errors import InputError, OutputExistsError, SafeMergeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -223,8 +224,8 @@ def _merge_summary(args: argparse.Namespace, report: MergeReport) -> list[str]:
         lines.append("not verified (--no-verify)")
     else:
         lines.append(
-            f"verified: {v.tensors_compared} tensors bit-identical after reload; max |logits difference| vs the "
-            f"adapter model {v.max_abs_logits_diff_reloaded:.3g} (tolerance {v.logits_tolerance:.3g})"
+            f"verified: {v.reloaded_tensors_compared} tensors bit-identical after reload; max |logits difference| vs "
+            f"the adapter model {v.max_abs_logits_diff_reloaded:.3g} (tolerance {v.logits_tolerance:.3g})"
         )
     return lines
 
@@ -238,7 +239,8 @@ def _checked_inputs(*pairs: tuple[str, str]) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from safemerge._merge import inspect_ties, load_inputs
+    from safemerge._analysis import inspect_ties
+    from safemerge._merge import load_inputs
 
     _checked_inputs((args.base, "base model"), (args.adapter, "adapter"))
     model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map)
@@ -259,23 +261,25 @@ def inspection_table(inspection: TieInspection) -> list[str]:
         width = max(len(m.name) for m in group.members)
         lines.append(f"  {'member':<{width}}  {'PEFT layer':<24} {'called':<7} max |change|")
         for m in group.members:
-            called = "yes" if m.used_in_forward else ("no" if m.adapter else "-")
-            lines.append(f"  {m.name:<{width}}  {m.adapter or '-':<24} {called:<7} {m.max_abs_change:.3g}")
+            called = "yes" if m.used_in_forward else ("no" if m.peft_layer else "-")
+            lines.append(f"  {m.name:<{width}}  {m.peft_layer or '-':<24} {called:<7} {m.max_abs_change:.3g}")
         if group.inseparable:
             lines.append(
                 "  load as one tensor whatever is saved: " + "; ".join(", ".join(c) for c in group.inseparable)
             )
     flags = ", ".join(f"{path}={value}" for path, value in inspection.config_flags) or "none"
     lines.append(f"config flags: {flags}")
-    lines.append("policy  merges  why")
-    for outcome in inspection.outcomes:
-        lines.append(f"{outcome.policy:<7} {'yes' if outcome.merges else 'no':<7} {outcome.reason}")
+    lines.append("policy  merges  why, then the plan's steps")
+    for plan in inspection.plans:
+        lines.append(f"{plan.policy:<7} {'yes' if plan.merges else 'no':<7} {plan.reason}")
+        lines += [f"{'':<16}{action.code}: {action.detail}" for action in plan.actions if action.code != "peft-merge"]
     lines += [f"note: {note}" for note in inspection.notes]
     return lines
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from safemerge._merge import load_inputs, verify_merged
+    from safemerge._merge import load_inputs
+    from safemerge._verify import verify_merged
 
     _checked_inputs((args.base, "base model"), (args.adapter, "adapter"), (args.merged, "merged model"))
     model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map)
@@ -304,7 +308,7 @@ def _verdict(args: argparse.Namespace, v: Verification) -> list[str]:
     verdict = "FAITHFUL" if v.ok else "NOT FAITHFUL"
     lines = [
         f"{args.merged}: {verdict} to {args.base} + {args.adapter}",
-        f"  max |logits difference| vs the adapter model: {v.max_abs_logits_diff_merged:.3g} "
+        f"  max |logits difference| vs the adapter model: {v.max_abs_logits_diff:.3g} "
         f"(tolerance {v.logits_tolerance:.3g}, {v.probe_tokens} probe tokens)",
     ]
     lines += [

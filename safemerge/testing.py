@@ -63,7 +63,7 @@ def assert_merge_faithful(
         AssertionError: listing every difference, with the figures.
     """
     __tracebackhide__ = True
-    from safemerge._merge import verify_merged
+    from safemerge._verify import verify_merged
 
     verification = verify_merged(merged, adapter_model, logits_tolerance=logits_tolerance, probe_inputs=probe_inputs)
     if not verification.ok:
@@ -72,6 +72,6 @@ def assert_merge_faithful(
             shown.append(f"... and {len(verification.problems) - _MAX_LISTED} more")
         raise AssertionError(
             f"{merged if not isinstance(merged, torch.nn.Module) else type(merged).__name__} does not compute what "
-            f"the adapter model computes (max |logits difference| {verification.max_abs_logits_diff_merged:.4g}, "
+            f"the adapter model computes (max |logits difference| {verification.max_abs_logits_diff:.4g}, "
             f"tolerance {verification.logits_tolerance:.3g}):\n  " + "\n  ".join(shown)
         )

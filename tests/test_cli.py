@@ -93,7 +93,7 @@ def test_inspect_table_and_json(dirs: dict[str, Path], capsys: pytest.CaptureFix
     assert "keep    no" in table and "untie   yes" in table
     assert run("inspect", dirs["base"], dirs["adapter"], "--json") == 0
     data = json.loads(capsys.readouterr().out)
-    assert [o["merges"] for o in data["outcomes"]] == [False, True, False]
+    assert [o["merges"] for o in data["plans"]] == [False, True, False]
     assert sorted(p.name for p in dirs["tmp"].iterdir()) == ["adapter", "plain"], "inspect writes nothing"
 
 
@@ -109,7 +109,7 @@ def test_verify_accepts_a_safemerge_output(dirs: dict[str, Path], capsys: pytest
     capsys.readouterr()
     assert run("verify", out, "--base", dirs["base"], "--adapter", dirs["adapter"], "--json") == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["ok"] is True and data["max_abs_logits_diff_merged"] <= data["logits_tolerance"]
+    assert data["ok"] is True and data["max_abs_logits_diff"] <= data["logits_tolerance"]
 
 
 def test_python_dash_m_and_version() -> None:

@@ -397,14 +397,3 @@ def test_merge_runs_the_doctor_first(good: dict[str, Path], tmp_path: Path, caps
     with pytest.raises(safemerge.AdapterMismatchError) as info:
         safemerge.merge_pretrained(str(good["base"]), str(target), tmp_path / "out", policy="keep")
     assert not info.value.report.ok
-
-
-def test_every_finding_code_is_documented() -> None:
-    import re
-
-    root = Path(__file__).parent.parent
-    source = (root / "safemerge" / "_doctor.py").read_text()
-    emitted = set(re.findall(r'checkup\.add\(\s*"([a-z0-9-]+)"', source))
-    documented = (root / "docs" / "reference" / "doctor.md").read_text()
-    assert len(emitted) >= 30
-    assert {code for code in emitted if f"`{code}`" not in documented} == set()

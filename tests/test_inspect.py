@@ -19,7 +19,7 @@ def test_inspection_changes_nothing(base_dirs: dict[str, Path], tmp_path: Path) 
     assert (
         model.get_base_model().lm_head.base_layer.weight is model.get_base_model().model.embed_tokens.base_layer.weight
     )
-    assert json.loads(json.dumps(inspection.to_dict()))["schema_version"] == 1
+    assert json.loads(json.dumps(inspection.to_dict()))["schema_version"] == 2
 
 
 def test_gemma3_flags_are_read_and_untied_at_every_level(base_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -40,7 +40,7 @@ def test_untied_model_has_no_groups(base_dirs: dict[str, Path], tmp_path: Path) 
     model = adapter_model(ARCHS["llama-untied"], base_dirs["llama-untied"], "lora-both", tmp_path / "a")
     inspection = safemerge.inspect_ties(model)
     assert inspection.groups == ()
-    assert all(o.merges for o in inspection.outcomes)
+    assert all(p.merges for p in inspection.plans)
 
 
 def test_t5_group_has_four_members_and_ties_survive_keep(base_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -1,0 +1,141 @@
+"""Read the adapter model without changing it: one probe pass, the tie groups, and every policy's plan."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from safemerge import _compat, _probe
+from safemerge._modules import base_parameters, output_embedding_name, storage_groups, tie_flags
+from safemerge._plan import ModelFacts, make_plan
+from safemerge._report import MergePlan, TieInspection, TiePolicy
+from safemerge._ties import TiedWeights, find_tied_weights
+from safemerge.errors import InputError, UnsupportedAdapterError
+
+
+@dataclass
+class Analysis:
+    """Everything a merge decides from and is checked against."""
+
+    inspection: TieInspection
+    tied: TiedWeights
+    probe: dict[str, torch.Tensor]
+    adapter_logits: torch.Tensor
+
+    def plan(self, policy: TiePolicy) -> MergePlan:
+        return self.inspection.plan(policy)
+
+
+def require_peft_model(model: Any) -> Any:
+    """`model` if it is a PEFT model safemerge can merge; TypeError / InputError / UnsupportedAdapterError if not."""
+    from peft import PeftModel
+
+    _compat.warn_if_untested_stack()
+    if not isinstance(model, PeftModel):
+        raise TypeError(
+            f"safemerge expects a peft.PeftModel, got {type(model).__name__}. Fix: load the adapter onto its base "
+            "first: PeftModel.from_pretrained(base_model, adapter_path)."
+        )
+    merged = sorted({type(m).__name__ for m in model.modules() if getattr(m, "merged", False) is True})
+    if merged:
+        raise InputError(
+            f"This PEFT model already has adapter weights merged into its base layers ({', '.join(merged)}: "
+            "model.merge_adapter() was called), so its base weights are not the base model's any more and a merge "
+            "would apply the change twice. Nothing was changed. Fix: call model.unmerge_adapter() first."
+        )
+    config = model.active_peft_config
+    if getattr(config, "is_prompt_learning", False):
+        raise UnsupportedAdapterError(
+            f"This adapter cannot be merged into the base weights: {type(config).__name__} is a prompt-learning "
+            "method (virtual tokens, no weight deltas), so no merged model computes what it computes. Fix: keep "
+            "using it as an adapter with PeftModel.from_pretrained()."
+        )
+    return model
+
+
+def analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> Analysis:
+    """Tie groups, effective weights, every policy's plan and the adapter model's probe logits. Read-only."""
+    root = model.get_base_model()
+    declared = _compat.declared_ties(root)
+    wrappers = [p.wrapper for group in storage_groups(base_parameters(root)) for p in group if p.wrapper is not None]
+    probe = dict(probe_inputs) if probe_inputs is not None else _probe.make_probe(root, [])
+    logits, called = _run(model, probe, wrappers)
+    tied = find_tied_weights(root, called, declared, _compat.ties_kept_whatever_the_flag(root))
+    if probe_inputs is None:
+        changed_rows = _changed_rows(tied)
+        if changed_rows:
+            probe = _probe.make_probe(root, changed_rows)
+            logits, _ = _run(model, probe, [])
+    facts = model_facts(root, declared)
+    inspection = TieInspection(
+        groups=tied.groups,
+        config_flags=facts.flags,
+        declared_ties=tuple(declared.items()),
+        plans=tuple(make_plan(tied, facts, policy) for policy in TiePolicy),
+        notes=tuple(_notes(facts.split_in_base)),
+    )
+    return Analysis(inspection, tied, probe, logits)
+
+
+def model_facts(root: torch.nn.Module, declared: dict[str, str]) -> ModelFacts:
+    """What a plan needs to know of the base model besides its tie groups."""
+    params = {p.name: p.tensor for p in base_parameters(root)}
+    split = tuple(
+        (alias, source)
+        for alias, source in declared.items()
+        if alias in params and source in params and params[alias] is not params[source]
+    )
+    return ModelFacts(
+        declared=declared,
+        flags=tie_flags(root.config),  # type: ignore[arg-type]
+        split_in_base=split,
+        head=output_embedding_name(root),
+        head_rescale=_compat.head_rescale_when_untied(root.config),
+    )
+
+
+def _run(model: Any, probe: Mapping[str, torch.Tensor], watch: list[Any]) -> tuple[torch.Tensor, set[int]]:
+    try:
+        return _probe.run_probe(model, probe, watch=watch)
+    except Exception as exc:
+        raise UnsupportedAdapterError(
+            f"The adapter model failed on safemerge's probe batch ({type(exc).__name__}: {exc}). safemerge needs one "
+            "forward pass to see which adapted layers the model uses and what it computes. Fix: pass "
+            "probe_inputs={'input_ids': ..., ...} with inputs this model accepts."
+        ) from exc
+
+
+def _changed_rows(tied: TiedWeights) -> list[int]:
+    """Token ids whose embedding rows the adapter changes (trainable tokens, embedding LoRA)."""
+    rows: set[int] = set()
+    for group, params in zip(tied.groups, tied.params, strict=True):
+        base = params[0].tensor.detach()
+        for member in group.members:
+            if member.changed and base.dim() == 2:
+                diff = (tied.effective[member.name].float() - base.float()).abs().amax(dim=1)
+                rows.update(int(i) for i in torch.topk(diff, min(8, diff.numel())).indices)
+    return sorted(rows)
+
+
+def _notes(split_in_base: tuple[tuple[str, str], ...]) -> list[str]:
+    return [
+        f"{alias} is declared tied to {source} but they are separate tensors in memory; "
+        "the merge sets tie_word_embeddings to False so that they load as separate tensors"
+        for alias, source in split_in_base
+    ]
+
+
+def inspect_ties(model: Any, *, probe_inputs: Mapping[str, torch.Tensor] | None = None) -> TieInspection:
+    """Tie groups of a PEFT model, what the adapter does to each member, and what each policy would do. Read-only.
+
+    Args:
+        model: a `peft.PeftModel`.
+        probe_inputs: forward inputs for the one probe pass (default: a generated batch of token ids).
+
+    Returns:
+        A TieInspection; `plan(policy)` is the merge plan `safe_merge` would execute under that policy.
+    """
+    return analyse(require_peft_model(model), probe_inputs).inspection

@@ -1,0 +1,127 @@
+"""Reading the base: its config, its checkpoint's tensor names, and what PEFT would save on it (a meta-device model)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safemerge._doctor.adapter_files import CONFIG_NAME
+from safemerge._doctor.checkup import Checkup, Shapes
+
+
+def read_base_config(base: Any, checkup: Checkup) -> tuple[Any, set[str] | None]:
+    """The base config, and the tensor names of its checkpoint (None where they cannot be read cheaply)."""
+    if isinstance(base, torch.nn.Module):
+        return base.config, None
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(base))
+    except Exception as exc:
+        checkup.add(
+            "base-not-found",
+            "error",
+            f"The base model '{base}' has no readable config.json (not a local model directory or a reachable hub id).",
+            evidence=[f"{type(exc).__name__}: {str(exc).splitlines()[0]}"],
+            fix="Pass the directory or hub id of the base model the adapter was trained on.",
+        )
+        return None, None
+    return config, _checkpoint_keys(Path(str(base)))
+
+
+def _checkpoint_keys(base_dir: Path) -> set[str] | None:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (base_dir / index).is_file():
+            return set(json.loads((base_dir / index).read_text(encoding="utf-8"))["weight_map"])
+    if (base_dir / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(base_dir / "model.safetensors"), "pt") as handle:
+            return set(handle.keys())
+    return None
+
+
+def check_recorded_base(base: Any, config_data: dict[str, Any], checkup: Checkup) -> None:
+    """The base the adapter records (base_model_name_or_path) against the one given, by path or name."""
+    recorded = config_data.get("base_model_name_or_path")
+    if not recorded or not isinstance(base, str | Path):
+        return
+    given = str(base).rstrip("/")
+    if recorded.rstrip("/") in (given, str(Path(given).resolve())) or Path(recorded).name == Path(given).name:
+        return
+    checkup.add(
+        "other-base-name",
+        "warning",
+        f"The adapter records base_model_name_or_path='{recorded}', and the base given is '{given}'.",
+        fix=f"If this is not the same model, load the adapter onto '{recorded}'; the checks below say whether the "
+        "shapes fit.",
+    )
+
+
+def expected_tensors(base: Any, base_config: Any, peft_config: Any, checkup: Checkup) -> tuple[Shapes | None, Any]:
+    """What PEFT would save for this adapter config on this base: {name: shape}, from a meta-device model.
+
+    Returns:
+        The expected shapes and the meta-device PEFT model; (None, None) where the base cannot be built, and
+        (None, the bare meta model) where PEFT cannot apply the adapter config to it.
+    """
+    import peft
+
+    from safemerge._load import model_class_for
+
+    cls = type(base) if isinstance(base, torch.nn.Module) else model_class_for(base_config, peft_config.task_type)
+    meta_model = _build_on_meta(cls, base_config, checkup)
+    if meta_model is None:
+        return None, None
+    peft_model = _apply_adapter_config(meta_model, cls, peft_config, checkup)
+    if peft_model is None:
+        return None, meta_model
+    state = peft.get_peft_model_state_dict(peft_model)
+    return {k: tuple(v.shape) for k, v in state.items()}, peft_model
+
+
+def _build_on_meta(cls: Any, base_config: Any, checkup: Checkup) -> Any:
+    """The base model class built from its config on the meta device (no memory, no weights), or None."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            return cls.from_config(base_config) if hasattr(cls, "from_config") else cls(base_config)
+    except Exception as exc:
+        checkup.add(
+            "base-not-buildable",
+            "warning",
+            f"The base model class {cls.__name__} cannot be built from the base config, so names and shapes were "
+            "not checked.",
+            evidence=[f"{type(exc).__name__}: {exc}"],
+            fix="Pass the loaded base model to safemerge.doctor(base_model, adapter) instead of its path, or check "
+            "that this transformers release supports the base's config.",
+        )
+        return None
+
+
+def _apply_adapter_config(meta_model: torch.nn.Module, cls: Any, peft_config: Any, checkup: Checkup) -> Any:
+    """The meta model with the adapter config applied by PEFT, or None where PEFT refuses it."""
+    import peft
+
+    try:
+        return peft.get_peft_model(meta_model, peft_config, low_cpu_mem_usage=True)
+    except Exception as exc:
+        checkup.add(
+            "targets-absent",
+            "error",
+            f"The adapter's targets do not match the base model ({cls.__name__}): PEFT refuses to load it.",
+            evidence=[f"{type(exc).__name__}: {str(exc).splitlines()[0]}", _module_name_hint(meta_model)],
+            fix="Load the base the adapter was trained on, or fix target_modules / modules_to_save in "
+            f"{CONFIG_NAME} to names that exist in this base.",
+        )
+        return None
+
+
+def _module_name_hint(model: torch.nn.Module) -> str:
+    leaf_names = Counter(name.rpartition(".")[2] for name, m in model.named_modules() if not list(m.children()))
+    return "module names in the base: " + ", ".join(sorted(leaf_names)[:20])

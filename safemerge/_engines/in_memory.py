@@ -1,0 +1,133 @@
+"""Execute a merge plan on the loaded PEFT model: PEFT's merge of every untied layer, then the plan's tied steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from safemerge._modules import (
+    bare_module,
+    base_parameters,
+    module_of,
+    set_parameter,
+    set_tie_flags,
+)
+from safemerge._policy import names
+from safemerge._report import Action, ActionCode, MergePlan
+from safemerge._ties import TiedWeights
+
+
+def execute(peft_model: Any, plan: MergePlan, tied: TiedWeights) -> tuple[Any, list[Action]]:
+    """Merge `peft_model` as `plan` says (in place, like merge_and_unload). Returns the merged model and the actions.
+
+    Tied tensors get new parameters rather than being written in place, so a failed merge can put the originals back.
+    """
+    if not plan.merges:
+        raise ValueError(f"the {plan.policy!r} plan does not merge this model: {plan.reason}")
+    _unwrap_tied_members(peft_model.get_base_model(), tied)
+    merged = None
+    for action in plan.actions:
+        if action.code == "peft-merge":
+            merged = peft_model.merge_and_unload()
+        else:
+            _STEPS[action.code](merged if merged is not None else peft_model.get_base_model(), action, tied, plan)
+    return merged, list(plan.actions)
+
+
+def _unwrap_tied_members(root: torch.nn.Module, tied: TiedWeights) -> None:
+    """Put the bare base module back in place of every PEFT wrapper that holds a tied member.
+
+    PEFT's merge would fold each member's delta into the one shared tensor (twice with ensure_weight_tying); the
+    plan writes the tied values instead, once, after PEFT has merged everything else.
+    """
+    for p in {id(p.wrapper): p for params in tied.params for p in params if p.wrapper is not None}.values():
+        assert p.wrapper is not None
+        root.set_submodule(p.wrapper_path, bare_module(p.wrapper))
+
+
+def _nothing(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
+    """Done by taking the layer out before PEFT's merge (_unwrap_tied_members)."""
+
+
+def _merge_untied_parameters(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
+    for name in action.members:
+        set_parameter(root, name, tied.untied_changes[name])
+
+
+def _apply_shared_change(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
+    """One new tensor for the whole group, holding the changed members' common weight."""
+    group = next(g for g in tied.groups if g.names == action.members)
+    source = next(m.name for m in group.members if m.changed)
+    shared = torch.nn.Parameter(tied.effective[source], requires_grad=False)
+    for name in action.members:
+        set_parameter(root, name, shared)
+
+
+def _own_tensors(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
+    _give_own_tensors(root, list(action.members), tied.effective, first_too=True)
+
+
+def _separate_copies(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
+    current = {p.name: p.tensor for p in base_parameters(root)}
+    _give_own_tensors(root, list(action.members), current)
+
+
+def _set_tie_flags(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
+    set_tie_flags(root.config, False)  # type: ignore[arg-type]
+
+
+def _rescale_output_embedding(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
+    factors = dict(plan.rescaled)
+    for name in action.members:
+        set_parameter(root, name, root.get_parameter(name).detach() * factors[name])
+
+
+def _give_own_tensors(
+    root: torch.nn.Module, members: list[str], values: dict[str, torch.Tensor], *, first_too: bool = False
+) -> None:
+    """Give every member after the first (every member, with `first_too`) a new tensor holding a copy of its value.
+
+    Members held by one module object as an earlier member (transformers 4's T5 embeddings) cannot get a tensor
+    of their own: they share that module's.
+    """
+    owners = set() if first_too else {id(module_of(root, members[0]))}
+    for name in members if first_too else members[1:]:
+        module = module_of(root, name)
+        if id(module) in owners:
+            continue
+        owners.add(id(module))
+        set_parameter(root, name, values[name].detach().clone())
+
+
+_STEPS: dict[ActionCode, Callable[[torch.nn.Module, Action, TiedWeights, MergePlan], None]] = {
+    "drop-inert-layer": _nothing,
+    "merge-untied-parameters": _merge_untied_parameters,
+    "apply-shared-change": _apply_shared_change,
+    "replace-rows": _apply_shared_change,
+    "own-tensors": _own_tensors,
+    "separate-adapter-tie": _separate_copies,
+    "set-tie-flags": _set_tie_flags,
+    "separate-declared-tie": _separate_copies,
+    "rescale-output-embedding": _rescale_output_embedding,
+}
+
+
+def retie_like(merged: torch.nn.Module, groups: tuple[tuple[str, ...], ...]) -> list[Action]:
+    """Tie members of `groups` in `merged` to one tensor (they are bit-identical), as the loader does."""
+    actions = []
+    for group in groups:
+        first = merged.get_parameter(group[0])
+        for name in group[1:]:
+            if merged.get_parameter(name) is not first:
+                setattr(module_of(merged, name), name.rpartition(".")[2], first)
+        actions.append(
+            Action(
+                "retie-like-loader",
+                group,
+                f"transformers' loader ties the identical tensors [{names(group)}] on reload; the returned model is "
+                "tied the same way",
+            )
+        )
+    return actions

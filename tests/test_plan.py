@@ -1,0 +1,99 @@
+"""The merge plan: one table of tie rules, shown the same by inspect, the report, the CLI and the docs, executed as
+planned and checked against."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import safemerge
+from safemerge import _policy
+from safemerge._engines import in_memory
+from safemerge.cli import main
+from safemerge.testing import assert_reload_identical
+from tests.models import ARCHS, adapter_model, load_base, logits, sample_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The engines that execute a plan; the low-memory engine joins here.
+ENGINES = ["in-memory"]
+
+
+def test_report_records_the_plan_inspect_shows(make_adapter_model: Any, tmp_path: Path) -> None:
+    model = make_adapter_model("llama", "lora-both")
+    plan = safemerge.inspect_ties(model).plan("untie")
+    report = safemerge.safe_merge(model, tmp_path / "m", policy="untie")
+    assert report.plan == plan
+    assert [a.code for a in plan.actions] == ["peft-merge", "own-tensors", "set-tie-flags"]
+    assert [a.code for a in report.actions] == [*(a.code for a in plan.actions), "save"]
+    assert plan.ties_after == () and plan.tie_flags == (("tie_word_embeddings", False),)
+    (group,) = plan.groups
+    assert (group.state, group.decision) == (safemerge.GroupState.DIFFERENT, safemerge.TieDecision.OWN_TENSORS)
+
+
+def test_cli_inspect_the_merge_report_and_the_docs_show_one_plan(
+    base_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapter = tmp_path / "adapter"
+    adapter_model(ARCHS["llama"], base_dirs["llama"], "lora-both", adapter)
+    assert main(["inspect", str(base_dirs["llama"]), str(adapter), "--json", "-q"]) == 0
+    inspected = next(p for p in json.loads(capsys.readouterr().out)["plans"] if p["policy"] == "untie")
+    report = tmp_path / "report.json"
+    argv = ["merge", str(base_dirs["llama"]), str(adapter), str(tmp_path / "m"), "--policy", "untie", "-q"]
+    assert main([*argv, "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["plan"] == inspected
+    documented = re.search(
+        r"<!-- plan example -->\s*```json\n(.*?)```", (ROOT / "docs/reference/report.md").read_text(), re.S
+    )
+    assert documented is not None, "docs/reference/report.md lost its plan example"
+    assert json.loads(documented.group(1)) == {k: v for k, v in inspected.items() if k != "schema_version"}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_rule_changed_in_the_table_changes_every_engine(
+    engine: str, make_adapter_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `untie` giving own tensors even to members that change alike, the same adapter merges untied."""
+    model = make_adapter_model("llama", "trainable-token-indices")
+    assert safemerge.inspect_ties(model).plan("untie").ties_after, "by the shipped rule the tie is kept"
+    expected = logits(model, sample_ids())
+    rule = _policy.RULES[safemerge.TiePolicy.UNTIE]
+    monkeypatch.setitem(rule, safemerge.GroupState.SAME_CHANGE, safemerge.TieDecision.OWN_TENSORS)
+    plan = safemerge.inspect_ties(model).plan("untie")
+    assert [g.decision for g in plan.groups] == [safemerge.TieDecision.OWN_TENSORS] and plan.ties_after == ()
+    report = safemerge.safe_merge(model, tmp_path / "m", policy="untie")
+    assert report.ok and report.plan == plan and report.groups_after == ()
+    reloaded = load_base(ARCHS["llama"], tmp_path / "m")
+    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    torch.testing.assert_close(logits(reloaded, sample_ids()), expected, rtol=1e-4, atol=1e-4)
+    assert_reload_identical(tmp_path / "m", report.model)
+
+
+def test_verification_fails_an_engine_that_strays_from_the_plan(
+    make_adapter_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check is against the plan, not against whatever the engine produced."""
+    model = make_adapter_model("llama", "lora-both")
+    monkeypatch.setitem(in_memory._STEPS, "set-tie-flags", lambda *args: None)
+    with pytest.raises(safemerge.VerificationError, match=r"tie_word_embeddings is True in the merged model, the plan"):
+        safemerge.safe_merge(model, tmp_path / "m", policy="untie")
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_docs_rule_table_is_the_rule_table() -> None:
+    table = (ROOT / "docs/reference/report.md").read_text().split("<!-- rules -->")[1].split("\n\n")[0]
+    rows = [line.split("|")[1:-1] for line in table.strip().splitlines()[2:]]
+    documented = {
+        (cells[0].split("`")[1], policy): cells[i + 1].strip().strip("`")
+        for cells in rows
+        for i, policy in enumerate(("keep", "untie", "refuse"))
+    }
+    shipped = {
+        (state.value, policy.value): d.value for policy, rules in _policy.RULES.items() for state, d in rules.items()
+    }
+    assert documented == shipped
