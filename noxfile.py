@@ -30,8 +30,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def matrix(session: nox.Session) -> None:
-    """Run every merge case of the matrix (in memory and reloaded) and every fault, on the current releases."""
-    _test(session, args=("tests/test_merge.py", "tests/test_faults.py", "--full-matrix"))
+    """Run every merge case of the matrix (in memory and reloaded), the pre-training check on every case, and every
+    fault, on the current releases."""
+    _test(session, args=("tests/test_merge.py", "tests/test_training.py", "tests/test_faults.py", "--full-matrix"))
 
 
 @nox.session(python="3.11")
@@ -39,6 +40,12 @@ def tests_transformers4(session: nox.Session) -> None:
     """Run the test suite, with the full merge matrix, on the second supported stack: transformers 4.57.6 + peft
     0.18.1."""
     _test(session, *TRANSFORMERS_4, args=("--full-matrix",))
+
+
+@nox.session(python="3.11")
+def trl(session: nox.Session) -> None:
+    """SafeMergeCallback under TRL's SFTTrainer (TRL is an optional dependency; the other sessions skip its test)."""
+    _test(session, "trl", args=("tests/test_training.py",))
 
 
 @nox.session(python="3.11")

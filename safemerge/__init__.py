@@ -1,7 +1,9 @@
 """Merge a PEFT adapter into its base model without silent damage to tied weights, and prove it."""
 
 from safemerge._analysis import inspect_ties
+from safemerge._callback import SafeMergeCallback
 from safemerge._doctor import doctor
+from safemerge._forecast import check_before_training
 from safemerge._merge import merge_pretrained, safe_merge
 from safemerge._report import (
     Action,
@@ -17,6 +19,7 @@ from safemerge._report import (
     TieInspection,
     TieMember,
     TiePolicy,
+    TrainingCheck,
     Verification,
 )
 from safemerge._verify import verify_merged
@@ -50,6 +53,7 @@ __all__ = [
     "OutputBusyError",
     "OutputExistsError",
     "OutputWriteError",
+    "SafeMergeCallback",
     "SafeMergeError",
     "SafeMergeWarning",
     "TieDecision",
@@ -58,10 +62,12 @@ __all__ = [
     "TieMember",
     "TiePolicy",
     "TiedWeightsError",
+    "TrainingCheck",
     "UnsupportedAdapterError",
     "Verification",
     "VerificationError",
     "__version__",
+    "check_before_training",
     "doctor",
     "inspect_ties",
     "merge_pretrained",

@@ -22,6 +22,7 @@ class Analysis:
 
     inspection: TieInspection
     tied: TiedWeights
+    facts: ModelFacts
     probe: dict[str, torch.Tensor]
     adapter_logits: torch.Tensor
 
@@ -77,7 +78,7 @@ def analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> Anal
         plans=tuple(make_plan(tied, facts, policy) for policy in TiePolicy),
         notes=tuple(_notes(facts.split_in_base)),
     )
-    return Analysis(inspection, tied, probe, logits)
+    return Analysis(inspection, tied, facts, probe, logits)
 
 
 def model_facts(root: torch.nn.Module, declared: dict[str, str]) -> ModelFacts:

@@ -74,3 +74,15 @@ def load_adapter_model(
     model = load_pretrained(base, task_type=adapter_config.task_type, dtype=dtype, device_map=device_map)
     logger.info("loading adapter %s with PeftModel.from_pretrained", adapter)
     return peft.PeftModel.from_pretrained(model, adapter).eval()
+
+
+def load_untrained_adapter_model(
+    base: str, peft_config_file: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None
+) -> Any:
+    """The PEFT model at step 0: `base` loaded with the right class, `get_peft_model` with the config in the file."""
+    import peft
+
+    config = peft.get_peft_config(peft.PeftConfig.from_json_file(peft_config_file))
+    model = load_pretrained(base, task_type=config.task_type, dtype=dtype, device_map=device_map)
+    logger.info("adding the adapter of %s with get_peft_model", peft_config_file)
+    return peft.get_peft_model(model, config)

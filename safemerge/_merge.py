@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ from safemerge.errors import (
     InputError,
     NonFiniteWeightsError,
     SafeMergeError,
+    SafeMergeWarning,
     TiedWeightsError,
     VerificationError,
 )
@@ -39,6 +41,7 @@ def safe_merge(
     overwrite: bool = False,
     logits_tolerance: float | None = None,
     probe_inputs: Mapping[str, torch.Tensor] | None = None,
+    in_place: bool = True,
 ) -> MergeReport:
     """Merge a PEFT adapter into its base model under an explicit tie policy, save atomically, and verify.
 
@@ -51,6 +54,10 @@ def safe_merge(
         overwrite: replace a non-empty `save_directory` (only once the new model has been verified).
         logits_tolerance: max |logits difference| accepted (default: relative to the dtype and the logits' scale).
         probe_inputs: forward inputs for the probe (default: a generated batch that includes the highest token ids).
+        in_place: leave `model` merged (True, like `merge_and_unload()`; `report.model` is it), or put the PEFT
+            model back once the merged model is saved and verified (False: the PEFT layers return and merged weights
+            are unmerged, equal up to float rounding; `report.model` is None). A training script that goes on using
+            the PEFT model (saving the adapter, evaluating) wants False.
 
     Returns:
         The MergeReport; `report.model` is the merged model.
@@ -89,7 +96,21 @@ def safe_merge(
                 _undo.say_first(exc, f"The PEFT model could not be restored and must not be used: {problem}.")
             raise
     actions.append(Action("save", (), f"saved to {save_directory}"))
-    return _report(plan, str(save_directory), analysis, merged, actions, verification)
+    if not in_place:
+        _put_back(snapshot)
+    return _report(plan, str(save_directory), analysis, merged, actions, verification, restored=not in_place)
+
+
+def _put_back(snapshot: _undo.Snapshot) -> None:
+    """Restore the PEFT model after a successful merge (in_place=False); the merged model is on disk already."""
+    problem = _undo.restore(snapshot)
+    if problem is not None:
+        warnings.warn(
+            f"The merged model was saved and verified, but the PEFT model could not be put back and must not be used: "
+            f"{problem}. Fix: load the adapter again (PeftModel.from_pretrained) to go on using it.",
+            SafeMergeWarning,
+            stacklevel=3,
+        )
 
 
 def _merge_and_save(
@@ -214,6 +235,24 @@ def merge_pretrained(
         overwrite=overwrite,
         logits_tolerance=logits_tolerance,
     )
+
+
+def load_untrained_inputs(
+    base: str, peft_config_file: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None
+) -> Any:
+    """The PEFT model at step 0 for a config file; a load that fails is an InputError naming the inputs."""
+    try:
+        return _load.load_untrained_adapter_model(
+            base, peft_config_file, dtype=_load.parse_dtype(dtype), device_map=device_map
+        )
+    except SafeMergeError:
+        raise
+    except Exception as exc:  # a config PEFT rejects, targets not in this base, a base that does not load
+        raise InputError(
+            f"Could not build the adapter of '{peft_config_file}' on the base '{base}' ({type(exc).__name__}: "
+            f"{str(exc).strip()[:400]}). Fix: check that the config is a PEFT adapter_config.json written for this "
+            "base (its target_modules must name modules of it)."
+        ) from exc
 
 
 def load_inputs(base: str, adapter: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None) -> Any:

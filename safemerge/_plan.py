@@ -33,18 +33,20 @@ class ModelFacts:
     head_rescale: float | None
 
 
-def make_plan(tied: TiedWeights, facts: ModelFacts, policy: TiePolicy) -> MergePlan:
-    """The plan of `policy` for a model with these tie groups."""
+def make_plan(tied: TiedWeights, facts: ModelFacts, policy: TiePolicy, *, figures: bool = True) -> MergePlan:
+    """The plan of `policy` for a model with these tie groups (`figures`: name the measured changes)."""
     decisions = [_policy.decide(group, policy) for group in tied.groups]
     groups = tuple(GroupPlan(g.names, _policy.group_state(g), d) for g, d in zip(tied.groups, decisions, strict=True))
-    reason = _policy.reason(tied.groups, decisions)
+    reason = _policy.reason(tied.groups, decisions, figures=figures)
     if TieDecision.REFUSE in decisions:
         return MergePlan(policy.value, False, reason, groups, (), facts.flags, tuple(g.names for g in tied.groups))
     actions = [
         *_before_peft_merge(tied),
         Action("peft-merge", (), "merged the remaining adapter layers with peft's merge_and_unload()"),
     ]
-    actions += [a for g, d in zip(tied.groups, decisions, strict=True) if (a := _tied_values(g, d)) is not None]
+    actions += [
+        a for g, d in zip(tied.groups, decisions, strict=True) if (a := _tied_values(g, d, figures)) is not None
+    ]
     actions += [_separate_adapter_tie(t) for t in tied.adapter_ties]
     ties = _ties_kept(tied, decisions)
     split = [*facts.split_in_base, *_declared_pairs_split(facts.declared, tied.groups, ties)]
@@ -82,16 +84,17 @@ def _before_peft_merge(tied: TiedWeights) -> list[Action]:
     return actions
 
 
-def _tied_values(group: TieGroup, decision: TieDecision) -> Action | None:
+def _tied_values(group: TieGroup, decision: TieDecision, figures: bool) -> Action | None:
     if decision is TieDecision.SHARED_CHANGE:
         change = max(m.max_abs_change for m in group.members)
         rows = all(m.peft_layer == "trainable_tokens" for m in group.members if m.changed and not m.inert)
         return Action(
             "replace-rows" if rows else "apply-shared-change",
             group.names,
-            f"applied the shared change once to [{names(group.names)}] (max |change| {change:.3g}"
-            + (", replaced token rows" if rows else "")
-            + "); they stay one tensor",
+            f"applied the shared change once to [{names(group.names)}]"
+            + (f" (max |change| {change:.3g})" if figures else "")
+            + (", replacing token rows" if rows else "")
+            + "; they stay one tensor",
         )
     if decision is TieDecision.OWN_TENSORS:
         return Action(

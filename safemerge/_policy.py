@@ -71,12 +71,12 @@ def decide(group: TieGroup, policy: TiePolicy) -> TieDecision:
     return RULES[policy][group_state(group)]
 
 
-def reason(groups: Sequence[TieGroup], decisions: Sequence[TieDecision]) -> str:
-    """Why a plan with these decisions merges or not, naming the groups and figures."""
+def reason(groups: Sequence[TieGroup], decisions: Sequence[TieDecision], *, figures: bool = True) -> str:
+    """Why a plan with these decisions merges or not, naming the groups (and figures, unless they mean nothing)."""
     by_decision = {d: [g for g, gd in zip(groups, decisions, strict=True) if gd is d] for d in TieDecision}
     refused = by_decision[_D.REFUSE]
     if refused:
-        return " | ".join(f"{_REFUSED_BECAUSE[group_state(g)]}: {describe(g)}" for g in refused)
+        return " | ".join(f"{_REFUSED_BECAUSE[group_state(g)]}: {describe(g, figures=figures)}" for g in refused)
     if by_decision[_D.OWN_TENSORS]:
         untied = "; ".join(f"[{names(g.names)}]" for g in by_decision[_D.OWN_TENSORS])
         return f"gives each member its own tensor in {untied}"
@@ -91,23 +91,27 @@ def names(items: Sequence[str]) -> str:
     return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
 
 
-def describe(group: TieGroup) -> str:
+def describe(group: TieGroup, *, figures: bool = True) -> str:
     """A group's members, what the adapter does to each, and how far apart they end up."""
     parts = []
     for m in group.members:
         if m.inert:
             parts.append(f"{m.name}: {m.peft_layer}, never called by the forward, so it follows the other members")
         elif m.changed:
-            parts.append(f"{m.name}: {m.peft_layer}, changed by up to {m.max_abs_change:.3g}")
+            by = f" by up to {m.max_abs_change:.3g}" if figures else " by training"
+            parts.append(f"{m.name}: {m.peft_layer}, changed{by}")
         else:
             parts.append(f"{m.name}: unchanged")
     clusters = "".join(f"; one tensor on load: [{names(c)}]" for c in group.inseparable if not group.separable)
-    spread = f"max |difference| between members {group.max_abs_spread:.3g}"
-    return f"[{names(group.names)}] ({spread}; {'; '.join(parts)}{clusters})"
+    spread = [f"max |difference| between members {group.max_abs_spread:.3g}"] if figures else []
+    return f"[{names(group.names)}] ({'; '.join([*spread, *parts])}{clusters})"
 
 
-def refusal_message(plan: MergePlan, plans: Sequence[MergePlan]) -> str:
-    """What happened, why it matters and how to fix it, for a plan that does not merge."""
+def refusal_message(plan: MergePlan, plans: Sequence[MergePlan], *, before_training: bool = False) -> str:
+    """What happened, why it matters and how to fix it, for a plan that does not merge.
+
+    `before_training`: the plan is what the adapter will be once trained (safemerge.check_before_training).
+    """
     keep, untie = (next(p for p in plans if p.policy == wanted.value) for wanted in (TiePolicy.KEEP, TiePolicy.UNTIE))
     if not untie.merges:
         why = "No tie policy can merge it."
@@ -134,4 +138,9 @@ def refusal_message(plan: MergePlan, plans: Sequence[MergePlan]) -> str:
             if keep.merges
             else "Fix: use policy='untie' to give each differing member its own tensor"
         ) + ", or leave tied modules out of the adapter's target_modules / modules_to_save."
+    if before_training:
+        return (
+            f"policy={plan.policy!r} will not merge this adapter once it is trained: {plan.reason}. {why} {fix} "
+            "Decided before training, from the adapter's structure; nothing was changed."
+        )
     return f"policy={plan.policy!r} does not merge this model: {plan.reason}. {why} {fix} Nothing was changed."

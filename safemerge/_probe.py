@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -73,6 +74,26 @@ def probe_size(probe: Mapping[str, torch.Tensor]) -> int:
     return int(ids.numel()) if ids is not None else 0
 
 
+@contextmanager
+def _without_autocast_wrapper(model: torch.nn.Module) -> Iterator[None]:
+    """Run the forward the weights define, not accelerate's mixed-precision wrapper of it, then put the wrapper back.
+
+    accelerate's `prepare` (Trainer with bf16/fp16=True; TRL's SFTTrainer by default) wraps the model's forward in
+    autocast and keeps the plain one as `_original_forward`. The probe compares weights: run under autocast, the
+    adapter model's logits would carry bf16 rounding that the merged model (not wrapped) does not, and a faithful
+    merge would fail verification.
+    """
+    plain, wrapped = vars(model).get("_original_forward"), vars(model).get("forward")
+    if plain is None or wrapped is None:
+        yield
+        return
+    model.forward = plain
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
 def run_probe(
     model: torch.nn.Module,
     probe: Mapping[str, torch.Tensor],
@@ -86,7 +107,7 @@ def run_probe(
     device = model_device(model)
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _without_autocast_wrapper(model):
             output = model(**{k: v.to(device) for k, v in probe.items()})
     finally:
         model.train(was_training)

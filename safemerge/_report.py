@@ -179,6 +179,23 @@ class TieInspection:
 
 
 @dataclass(frozen=True)
+class TrainingCheck:
+    """What `policy` will do at merge time with this adapter once trained, decided before training."""
+
+    policy: str
+    #: "merges", "refuses" (check_before_training raises then), or "depends-on-training" (the trained values decide).
+    outcome: Literal["merges", "refuses", "depends-on-training"]
+    reason: str
+    #: The plan the merge will execute once the adapter is trained (the same plan `inspect` shows after training).
+    plan: MergePlan
+    #: Tied members whose adapter layers have trainable tensors (what training can change).
+    trainable_members: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": REPORT_SCHEMA_VERSION, **_jsonable(self)}
+
+
+@dataclass(frozen=True)
 class MemberCheck:
     """Verification figures for one tied member."""
 

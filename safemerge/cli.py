@@ -73,10 +73,24 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--report", type=Path, default=None, metavar="PATH", help="write the JSON report here")
 
     inspect = commands.add_parser(
-        "inspect", parents=[common, loading], help="tie groups, what the adapter changes, what each policy would do"
+        "inspect",
+        parents=[common, loading],
+        help="tie groups, what the adapter changes, each policy's merge plan; or, with --peft-config, before training",
     )
     inspect.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
-    inspect.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter: local directory or hub id")
+    inspect.add_argument("adapter", metavar="ADAPTER", nargs="?", help="PEFT adapter: local directory or hub id")
+    inspect.add_argument(
+        "--peft-config",
+        metavar="PATH",
+        default=None,
+        help="instead of ADAPTER: an adapter_config.json to train with; says what --policy will do once trained",
+    )
+    inspect.add_argument(
+        "--policy",
+        choices=[p.value for p in TiePolicy],
+        default=None,
+        help="the policy to answer for (with --peft-config, required); exit 1 if it will not merge",
+    )
 
     doctor = commands.add_parser(
         "doctor", parents=[common], help="explain why ADAPTER would fail or load wrong on BASE; loads no weights"
@@ -242,11 +256,37 @@ def _inspect(args: argparse.Namespace) -> int:
     from safemerge._analysis import inspect_ties
     from safemerge._merge import load_inputs
 
+    if (args.adapter is None) == (args.peft_config is None):
+        raise InputError("inspect needs ADAPTER (a trained adapter) or --peft-config PATH (before training), not both.")
+    if args.peft_config is not None:
+        return _inspect_before_training(args)
     _checked_inputs((args.base, "base model"), (args.adapter, "adapter"))
     model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map)
     inspection = inspect_ties(model)
     _emit(args, inspection.to_dict(), inspection_table(inspection))
-    return EXIT_OK
+    refused = args.policy is not None and not inspection.plan(args.policy).merges
+    return EXIT_FAILED if refused else EXIT_OK
+
+
+def _inspect_before_training(args: argparse.Namespace) -> int:
+    """What --policy will do with an adapter trained from --peft-config on BASE: the check a training run makes."""
+    from safemerge._forecast import forecast
+    from safemerge._merge import load_untrained_inputs
+
+    if args.policy is None:
+        raise InputError("inspect --peft-config needs --policy keep|untie|refuse: the policy to answer for.")
+    if not Path(args.peft_config).is_file():
+        raise InputError(
+            f"The PEFT config '{args.peft_config}' is not a file; nothing was loaded. Fix: pass the "
+            "adapter_config.json you will train with (peft_config.save_pretrained(DIR) writes one)."
+        )
+    _checked_inputs((args.base, "base model"))
+    model = load_untrained_inputs(args.base, args.peft_config, dtype=args.dtype, device_map=args.device_map)
+    check = forecast(model, policy=args.policy)
+    lines = [f"policy {check.policy!r} once trained: {check.outcome}", f"  {check.reason}"]
+    lines += [f"  {action.code}: {action.detail}" for action in check.plan.actions if action.code != "peft-merge"]
+    _emit(args, check.to_dict(), lines)
+    return EXIT_FAILED if check.outcome == "refuses" else EXIT_OK
 
 
 def inspection_table(inspection: TieInspection) -> list[str]:
