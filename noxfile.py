@@ -12,7 +12,7 @@ TORCH = "torch==2.13.0"
 
 #: The supported stacks besides the current releases, and the declared lower bounds of pyproject.toml.
 TRANSFORMERS_4 = ["transformers==4.57.6", "peft==0.18.1"]
-LOWEST = ["transformers==4.57.1", "peft==0.18.0", "accelerate==1.0.0", "safetensors==0.4.3"]
+LOWEST = ["transformers==4.57.1", "peft==0.18.0", "accelerate==1.3.0", "safetensors==0.4.3"]
 
 
 def _test(session: nox.Session, *pins: str, args: tuple[str, ...] = ()) -> None:
@@ -64,11 +64,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Figures: doctor time on an 8B-shaped config; plain merge vs safe_merge over the test matrix."""
+    """Figures: doctor time on an 8B-shaped config; plain merge vs safe_merge over the test matrix; time and peak
+    memory of a verified merge of a 1.24B model against plain PEFT (`nox -s bench -- --size small` for a quick run)."""
     session.install(TORCH)
     session.install("-e", ".[test]")
     session.run("python", "benchmarks/doctor_8b.py")
     session.run("python", "benchmarks/plain_vs_safe.py")
+    session.run("python", "benchmarks/merge_cost.py", *session.posargs)
 
 
 @nox.session(python="3.11")

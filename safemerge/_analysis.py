@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from safemerge import _compat, _probe
-from safemerge._modules import base_parameters, output_embedding_name, storage_groups, tie_flags
+from safemerge._modules import base_parameters, output_embedding_name, tie_flags
 from safemerge._plan import ModelFacts, make_plan
 from safemerge._report import MergePlan, TieInspection, TiePolicy
-from safemerge._ties import TiedWeights, find_tied_weights
+from safemerge._ties import TiedWeights, adapted_weights, find_tied_weights
 from safemerge.errors import InputError, UnsupportedAdapterError
 
 
@@ -61,15 +61,11 @@ def analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> Anal
     """Tie groups, effective weights, every policy's plan and the adapter model's probe logits. Read-only."""
     root = model.get_base_model()
     declared = _compat.declared_ties(root)
-    wrappers = [p.wrapper for group in storage_groups(base_parameters(root)) for p in group if p.wrapper is not None]
-    probe = dict(probe_inputs) if probe_inputs is not None else _probe.make_probe(root, [])
-    logits, called = _run(model, probe, wrappers)
-    tied = find_tied_weights(root, called, declared, _compat.ties_kept_whatever_the_flag(root))
-    if probe_inputs is None:
-        changed_rows = _changed_rows(tied)
-        if changed_rows:
-            probe = _probe.make_probe(root, changed_rows)
-            logits, _ = _run(model, probe, [])
+    found = adapted_weights(root)
+    probe = dict(probe_inputs) if probe_inputs is not None else _probe.make_probe(root, found.changed_rows())
+    # One forward pass: the adapter model's logits, and which tied members' PEFT layers it calls.
+    logits, called = _run(model, probe, found.wrappers)
+    tied = find_tied_weights(root, found, called, declared, _compat.ties_kept_whatever_the_flag(root))
     facts = model_facts(root, declared)
     inspection = TieInspection(
         groups=tied.groups,
@@ -107,18 +103,6 @@ def _run(model: Any, probe: Mapping[str, torch.Tensor], watch: list[Any]) -> tup
             "forward pass to see which adapted layers the model uses and what it computes. Fix: pass "
             "probe_inputs={'input_ids': ..., ...} with inputs this model accepts."
         ) from exc
-
-
-def _changed_rows(tied: TiedWeights) -> list[int]:
-    """Token ids whose embedding rows the adapter changes (trainable tokens, embedding LoRA)."""
-    rows: set[int] = set()
-    for group, params in zip(tied.groups, tied.params, strict=True):
-        base = params[0].tensor.detach()
-        for member in group.members:
-            if member.changed and base.dim() == 2:
-                diff = (tied.effective[member.name].float() - base.float()).abs().amax(dim=1)
-                rows.update(int(i) for i in torch.topk(diff, min(8, diff.numel())).indices)
-    return sorted(rows)
 
 
 def _notes(split_in_base: tuple[tuple[str, str], ...]) -> list[str]:

@@ -9,6 +9,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers import PretrainedConfig
+from transformers.utils import logging as transformers_logging
 
 #: PEFT modules that wrap a base module and change what it computes.
 PEFT_WRAPPERS: tuple[type, ...] = (BaseTunerLayer, AuxiliaryTrainingWrapper)
@@ -80,7 +81,7 @@ def base_parameters(
     return found
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+def storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
     return (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
 
 
@@ -90,7 +91,7 @@ def storage_groups(params: list[BaseParameter]) -> list[list[BaseParameter]]:
     for p in params:
         if p.tensor.device.type == "meta" or p.tensor.numel() == 0:
             continue  # no storage to compare: nothing can be said about sharing
-        by_key.setdefault(_storage_key(p.tensor), []).append(p)
+        by_key.setdefault(storage_key(p.tensor), []).append(p)
     return [group for group in by_key.values() if len(group) > 1]
 
 
@@ -162,6 +163,12 @@ def set_parameter(root: torch.nn.Module, name: str, value: torch.Tensor) -> None
     setattr(module, attr, new)
 
 
+def progress_bars() -> bool:
+    """Whether to show progress bars: transformers' switch (`transformers.utils.logging.enable_progress_bar()`); the
+    CLI turns it on when stderr is a terminal and -q is not given."""
+    return bool(transformers_logging.is_progress_bar_enabled())
+
+
 def same_weight_tolerance(reference: torch.Tensor) -> float:
     """Largest |difference| that is still rounding, for two ways of computing the same merged weight.
 
@@ -172,8 +179,31 @@ def same_weight_tolerance(reference: torch.Tensor) -> float:
     return 4 * eps * float(reference.detach().abs().max()) if reference.numel() else 0.0
 
 
+#: Elements per block when comparing large tensors (a 128256 x 2048 embedding is compared in ~64 blocks).
+BLOCK = 1 << 22
+
+
+def block_rows(tensor: torch.Tensor) -> int:
+    """How many rows of `tensor` make one block of about BLOCK elements."""
+    return max(1, BLOCK // max(1, tensor[0].numel())) if tensor.dim() > 1 else len(tensor)
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b|, computed in float32; inf when the shapes differ."""
+    """max |a - b|, computed in float32 a block of rows at a time (no full-size temporary); inf if the shapes differ."""
     if a.shape != b.shape:
         return float("inf")
-    return float((a.detach().float() - b.detach().float()).abs().max()) if a.numel() else 0.0
+    if not a.numel():
+        return 0.0
+    return float(row_max_abs_diff(a, b).max())
+
+
+def row_max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """max |a - b| of every row (every element of a 1-D tensor), in float32, a block of rows at a time."""
+    a, b = a.detach(), b.detach()
+    if a.dim() < 2:
+        return (a.float() - b.float()).abs()
+    rows = block_rows(a)
+    blocks = [
+        (a[i : i + rows].float() - b[i : i + rows].float()).abs().flatten(1).amax(dim=1) for i in range(0, len(a), rows)
+    ]
+    return torch.cat(blocks)

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft.tuners.lora import Embedding as LoraEmbedding
+from peft.tuners.lora import Linear as LoraLinear
+from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
 from safemerge._modules import (
     BaseParameter,
     bare_module,
     base_parameters,
+    block_rows,
     declares_tie,
+    is_peft_wrapper,
     max_abs_diff,
     one_module_clusters,
+    row_max_abs_diff,
     same_weight_tolerance,
     storage_groups,
+    storage_key,
     wrapped_base,
 )
 from safemerge._report import TieGroup, TieMember
@@ -42,8 +49,53 @@ class TiedWeights:
     adapter_ties: tuple[tuple[str, ...], ...]
 
 
+@dataclass
+class AdaptedWeights:
+    """Each tied member's weight after its own PEFT layer's merge, before the forward says which layers count."""
+
+    groups: list[list[BaseParameter]]
+    #: Per group and member: the merged weight, or None where it is the base weight.
+    adapted: list[list[torch.Tensor | None]]
+    #: For each PEFT wrapper that holds a tied member (by id): every parameter PEFT's merge leaves in its place.
+    merged_layers: dict[int, dict[str, torch.Tensor]]
+    #: Row-wise max |merged - base| of each merged weight, by the merged tensor's storage (computed once).
+    row_changes: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
+
+    def row_change(self, value: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """max |value - base| of every row; zero for the base tensor itself."""
+        key = storage_key(value)
+        if key == storage_key(base):
+            return torch.zeros(max(1, len(base) if base.dim() else 1))
+        if key not in self.row_changes:
+            self.row_changes[key] = row_max_abs_diff(value, base)
+        return self.row_changes[key]
+
+    @property
+    def wrappers(self) -> list[torch.nn.Module]:
+        return [p.wrapper for group in self.groups for p in group if p.wrapper is not None]
+
+    def changed_rows(self, limit: int = 8) -> list[int]:
+        """Token ids of the embedding rows the adapter changes most (trainable tokens, embedding LoRA)."""
+        rows: set[int] = set()
+        for group, adapted in zip(self.groups, self.adapted, strict=True):
+            base = group[0].tensor.detach()
+            for value in (v for v in adapted if v is not None and base.dim() == 2):
+                diff = self.row_change(value, base)
+                rows.update(int(i) for i in torch.topk(diff, min(limit, diff.numel())).indices)
+        return sorted(rows)
+
+
+def adapted_weights(root: torch.nn.Module) -> AdaptedWeights:
+    """Tie groups of `root` (a PEFT model's base model) and each member's weight after its own layer's merge."""
+    groups = storage_groups(base_parameters(root))
+    merged_layers: dict[int, dict[str, torch.Tensor]] = {}
+    adapted = [[_adapted_value(p, merged_layers) for p in group] for group in groups]
+    return AdaptedWeights(groups, adapted, merged_layers)
+
+
 def find_tied_weights(
     root: torch.nn.Module,
+    found: AdaptedWeights,
     called: set[int],
     declared: Mapping[str, str],
     kept_tied: Sequence[frozenset[str]] = (),
@@ -56,13 +108,13 @@ def find_tied_weights(
     """
     groups, params, one_module = [], [], []
     effective: dict[str, torch.Tensor] = {}
-    merged_layers: dict[int, dict[str, torch.Tensor]] = {}
-    for group in storage_groups(base_parameters(root)):
+    for group, merged in zip(found.groups, found.adapted, strict=True):
         inert = [p.wrapper is not None and id(p.wrapper) not in called for p in group]
-        adapted = [None if dead else _adapted_value(p, merged_layers) for p, dead in zip(group, inert, strict=True)]
+        adapted = [None if dead else value for value, dead in zip(merged, inert, strict=True)]
         values, changed, uniform = _settle(group[0].tensor.detach(), adapted, inert)
         effective.update(zip((p.name for p in group), values, strict=True))
-        groups.append(_tie_group(group, values, changed, inert, uniform, declared, kept_tied))
+        changes = [float(found.row_change(v, group[0].tensor.detach()).max()) if v.numel() else 0.0 for v in values]
+        groups.append(_tie_group(group, values, changes, changed, inert, uniform, declared, kept_tied))
         params.append(tuple(group))
         one_module.append(one_module_clusters(group))
     tied_names = set(effective)
@@ -71,7 +123,7 @@ def find_tied_weights(
         params=tuple(params),
         effective=effective,
         one_module=tuple(one_module),
-        untied_changes=dict(_untied_changes(params, merged_layers, tied_names)),
+        untied_changes=dict(_untied_changes(params, found.merged_layers, called, tied_names)),
         adapter_ties=_adapter_ties(root, [set(g.names) for g in groups]),
     )
 
@@ -92,14 +144,15 @@ def _settle(
     shared = next((v for v in live if v is not None), None)
     if uniform and shared is not None:
         adapted = [shared if dead else v for v, dead in zip(adapted, inert, strict=True)]
-    # The base weight is overwritten in place by a merge: members that keep it get a copy where others change.
-    base_value = base.clone() if any(v is not None for v in adapted) else base
-    return [base_value if v is None else v for v in adapted], [v is not None for v in adapted], uniform
+    # Members that keep the base weight hold the base tensor itself: no merge writes into a tied tensor in place
+    # (their PEFT layers are taken out first; the engine gives members new tensors).
+    return [base if v is None else v for v in adapted], [v is not None for v in adapted], uniform
 
 
 def _tie_group(
     group: list[BaseParameter],
     values: list[torch.Tensor],
+    changes: list[float],
     changed: list[bool],
     inert: list[bool],
     uniform: bool,
@@ -112,10 +165,10 @@ def _tie_group(
             name=p.name,
             peft_layer=describe_wrapper(p.wrapper),
             used_in_forward=p.wrapper is not None and not dead,
-            max_abs_change=max_abs_diff(v, base),
+            max_abs_change=amount,
             changed=change,
         )
-        for p, v, change, dead in zip(group, values, changed, inert, strict=True)
+        for p, amount, change, dead in zip(group, changes, changed, inert, strict=True)
     )
     inseparable = _inseparable_clusters(group, kept_tied)
     effective = {p.name: v for p, v in zip(group, values, strict=True)}
@@ -166,7 +219,7 @@ def _adapted_value(p: BaseParameter, merged_layers: dict[int, dict[str, torch.Te
         return None
     if id(p.wrapper) not in merged_layers:
         try:
-            merged = merged_module(p.wrapper)
+            merged_layers[id(p.wrapper)] = merged_parameters(p.wrapper)
         except Exception as exc:
             raise UnsupportedAdapterError(
                 f"safemerge could not work out the merged weight of {p.name}: merging a copy of the PEFT layer on "
@@ -176,21 +229,24 @@ def _adapted_value(p: BaseParameter, merged_layers: dict[int, dict[str, torch.Te
                 "(PeftModel.from_pretrained), or retrain without the setting the reason names; if the reason looks "
                 "like a safemerge bug, report it with the versions in use."
             ) from exc
-        merged_layers[id(p.wrapper)] = dict(merged.named_parameters(remove_duplicate=False))
-    value = merged_layers[id(p.wrapper)][p.name_in_wrapper].detach()
+    # In the base weight's dtype, as PEFT's in-place merge leaves it (a float32 modules_to_save copy is rounded once).
+    value = merged_layers[id(p.wrapper)][p.name_in_wrapper].detach().to(p.tensor.dtype)
     # Exact: any real delta, however small, counts as a change.
     return None if torch.equal(value, p.tensor) else value
 
 
 def _untied_changes(
-    params: list[tuple[BaseParameter, ...]], merged_layers: dict[int, dict[str, torch.Tensor]], tied: set[str]
+    params: list[tuple[BaseParameter, ...]],
+    merged_layers: dict[int, dict[str, torch.Tensor]],
+    called: set[int],
+    tied: set[str],
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, merged value) of every changed parameter of a called tied member's PEFT layer that is not tied."""
     done: set[int] = set()
     for p in (p for group in params for p in group):
         merged = merged_layers.get(id(p.wrapper))
-        if p.wrapper is None or merged is None or id(p.wrapper) in done:
-            continue  # merged is None: a wrapper the forward never calls changes nothing
+        if p.wrapper is None or merged is None or id(p.wrapper) in done or id(p.wrapper) not in called:
+            continue  # a wrapper the forward never calls changes nothing
         done.add(id(p.wrapper))
         for name, param in bare_module(p.wrapper).named_parameters(remove_duplicate=False):
             full = f"{p.wrapper_path}.{name}" if p.wrapper_path else name
@@ -235,6 +291,65 @@ def describe_wrapper(wrapper: torch.nn.Module | None) -> str:
     if isinstance(use_dora, Mapping) and any(use_dora.values()):
         label += " (DoRA)"
     return label
+
+
+def merged_parameters(wrapper: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of the module PEFT's merge would leave in place of `wrapper`, by name; the model is untouched.
+
+    From the adapter's own tensors where PEFT has the function: LoRA's `W + get_delta_weight()` (what its merge
+    adds), trainable tokens' `get_merged_weights()` (the rows replaced), a modules_to_save copy as it is. Nothing is
+    copied but the new weight. Other layers (DoRA, LoRA with a bias, other tuners) are merged by PEFT on a copy.
+    """
+    base = wrapped_base(wrapper)
+    params = {name: p.detach() for name, p in base.named_parameters(remove_duplicate=False)}
+    if isinstance(wrapper, ModulesToSaveWrapper):
+        copy_ = _unloaded(wrapper)
+        if not is_peft_wrapper(copy_):
+            return {name: p.detach() for name, p in copy_.named_parameters(remove_duplicate=False)}
+    elif isinstance(wrapper, TrainableTokensWrapper) and not is_peft_wrapper(base):
+        layer = wrapper.token_adapter
+        return params | {"weight": layer.get_merged_weights(layer.active_adapters).detach()}
+    elif isinstance(wrapper, LoraLinear | LoraEmbedding) and not is_peft_wrapper(base) and _plain_lora(wrapper):
+        return params | {"weight": _lora_weight(wrapper, params["weight"])}
+    return dict(merged_module(wrapper).named_parameters(remove_duplicate=False))
+
+
+def _lora_weight(layer: LoraLinear | LoraEmbedding, weight: torch.Tensor) -> torch.Tensor:
+    """W + scaling * B @ A for every active adapter (what PEFT's merge adds: `get_delta_weight`), computed in float32
+    a block of rows at a time and rounded once to W's dtype: no full-size float32 temporary."""
+    deltas = [_lora_delta(layer, adapter) for adapter in layer.active_adapters]
+    deltas = [d for d in deltas if d is not None]
+    merged = torch.empty_like(weight)
+    rows = block_rows(weight)
+    with torch.no_grad():
+        for start in range(0, len(weight), rows):
+            block = weight[start : start + rows].to(torch.float32, copy=True)  # never a view of W
+            for delta in deltas:
+                block += delta(start, start + rows)
+            merged[start : start + rows] = block.to(weight.dtype)
+    return merged
+
+
+def _lora_delta(layer: LoraLinear | LoraEmbedding, adapter: str) -> Any:
+    """A function of a row range giving those rows of the adapter's delta, in float32; None without the adapter."""
+    if isinstance(layer, LoraEmbedding):
+        if adapter not in layer.lora_embedding_A:
+            return None
+        a, b, by_columns = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter], True  # delta = (B @ A).T
+    else:
+        if adapter not in layer.lora_A:
+            return None
+        a, b, by_columns = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.fan_in_fan_out
+    a, b, scale = a.detach().float(), b.detach().float(), float(layer.scaling[adapter])
+    if by_columns:  # the weight's rows are the columns of B @ A
+        return lambda start, stop: (b @ a[:, start:stop]).T * scale
+    return lambda start, stop: (b[start:stop] @ a) * scale
+
+
+def _plain_lora(layer: LoraLinear | LoraEmbedding) -> bool:
+    """LoRA whose merge adds get_delta_weight() to the weight and nothing else (no DoRA, no LoRA bias)."""
+    flags: list[dict[str, bool]] = [layer.use_dora, getattr(layer, "lora_bias", {})]
+    return not any(flag.get(adapter) for adapter in layer.active_adapters for flag in flags)
 
 
 def merged_module(wrapper: torch.nn.Module) -> torch.nn.Module:

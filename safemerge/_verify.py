@@ -6,11 +6,11 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
 from safemerge import _compat, _probe
 from safemerge._analysis import Analysis, analyse, require_peft_model
@@ -19,9 +19,11 @@ from safemerge._modules import (
     max_abs_diff,
     output_embedding_name,
     same_weight_tolerance,
+    storage_key,
     tie_flags,
     tie_groups,
 )
+from safemerge._reload import Fingerprint, LoadSpec, compare_with_fingerprints, fingerprints, reload
 from safemerge._report import MemberCheck, MergePlan, Verification
 from safemerge.errors import InputError
 
@@ -37,10 +39,48 @@ FAILED_HINT = (
 def check_in_memory(
     merged: Any, analysis: Analysis, plan: MergePlan, expected: Mapping[str, torch.Tensor], tolerance: float | None
 ) -> Verification:
-    """The merged model before saving: probe logits and tied weights against the adapter model, ties and flags
-    against the plan."""
-    verification = check_against_adapter(merged, analysis, expected, tolerance=tolerance, rounding_slack=0.0)
-    return dataclasses.replace(verification, problems=(*verification.problems, *_plan_problems(merged, plan)))
+    """The merged model before saving, without a forward pass: every tied member against the weight the adapter model
+    uses, ties and flags against the plan. (The logits are checked once, on the model reloaded from disk.)"""
+    members, problems = _member_checks(merged, analysis, expected, 0.0, "merged")
+    tol = _tolerance(tolerance, analysis, merged)
+    return _verification(analysis, tol, None, members, [*problems, *_plan_problems(merged, plan)])
+
+
+def _tolerance(tolerance: float | None, analysis: Analysis, model: Any) -> float:
+    """The user's logits tolerance, or the default for the model's dtype and the adapter model's logits."""
+    if tolerance is not None:
+        return tolerance
+    return _probe.logits_tolerance(analysis.adapter_logits, _probe.model_dtype(model))
+
+
+def _verification(
+    analysis: Analysis, tol: float, diff: float | None, members: tuple[MemberCheck, ...], problems: list[str]
+) -> Verification:
+    """The figures of a check in memory (the reload check adds its own)."""
+    return Verification(
+        probe_tokens=_probe.probe_size(analysis.probe),
+        logits_tolerance=tol,
+        max_abs_logits_diff_in_memory=diff,
+        max_abs_logits_diff_reloaded=None,
+        members=members,
+        reloaded_tensors_compared=0,
+        tensors_not_identical=(),
+        ties_after_reload=None,
+        problems=tuple(problems),
+    )
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What the reload is compared with, taken from the merged model before it is saved (and, if ours, freed)."""
+
+    fingerprints: dict[str, Fingerprint]
+    ties: tuple[tuple[str, ...], ...]
+    load: LoadSpec
+
+    @classmethod
+    def of(cls, merged: torch.nn.Module) -> Saved:
+        return cls(fingerprints(merged), tie_groups(merged), LoadSpec.like(merged))
 
 
 def _plan_problems(merged: Any, plan: MergePlan) -> list[str]:
@@ -73,26 +113,12 @@ def check_against_adapter(
     `expected`: the weight each tied member must hold. `rounding_slack`: the fraction of a member's change its weight
     may be off by (another tool may round differently; a broken merge is off by a whole delta of another member).
     """
-    tol = (
-        tolerance
-        if tolerance is not None
-        else _probe.logits_tolerance(analysis.adapter_logits, _probe.model_dtype(model))
-    )
+    tol = _tolerance(tolerance, analysis, model)
     diff, problems = _logits_diff(model, analysis, label)
     if not diff <= tol:
         problems.append(f"{label} logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
     members, member_problems = _member_checks(model, analysis, expected, rounding_slack, label)
-    return Verification(
-        probe_tokens=_probe.probe_size(analysis.probe),
-        logits_tolerance=tol,
-        max_abs_logits_diff_in_memory=diff,
-        max_abs_logits_diff_reloaded=None,
-        members=members,
-        reloaded_tensors_compared=0,
-        tensors_not_identical=(),
-        ties_after_reload=None,
-        problems=(*problems, *member_problems),
-    )
+    return _verification(analysis, tol, diff, members, [*problems, *member_problems])
 
 
 def _logits_diff(model: Any, analysis: Analysis, label: str) -> tuple[float, list[str]]:
@@ -112,8 +138,11 @@ def _member_checks(
         if member.name not in params:
             problems.append(f"{member.name}: not in the {label} model")
             continue
-        want = expected[member.name]
-        diff = max_abs_diff(params[member.name].cpu(), want.cpu())
+        want, have = expected[member.name], params[member.name]
+        if have.dtype != want.dtype:
+            problems.append(f"{label} {member.name}: {have.dtype} where the base model has {want.dtype}")
+        # The engine puts the effective tensor itself in place where it can: the same storage needs no comparison.
+        diff = 0.0 if storage_key(have) == storage_key(want) else max_abs_diff(have.cpu(), want.cpu())
         members.append(MemberCheck(member.name, diff, None))
         if diff > max(same_weight_tolerance(want), rounding_slack * member.max_abs_change):
             change = (
@@ -128,44 +157,46 @@ def _member_checks(
 
 
 def check_reload(
-    merged: Any, saved: Path, analysis: Analysis, in_memory: Verification, expected: Mapping[str, torch.Tensor]
-) -> tuple[Verification, tuple[tuple[str, ...], ...]]:
-    """Reload `saved` with transformers' loader; compare tensors bit for bit, ties, and logits.
+    saved: Path, merged: Saved, analysis: Analysis, in_memory: Verification
+) -> tuple[Verification, Any, tuple[tuple[str, ...], ...]]:
+    """Load `saved` with transformers' loader; compare every tensor with the merged model's, the ties, and the logits.
 
-    Returns the verification and the tie groups the loader adds between bit-identical tensors (to mirror in memory).
+    Returns the verification, the reloaded model (None if it did not load) and the tie groups the loader adds between
+    bit-identical tensors (to mirror in the merged model).
     """
     logger.info("reloading %s to verify it", saved)
     try:
-        reloaded = reload(saved, like=merged)
+        reloaded = reload(saved, like=merged.load)
     except Exception as exc:  # a loader that cannot load what was saved is a failed verification
         problem = f"transformers could not reload the saved model ({type(exc).__name__}: {exc})"
-        return dataclasses.replace(in_memory, problems=(*in_memory.problems, problem)), ()
-    compared, not_identical = compare_state(merged, reloaded)
-    against_adapter = check_against_adapter(
-        reloaded, analysis, expected, tolerance=in_memory.logits_tolerance, rounding_slack=0.0, label="reloaded"
-    )
+        return dataclasses.replace(in_memory, problems=(*in_memory.problems, problem)), None, ()
+    compared, not_identical = compare_with_fingerprints(merged.fingerprints, reloaded)
+    diff, logits_problems = _logits_diff(reloaded, analysis, "reloaded")
+    tol = in_memory.logits_tolerance
+    if not diff <= tol:
+        logits_problems.append(f"reloaded logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
     ties_after = tie_groups(reloaded)
-    before = {frozenset(g) for g in tie_groups(merged)}
-    lost = [g for g in before if not any(g <= frozenset(a) for a in ties_after)]
+    lost = [g for g in merged.ties if not any(set(g) <= set(a) for a in ties_after)]
     problems = [
         *in_memory.problems,
         *(f"reloaded {name}: {what}" for name, what in not_identical.items()),
-        *against_adapter.problems,
+        *logits_problems,
         *(f"tie lost on reload: {sorted(g)} were one tensor and load as separate tensors" for g in lost),
     ]
     # Extra ties join only bit-identical tensors (checked above); mirror them so the returned model is what loads.
+    before = {frozenset(g) for g in merged.ties}
     retie = tuple(g for g in ties_after if frozenset(g) not in before) if not not_identical else ()
     members = tuple(dataclasses.replace(m, reload_bit_identical=m.name not in not_identical) for m in in_memory.members)
     verification = dataclasses.replace(
         in_memory,
-        max_abs_logits_diff_reloaded=against_adapter.max_abs_logits_diff_in_memory,
+        max_abs_logits_diff_reloaded=diff,
         members=members,
         reloaded_tensors_compared=compared,
         tensors_not_identical=tuple(f"{name}: {what}" for name, what in not_identical.items()),
         ties_after_reload=ties_after,
         problems=tuple(problems),
     )
-    return verification, retie
+    return verification, reloaded, retie
 
 
 def failure_message(verification: Verification, *, where: str) -> str:
@@ -176,67 +207,6 @@ def failure_message(verification: Verification, *, where: str) -> str:
         f"Verification failed: {shown}{more}. The merged model does not compute what the adapter model computes, "
         f"so it must not be shipped. {where} Your PEFT model was put back as it was. {FAILED_HINT}"
     )
-
-
-def auto_class_for(model: torch.nn.Module) -> Any:
-    """The transformers Auto class that maps this model's config to this model's class."""
-    candidates = [
-        "AutoModelForCausalLM",
-        "AutoModelForSeq2SeqLM",
-        "AutoModelForImageTextToText",
-        "AutoModelForSequenceClassification",
-        "AutoModelForTokenClassification",
-        "AutoModelForQuestionAnswering",
-        "AutoModelForMaskedLM",
-        "AutoModelForVision2Seq",
-        "AutoModel",
-    ]
-    config_class = type(model.config)
-    for name in candidates:
-        mapping = getattr(getattr(transformers, name, None), "_model_mapping", None)
-        if mapping is None:
-            continue
-        try:
-            mapped = mapping[config_class]
-        except (KeyError, ValueError):
-            continue
-        if type(model) in (mapped if isinstance(mapped, tuple | list) else (mapped,)):
-            return getattr(transformers, name)
-    return type(model)  # a class the Auto mappings do not know: its own loader
-
-
-def reload(save_directory: str | os.PathLike[str], like: torch.nn.Module) -> Any:
-    """Load `save_directory` with transformers' own loader, in `like`'s class, dtype and device."""
-    loader = auto_class_for(like)
-    model = loader.from_pretrained(str(save_directory), dtype=_probe.model_dtype(like))
-    return model.to(_probe.model_device(like)).eval()
-
-
-def compare_state(expected: torch.nn.Module, actual: torch.nn.Module) -> tuple[int, dict[str, str]]:
-    """Compare every state-dict tensor bit for bit; returns (number compared, {name: what differs})."""
-    want, got = expected.state_dict(), actual.state_dict()
-    problems = {name: "missing after reload" for name in want if name not in got}
-    problems |= {name: "not in the merged model" for name in got if name not in want}
-    compared = 0
-    for name, tensor in want.items():
-        other = got.get(name)
-        if other is None:
-            continue
-        compared += 1
-        if other.shape != tensor.shape or other.dtype != tensor.dtype:
-            problems[name] = f"{tuple(other.shape)} {other.dtype} instead of {tuple(tensor.shape)} {tensor.dtype}"
-        elif not torch.equal(other.to(tensor.device), tensor):
-            problems[name] = f"values differ (max |difference| {max_abs_diff(other.cpu(), tensor.cpu()):.3g})"
-    return compared, problems
-
-
-def compare_ties(expected: torch.nn.Module, actual: torch.nn.Module) -> list[str]:
-    """Differences between the tie groups of two models."""
-    want = {frozenset(g) for g in tie_groups(expected)}
-    got = {frozenset(g) for g in tie_groups(actual)}
-    problems = [f"tied in the merged model, not after reload: {sorted(g)}" for g in want - got]
-    problems += [f"tied after reload, not in the merged model: {sorted(g)}" for g in got - want]
-    return problems
 
 
 def verify_merged(

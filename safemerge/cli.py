@@ -160,7 +160,8 @@ def _unreadable_input(error: SafeMergeError) -> bool:
 
 
 def _configure_output(*, verbose: bool, quiet: bool) -> None:
-    """Progress lines from the library's loggers on stderr; third-party advice and bars only with -v."""
+    """Progress lines from the library's loggers on stderr, progress bars when stderr is a terminal (not with -q);
+    third-party advice only with -v."""
     start = time.monotonic()
 
     class _Elapsed(logging.Formatter):
@@ -173,13 +174,17 @@ def _configure_output(*, verbose: bool, quiet: bool) -> None:
     library.handlers[:] = [handler]
     library.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     library.propagate = False
+    import transformers
+
     if not verbose:
         import warnings
 
-        import transformers
-
         warnings.filterwarnings("ignore", module=r"(peft|transformers|accelerate)(\.|$)")
         transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    # transformers' switch drives its bars, PEFT's merge bar and safemerge's: on where a person watches.
+    if sys.stderr.isatty() and not quiet:
+        transformers.utils.logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+    else:
         transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 

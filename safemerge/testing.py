@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from safemerge import _verify
+from safemerge import _reload
 
 __all__ = ["assert_merge_faithful", "assert_reload_identical"]
 
@@ -33,9 +33,9 @@ def assert_reload_identical(save_directory: str | os.PathLike[str], model: Any) 
             which tensors share one storage (tied weights).
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not this one
-    reloaded = _verify.reload(save_directory, like=model)
-    compared, differences = _verify.compare_state(model, reloaded)
-    problems = [f"{name}: {what}" for name, what in differences.items()] + _verify.compare_ties(model, reloaded)
+    reloaded = _reload.reload(save_directory, like=model)
+    compared, differences = _reload.compare_state(model, reloaded)
+    problems = [f"{name}: {what}" for name, what in differences.items()] + _reload.compare_ties(model, reloaded)
     if problems:
         shown = problems[:_MAX_LISTED]
         more = [f"... and {len(problems) - _MAX_LISTED} more"] if len(problems) > _MAX_LISTED else []

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import safemerge
-from safemerge import _verify
+from safemerge import _reload, _verify
+from safemerge._engines import in_memory
 from safemerge._output import FAILED_MARKER
 from tests.models import ARCHS, adapter_model, logits, sample_ids
 
@@ -53,17 +54,29 @@ def test_empty_existing_directory_is_used(model, tmp_path: Path) -> None:  # typ
     assert safemerge.safe_merge(model, out, policy="untie").save_directory == str(out)
 
 
-def test_in_memory_verification_failure_saves_nothing(model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(safemerge.VerificationError, match=r"merged logits differ.*Nothing was saved") as info:
-        safemerge.safe_merge(model, tmp_path / "out", policy="untie", logits_tolerance=1e-30)
+def test_in_memory_verification_failure_saves_nothing(model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """An engine that skips a step of the plan: found before anything is written."""
+    monkeypatch.setitem(in_memory._STEPS, "own-tensors", lambda *args: None)
+    with pytest.raises(
+        safemerge.VerificationError,
+        match=r"merged lm_head\.weight: differs from the weight the adapter.*Nothing was saved",
+    ) as info:
+        safemerge.safe_merge(model, tmp_path / "out", policy="untie")
     assert info.value.report.ok is False
     assert info.value.report.save_directory is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+def test_logits_are_checked_on_the_reload_and_a_failure_quarantined(model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(safemerge.VerificationError, match=r"reloaded logits differ.*out\.failed-") as info:
+        safemerge.safe_merge(model, tmp_path / "out", policy="untie", logits_tolerance=1e-30)
+    assert info.value.report.verification.max_abs_logits_diff_in_memory is None, "one forward: on the reload"
+    assert not (tmp_path / "out").exists()
+
+
 def test_reload_mismatch_is_quarantined(model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A reload that differs from the merged model (here: one tensor altered after the real reload)."""
-    real_reload = _verify.reload
+    real_reload = _reload.reload
 
     def reload_with_a_changed_lm_head(directory, like):  # type: ignore[no-untyped-def]
         reloaded = real_reload(directory, like)

@@ -11,8 +11,10 @@ from safemerge._modules import (
     bare_module,
     base_parameters,
     module_of,
+    progress_bars,
     set_parameter,
     set_tie_flags,
+    storage_key,
 )
 from safemerge._policy import names
 from safemerge._report import Action, ActionCode, MergePlan
@@ -30,7 +32,7 @@ def execute(peft_model: Any, plan: MergePlan, tied: TiedWeights) -> tuple[Any, l
     merged = None
     for action in plan.actions:
         if action.code == "peft-merge":
-            merged = peft_model.merge_and_unload()
+            merged = peft_model.merge_and_unload(progressbar=progress_bars())
         else:
             _STEPS[action.code](merged if merged is not None else peft_model.get_base_model(), action, tied, plan)
     return merged, list(plan.actions)
@@ -87,18 +89,24 @@ def _rescale_output_embedding(root: torch.nn.Module, action: Action, tied: TiedW
 def _give_own_tensors(
     root: torch.nn.Module, members: list[str], values: dict[str, torch.Tensor], *, first_too: bool = False
 ) -> None:
-    """Give every member after the first (every member, with `first_too`) a new tensor holding a copy of its value.
+    """Give every member after the first (every member, with `first_too`) a new parameter holding its value, copied
+    where an earlier member holds that tensor already (a value no other member holds is used as it is: the effective
+    weights were computed for this, and a copy of a 128256 x 2048 embedding costs what it weighs).
 
     Members held by one module object as an earlier member (transformers 4's T5 embeddings) cannot get a tensor
     of their own: they share that module's.
     """
-    owners = set() if first_too else {id(module_of(root, members[0]))}
+    first = module_of(root, members[0])
+    owners = set() if first_too else {id(first)}
+    held = set() if first_too else {storage_key(getattr(first, members[0].rpartition(".")[2]))}
     for name in members if first_too else members[1:]:
         module = module_of(root, name)
         if id(module) in owners:
             continue
         owners.add(id(module))
-        set_parameter(root, name, values[name].detach().clone())
+        value = values[name].detach()
+        set_parameter(root, name, value.clone() if storage_key(value) in held else value)
+        held.add(storage_key(value))
 
 
 _STEPS: dict[ActionCode, Callable[[torch.nn.Module, Action, TiedWeights, MergePlan], None]] = {
