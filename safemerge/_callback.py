@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -9,16 +10,20 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from safemerge import _inputs, _output, _undo
 from safemerge._forecast import check_before_training
 from safemerge._merge import safe_merge
 from safemerge._output import write_json_atomic
 from safemerge._policy import parse_policy
 from safemerge._report import MergeReport, TiePolicy, TrainingCheck
+from safemerge.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 #: File name of the report, written into the merged model's directory.
 REPORT_NAME = "safemerge-report.json"
+#: Where a failed merge leaves the trained adapter, inside the trainer's output_dir.
+KEPT_ADAPTER = "adapter-before-failed-merge"
 
 
 class SafeMergeCallback(TrainerCallback):
@@ -30,7 +35,13 @@ class SafeMergeCallback(TrainerCallback):
     **merge_options)`: the merged model is saved and verified, the report is written into it as
     `safemerge-report.json`, the verification figures go into the trainer's log history (`trainer.state.log_history`,
     saved in `trainer_state.json`) and the `safemerge` logger, and the trainer's model is the PEFT model again
-    (so `trainer.save_model()` still saves the adapter). A merge that fails raises, and the PEFT model is put back.
+    (so `trainer.save_model()` still saves the adapter). A merge that fails raises, after putting the PEFT model
+    back and saving the trained adapter to `<trainer output_dir>/adapter-before-failed-merge`.
+
+    Checked before the first step too: the options (a name safe_merge does not take, a bad tolerance), an occupied
+    `output_dir` (unless `overwrite=True`), and FSDP / DeepSpeed ZeRO-3 runs (sharded weights cannot be merged by one
+    process). In DDP runs the other processes wait at the trainer's next barrier while the main one merges; a merge
+    longer than `ddp_timeout` needs a larger one.
 
     Args:
         output_dir: where the merged model goes (not the trainer's `output_dir`: checkpoints live there).
@@ -41,6 +52,7 @@ class SafeMergeCallback(TrainerCallback):
     def __init__(self, output_dir: str | os.PathLike[str], *, policy: TiePolicy | str, **merge_options: Any) -> None:
         self.output_dir = Path(output_dir)
         self.policy = parse_policy(policy)
+        _check_options(merge_options)
         self.merge_options = merge_options
         #: The check made in on_train_begin, and the report of the merge made in on_train_end.
         self.check: TrainingCheck | None = None
@@ -49,6 +61,9 @@ class SafeMergeCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        _refuse_sharded_training(args)
+        # An occupied output directory stops the run now, not after it.
+        _output.check_target(_output.resolved(self.output_dir), overwrite=bool(self.merge_options.get("overwrite")))
         self.check = check_before_training(kwargs.get("model"), policy=self.policy)
         logger.info(
             "safemerge: policy %r %s once trained: %s", self.policy.value, self.check.outcome, self.check.reason
@@ -59,15 +74,51 @@ class SafeMergeCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero:
             return  # one process merges and writes; the others' models are the same
-        self.report = safe_merge(
-            kwargs.get("model"), self.output_dir, policy=self.policy, in_place=False, **self.merge_options
-        )
+        model = kwargs.get("model")
+        try:
+            self.report = safe_merge(model, self.output_dir, policy=self.policy, in_place=False, **self.merge_options)
+        except Exception as exc:  # the run's result must survive a failed merge
+            _undo.say_first(exc, _keep_adapter(model, Path(args.output_dir or ".") / KEPT_ADAPTER))
+            raise
         write_json_atomic(self.output_dir / REPORT_NAME, self.report.to_dict())
         figures = _figures(self.report)
         state.log_history.append({**figures, "step": state.global_step})
         logger.info(
             "safemerge: merged into %s (%s)", self.output_dir, ", ".join(f"{k}={v}" for k, v in figures.items())
         )
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """A mistyped or misplaced safe_merge option stops the script at once, not after training."""
+    if "in_place" in options:
+        raise TypeError("SafeMergeCallback keeps the trainer's model a PEFT model (in_place=False); drop in_place.")
+    try:
+        inspect.signature(safe_merge).bind(None, "", policy="untie", **options)
+    except TypeError as exc:
+        raise TypeError(f"SafeMergeCallback got an option safe_merge does not take: {exc}.") from None
+    _inputs.check_tolerance(options.get("logits_tolerance"))
+
+
+def _refuse_sharded_training(args: TrainingArguments) -> None:
+    from transformers import integrations
+
+    if getattr(args, "fsdp", None) or integrations.is_deepspeed_zero3_enabled():  # type: ignore[attr-defined,no-untyped-call]
+        raise InputError(
+            "SafeMergeCallback cannot merge a model trained with FSDP or DeepSpeed ZeRO-3: every process holds only a "
+            "shard of the weights, so no process can merge or verify the whole model. Nothing was trained. Fix: "
+            "drop the callback, save the adapter at the end (trainer.save_model()) and merge it afterwards with "
+            "`safemerge merge BASE ADAPTER OUT --policy P`; check the policy now with `safemerge inspect BASE "
+            "--peft-config adapter_config.json --policy P`."
+        )
+
+
+def _keep_adapter(model: Any, directory: Path) -> str:
+    """Save the trained adapter where the trainer keeps its checkpoints; say where (or why not)."""
+    try:
+        model.save_pretrained(str(directory))
+    except Exception as exc:  # a full disk, say: the error that follows matters more
+        return f"The merge failed, and the trained adapter could not be saved either ({type(exc).__name__}: {exc})."
+    return f"The merge failed; the trained adapter was saved to '{directory}' first (the PEFT model was put back)."
 
 
 def _figures(report: MergeReport) -> dict[str, Any]:

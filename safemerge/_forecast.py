@@ -118,7 +118,7 @@ def _moved(trainable: Any, seed: int) -> Iterator[None]:
             for tensor in tensors:
                 scale = float(tensor.detach().float().std()) if tensor.numel() > 1 else 0.0
                 noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
-                tensor.add_((noise * (scale or 1.0)).to(tensor.dtype))
+                tensor.add_((noise * (scale or 1.0)).to(device=tensor.device, dtype=tensor.dtype))
         yield
     finally:
         with torch.no_grad():

@@ -168,7 +168,9 @@ def _merge_and_save(
     del expected  # it holds the merged model's tied tensors
     if not verification.ok:
         report = _report(plan, None, analysis, merged, actions, verification, restored=True)
-        raise VerificationError(_verify.failure_message(verification, where="Nothing was saved."), report=report)
+        raise VerificationError(
+            _verify.failure_message(verification, where="Nothing was saved.", owned=owned), report=report
+        )
     saved = _verify.Saved.of(merged)
     logger.info("saving to %s", held.staging)
     _output.save_model(merged, held)
@@ -186,7 +188,7 @@ def _merge_and_save(
             f"The saved files were moved to '{failed}' (marked {_output.FAILED_MARKER}); the output directory "
             "was not written."
         )
-        raise VerificationError(_verify.failure_message(verification, where=where), report=report)
+        raise VerificationError(_verify.failure_message(verification, where=where, owned=owned), report=report)
     held.commit()
     logger.info("verified; the merged model is in place")
     return result, actions, verification

@@ -179,4 +179,4 @@ def _rescale(head: str, factor: float) -> Action:
 def expected_values(plan: MergePlan, tied: TiedWeights) -> dict[str, torch.Tensor]:
     """The weight every tied member must hold in the merged model under `plan` (its effective weight, rescaled)."""
     scales = dict(plan.rescaled)
-    return {name: value * scales.get(name, 1.0) for name, value in tied.effective.items()}
+    return {name: value * scales[name] if name in scales else value for name, value in tied.effective.items()}

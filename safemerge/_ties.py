@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from peft.tuners.lora import Embedding as LoraEmbedding
@@ -309,21 +309,22 @@ def merged_parameters(wrapper: torch.nn.Module) -> dict[str, torch.Tensor]:
     elif isinstance(wrapper, TrainableTokensWrapper) and not is_peft_wrapper(base):
         layer = wrapper.token_adapter
         return params | {"weight": layer.get_merged_weights(layer.active_adapters).detach()}
-    elif isinstance(wrapper, LoraLinear | LoraEmbedding) and not is_peft_wrapper(base) and _plain_lora(wrapper):
+    elif _plain_lora(wrapper) and not is_peft_wrapper(base):
         return params | {"weight": _lora_weight(wrapper, params["weight"])}
     return dict(merged_module(wrapper).named_parameters(remove_duplicate=False))
 
 
 def _lora_weight(layer: LoraLinear | LoraEmbedding, weight: torch.Tensor) -> torch.Tensor:
     """W + scaling * B @ A for every active adapter (what PEFT's merge adds: `get_delta_weight`), computed in float32
-    a block of rows at a time and rounded once to W's dtype: no full-size float32 temporary."""
+    (float64 for a float64 model) a block of rows at a time and rounded once to W's dtype: no full-size temporary."""
     deltas = [_lora_delta(layer, adapter) for adapter in layer.active_adapters]
     deltas = [d for d in deltas if d is not None]
     merged = torch.empty_like(weight)
     rows = block_rows(weight)
+    wide = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for a float64 model
     with torch.no_grad():
         for start in range(0, len(weight), rows):
-            block = weight[start : start + rows].to(torch.float32, copy=True)  # never a view of W
+            block = weight[start : start + rows].to(wide, copy=True)  # never a view of W
             for delta in deltas:
                 block += delta(start, start + rows)
             merged[start : start + rows] = block.to(weight.dtype)
@@ -340,16 +341,21 @@ def _lora_delta(layer: LoraLinear | LoraEmbedding, adapter: str) -> Any:
         if adapter not in layer.lora_A:
             return None
         a, b, by_columns = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.fan_in_fan_out
-    a, b, scale = a.detach().float(), b.detach().float(), float(layer.scaling[adapter])
+    wide = torch.promote_types(a.dtype, torch.float32)
+    a, b, scale = a.detach().to(wide), b.detach().to(wide), float(layer.scaling[adapter])
     if by_columns:  # the weight's rows are the columns of B @ A
         return lambda start, stop: (b @ a[:, start:stop]).T * scale
     return lambda start, stop: (b[start:stop] @ a) * scale
 
 
-def _plain_lora(layer: LoraLinear | LoraEmbedding) -> bool:
-    """LoRA whose merge adds get_delta_weight() to the weight and nothing else (no DoRA, no LoRA bias)."""
-    flags: list[dict[str, bool]] = [layer.use_dora, getattr(layer, "lora_bias", {})]
-    return not any(flag.get(adapter) for adapter in layer.active_adapters for flag in flags)
+def _plain_lora(layer: torch.nn.Module) -> TypeGuard[LoraLinear | LoraEmbedding]:
+    """LoRA whose merge adds get_delta_weight() to the weight and nothing else: PEFT's own classes (not torchao's or
+    INC's quantized subclasses), no variant (DoRA, aLoRA, KaSA, ... merge otherwise or not at all), no LoRA bias."""
+    if type(layer) not in (LoraLinear, LoraEmbedding):
+        return False
+    flags: list[dict[str, Any]] = [getattr(layer, name, {}) for name in ("use_dora", "lora_bias", "lora_variant")]
+    active: list[str] = getattr(layer, "active_adapters", [])
+    return not any(flag.get(adapter) for adapter in active for flag in flags)
 
 
 def merged_module(wrapper: torch.nn.Module) -> torch.nn.Module:

@@ -199,13 +199,18 @@ def check_reload(
     return verification, reloaded, retie
 
 
-def failure_message(verification: Verification, *, where: str) -> str:
-    """What failed, what it means, where the files are, and the fix."""
+def failure_message(verification: Verification, *, where: str, owned: bool) -> str:
+    """What failed, what it means, where the files are, what became of the model, and the fix."""
     shown = "; ".join(verification.problems[:6])
     more = f" and {len(verification.problems) - 6} more" if len(verification.problems) > 6 else ""
+    model = (
+        "The model safemerge loaded for the merge was discarded; the base and adapter files are untouched."
+        if owned
+        else "Your PEFT model was put back as it was."
+    )
     return (
         f"Verification failed: {shown}{more}. The merged model does not compute what the adapter model computes, "
-        f"so it must not be shipped. {where} Your PEFT model was put back as it was. {FAILED_HINT}"
+        f"so it must not be shipped. {where} {model} {FAILED_HINT}"
     )
 
 

@@ -8,6 +8,7 @@ import peft
 import pytest
 import torch
 
+import safemerge
 from safemerge._ties import merged_parameters
 from tests.models import ARCHS, load_base, perturb
 
@@ -20,7 +21,7 @@ LAYERS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("arch", "target", "kind"), LAYERS)
 def test_lora_weight_is_peft_s_merge(
     base_dirs: dict[str, Any], arch: str, target: str, kind: str, dtype: torch.dtype
@@ -33,7 +34,18 @@ def test_lora_weight_is_peft_s_merge(
     base_weight = layer.get_base_layer().weight.detach().clone()
     ours = merged_parameters(layer)["weight"]
     assert torch.equal(layer.get_base_layer().weight, base_weight), "the base weight must not change"
-    peft_s = (base_weight.float() + layer.get_delta_weight("default").float()).to(dtype)
+    wide = torch.promote_types(dtype, torch.float32)
+    peft_s = (base_weight.to(wide) + layer.get_delta_weight("default").to(wide)).to(dtype)
     assert ours.dtype == dtype and ours.shape == base_weight.shape
     ulp = torch.finfo(dtype).eps * float(peft_s.abs().max())
-    assert float((ours.float() - peft_s.float()).abs().max()) <= ulp, kind
+    assert float((ours.to(wide) - peft_s.to(wide)).abs().max()) <= ulp, kind
+
+
+def test_a_lora_variant_is_merged_by_peft_or_refused(base_dirs: dict[str, Any], tmp_path: Any) -> None:
+    """aLoRA is a lora.Linear whose merge is not W + B @ A (PEFT cannot merge it at all): never the fast path."""
+    config = peft.LoraConfig(r=4, target_modules=["lm_head", "q_proj"], alora_invocation_tokens=[5, 6])
+    model = peft.get_peft_model(load_base(ARCHS["llama"], base_dirs["llama"]), config)
+    perturb(model)
+    with pytest.raises(safemerge.UnsupportedAdapterError, match=r"lm_head\.weight.*aLoRA does not support merging"):
+        safemerge.safe_merge(model, tmp_path / "m", policy="untie")
+    assert not (tmp_path / "m").exists()

@@ -133,14 +133,31 @@ def test_untie_ends_the_run_with_a_verified_merge(base_dirs: dict[str, Path], tm
     )
 
 
-def test_a_failed_merge_at_the_end_leaves_the_peft_model(base_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_a_failed_merge_at_the_end_keeps_the_trained_adapter(base_dirs: dict[str, Path], tmp_path: Path) -> None:
     model = step_zero(base_dirs, "llama", "lora-head")
     callback = safemerge.SafeMergeCallback(tmp_path / "merged", policy="untie", logits_tolerance=0.0)
     run = trainer(model, tmp_path, callback)
-    with pytest.raises(safemerge.VerificationError, match="Your PEFT model was put back"):
+    with pytest.raises(safemerge.VerificationError, match=r"(?s)adapter was saved to .*adapter-before-failed-merge"):
         run.train()
     assert run.model.get_base_model().lm_head.lora_B, "the PEFT layers are back"
     assert not (tmp_path / "merged").exists()
+    kept = tmp_path / "checkpoints" / "adapter-before-failed-merge"
+    reloaded = peft.PeftModel.from_pretrained(load_base(ARCHS["llama"], base_dirs["llama"]), str(kept))
+    torch.testing.assert_close(logits(reloaded, sample_ids()), logits(model, sample_ids()), rtol=0, atol=0)
+
+
+def test_what_would_fail_at_the_end_fails_before_the_first_step(base_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"does not take.*logit_tolerance"):
+        safemerge.SafeMergeCallback(tmp_path / "merged", policy="untie", logit_tolerance=1e-3)
+    with pytest.raises(ValueError, match="logits_tolerance must be a finite number"):
+        safemerge.SafeMergeCallback(tmp_path / "merged", policy="untie", logits_tolerance=-1.0)
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text("{}")
+    model = step_zero(base_dirs, "llama", "lora-head")
+    run = trainer(model, tmp_path, safemerge.SafeMergeCallback(tmp_path / "merged", policy="untie"))
+    with pytest.raises(safemerge.OutputExistsError):
+        run.train()
+    assert run.state.global_step == 0
 
 
 def test_the_how_to_script_runs_as_written(tmp_path: Path) -> None:
