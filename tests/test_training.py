@@ -12,6 +12,7 @@ from typing import Any
 
 import peft
 import pytest
+import safetensors.torch
 import torch
 from transformers import Trainer, TrainingArguments
 
@@ -142,8 +143,10 @@ def test_a_failed_merge_at_the_end_keeps_the_trained_adapter(base_dirs: dict[str
     assert run.model.get_base_model().lm_head.lora_B, "the PEFT layers are back"
     assert not (tmp_path / "merged").exists()
     kept = tmp_path / "checkpoints" / "adapter-before-failed-merge"
-    reloaded = peft.PeftModel.from_pretrained(load_base(ARCHS["llama"], base_dirs["llama"]), str(kept))
-    torch.testing.assert_close(logits(reloaded, sample_ids()), logits(model, sample_ids()), rtol=0, atol=0)
+    # The trained tensors themselves (logits of the trainer's model may run under accelerate's autocast wrapper).
+    saved = safetensors.torch.load_file(str(kept / "adapter_model.safetensors"))
+    trained = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
+    assert trained and all(torch.equal(saved[key], value) for key, value in trained.items())
 
 
 def test_what_would_fail_at_the_end_fails_before_the_first_step(base_dirs: dict[str, Path], tmp_path: Path) -> None:
