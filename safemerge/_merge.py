@@ -9,7 +9,8 @@ import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -306,29 +307,31 @@ def load_untrained_inputs(
     base: str, peft_config_file: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None
 ) -> Any:
     """The PEFT model at step 0 for a config file; a load that fails is an InputError naming the inputs."""
-    try:
-        return _load.load_untrained_adapter_model(
-            base, peft_config_file, dtype=_load.parse_dtype(dtype), device_map=device_map
-        )
-    except SafeMergeError:
-        raise
-    except Exception as exc:  # a config PEFT rejects, targets not in this base, a base that does not load
-        raise InputError(
-            f"Could not build the adapter of '{peft_config_file}' on the base '{base}' ({type(exc).__name__}: "
-            f"{str(exc).strip()[:400]}). Fix: check that the config is a PEFT adapter_config.json written for this "
-            "base (its target_modules must name modules of it)."
-        ) from exc
+    with _load_failures_as_input_errors(
+        f"Could not build the adapter of '{peft_config_file}' on the base '{base}'",
+        "Fix: check that the config is a PEFT adapter_config.json written for this base (its target_modules must name "
+        "modules of it).",
+    ):
+        load = _load.load_untrained_adapter_model
+        return load(base, peft_config_file, dtype=_load.parse_dtype(dtype), device_map=device_map)
 
 
 def load_inputs(base: str, adapter: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None) -> Any:
     """The adapter model; a load that fails is an InputError that names the inputs and the loader's reason."""
-    try:
+    with _load_failures_as_input_errors(
+        f"Could not load the base '{base}' with the adapter '{adapter}'",
+        "Nothing was written. Fix: check that both are complete and belong together (safemerge doctor BASE ADAPTER "
+        "explains most mismatches).",
+    ):
         return _load.load_adapter_model(base, adapter, dtype=_load.parse_dtype(dtype), device_map=device_map)
+
+
+@contextmanager
+def _load_failures_as_input_errors(what: str, fix: str) -> Iterator[None]:
+    """transformers / PEFT / safetensors / torch.load: every way a file can fail to load, as one InputError."""
+    try:
+        yield
     except SafeMergeError:
         raise
-    except Exception as exc:  # transformers / PEFT / safetensors / torch.load: every way a file can fail to load
-        raise InputError(
-            f"Could not load the base '{base}' with the adapter '{adapter}' ({type(exc).__name__}: "
-            f"{str(exc).strip()[:400]}). Nothing was written. Fix: check that both are complete and belong together "
-            "(safemerge doctor BASE ADAPTER explains most mismatches)."
-        ) from exc
+    except Exception as exc:
+        raise InputError(f"{what} ({type(exc).__name__}: {str(exc).strip()[:400]}). {fix}") from exc

@@ -262,7 +262,11 @@ def _inspect(args: argparse.Namespace) -> int:
     from safemerge._merge import load_inputs
 
     if (args.adapter is None) == (args.peft_config is None):
-        raise InputError("inspect needs ADAPTER (a trained adapter) or --peft-config PATH (before training), not both.")
+        raise InputError(
+            "inspect takes ADAPTER (a trained adapter) or --peft-config PATH (before training), not both and not "
+            "neither. Fix: `safemerge inspect BASE ADAPTER`, or `safemerge inspect BASE --peft-config "
+            "adapter_config.json --policy P`."
+        )
     if args.peft_config is not None:
         return _inspect_before_training(args)
     _checked_inputs((args.base, "base model"), (args.adapter, "adapter"))
@@ -279,7 +283,9 @@ def _inspect_before_training(args: argparse.Namespace) -> int:
     from safemerge._merge import load_untrained_inputs
 
     if args.policy is None:
-        raise InputError("inspect --peft-config needs --policy keep|untie|refuse: the policy to answer for.")
+        raise InputError(
+            "inspect --peft-config answers for one policy, and none was given. Fix: add --policy keep, untie or refuse."
+        )
     if not Path(args.peft_config).is_file():
         raise InputError(
             f"The PEFT config '{args.peft_config}' is not a file; nothing was loaded. Fix: pass the "

@@ -54,12 +54,13 @@ def test_cli_inspect_the_merge_report_and_the_docs_show_one_plan(
     assert json.loads(documented.group(1)) == {k: v for k, v in inspected.items() if k != "schema_version"}
 
 
+@pytest.mark.parametrize("variant", ["in-memory", "reloaded"])
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_rule_changed_in_the_table_changes_every_engine(
-    engine: str, make_adapter_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine: str, variant: str, build: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With `untie` giving own tensors even to members that change alike, the same adapter merges untied."""
-    model = make_adapter_model("llama", "trainable-token-indices")
+    model = build("llama", "trainable-token-indices", variant)
     assert safemerge.inspect_ties(model).plan("untie").ties_after, "by the shipped rule the tie is kept"
     expected = logits(model, sample_ids())
     rule = _policy.RULES[safemerge.TiePolicy.UNTIE]

@@ -229,9 +229,10 @@ def test_cli_inspect_usage_errors_and_the_policy_exit_code(
     base, adapter = str(base_dirs["llama"]), str(saved_adapter("llama", "lora-head"))
     config = str(Path(adapter) / "adapter_config.json")
     assert main(["inspect", base, adapter, "--peft-config", config, "--policy", "untie"]) == 2
-    assert "not both" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not both" in err and "Fix: `safemerge inspect BASE ADAPTER`" in err
     assert main(["inspect", base, "--peft-config", config]) == 2
-    assert "needs --policy" in capsys.readouterr().err
+    assert "Fix: add --policy" in capsys.readouterr().err
     assert main(["inspect", base, "--peft-config", str(tmp_path / "missing.json"), "--policy", "keep"]) == 2
     assert "is not a file" in capsys.readouterr().err
     assert main(["inspect", base, adapter, "--policy", "keep", "-q"]) == 1, "keep's plan for this adapter refuses"
