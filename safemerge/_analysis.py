@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from safemerge import _compat, _probe
+from safemerge import _compat, _policy, _probe
 from safemerge._modules import base_parameters, output_embedding_name, tie_flags
 from safemerge._plan import ModelFacts, make_plan
 from safemerge._report import MergePlan, TieInspection, TiePolicy
 from safemerge._ties import TiedWeights, adapted_weights, find_tied_weights
-from safemerge.errors import InputError, UnsupportedAdapterError
+from safemerge.errors import InputError, TiedWeightsError, UnsupportedAdapterError
 
 
 @dataclass
@@ -28,6 +28,14 @@ class Analysis:
 
     def plan(self, policy: TiePolicy) -> MergePlan:
         return self.inspection.plan(policy)
+
+    def plan_or_refuse(self, policy: TiePolicy) -> MergePlan:
+        """The plan of `policy`; TiedWeightsError with the fix if it does not merge this model."""
+        plan = self.plan(policy)
+        if not plan.merges:
+            message = _policy.refusal_message(plan, self.inspection.plans)
+            raise TiedWeightsError(message, policy=policy.value, groups=self.tied.groups)
+        return plan
 
 
 def require_peft_model(model: Any) -> Any:

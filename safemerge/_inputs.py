@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from safemerge.errors import InputError
+from safemerge.errors import InputError, SafeMergeError
 
 #: A safetensors header larger than this is not a header (the format's own readers cap it at 100 MB).
 _MAX_HEADER = 100_000_000
@@ -151,3 +152,14 @@ def _tensor_problem(header: dict[str, Any], data_size: int) -> str | None:
 
 def named_inputs(pairs: Iterable[tuple[str, Path | None]]) -> dict[str, Path]:
     return {role: path for role, path in pairs if path is not None}
+
+
+@contextmanager
+def load_failures_as_input_errors(what: str, fix: str) -> Iterator[None]:
+    """transformers / PEFT / safetensors / torch.load: every way a file can fail to load, as one InputError."""
+    try:
+        yield
+    except SafeMergeError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{what} ({type(exc).__name__}: {str(exc).strip()[:400]}). {fix}") from exc

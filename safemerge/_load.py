@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -86,3 +88,138 @@ def load_untrained_adapter_model(
     model = load_pretrained(base, task_type=config.task_type, dtype=dtype, device_map=device_map)
     logger.info("adding the adapter of %s with get_peft_model", peft_config_file)
     return peft.get_peft_model(model, config)
+
+
+def load_offloaded_adapter_model(
+    base: str, adapter: str, *, offload_folder: str, dtype: torch.dtype | str | None = None
+) -> Any:
+    """The adapter model with the base's weights left on disk: accelerate loads each layer's weights from the
+    checkpoint when the layer runs. In memory: the adapter's own tensors, every module that holds a tied weight (the
+    analysis reads them), and the base layers whose PEFT layer reads their weights outside their forward (DoRA's
+    norm, trainable tokens' rows).
+
+    The adapter is injected with `get_peft_model` and `set_peft_model_state_dict` rather than
+    `PeftModel.from_pretrained`, which re-dispatches a CPU/disk model onto one device and fails on its meta weights.
+    """
+    import peft
+
+    from safemerge._modules import base_parameters, is_peft_wrapper, wrapped_base
+    from safemerge._ties import plain_lora
+
+    config = peft.PeftConfig.from_pretrained(adapter)
+    config.inference_mode = True
+    cls = model_class_for(transformers.AutoConfig.from_pretrained(base), config.task_type)
+    logger.info("loading %s with %s.from_pretrained, its weights offloaded to disk", base, cls.__name__)
+    model = cls.from_pretrained(
+        base, dtype=dtype or "auto", device_map=all_on_disk(cls, base), offload_folder=offload_folder
+    )
+    load_tie_groups(model.eval())
+    peft_model = peft.get_peft_model(model, config)
+    in_base = {id(p.tensor) for p in base_parameters(peft_model.get_base_model())}
+    made: dict[int, torch.nn.Parameter] = {}  # by the meta parameter: one the adapter shares stays shared
+    for module in peft_model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta and id(param) not in in_base:
+                # An adapter tensor, created where its base layer is (meta); a modules_to_save copy also carries
+                # its original's offload hook.
+                _remove_hook(module)
+                if id(param) not in made:
+                    made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"), False)
+                module._parameters[name] = made[id(param)]
+    logger.info("loading adapter %s with set_peft_model_state_dict", adapter)
+    loaded: Any = peft.set_peft_model_state_dict(peft_model, peft.utils.load_peft_weights(adapter))
+    if loaded.unexpected_keys:
+        raise ValueError(f"adapter tensors that match no adapter layer: {', '.join(loaded.unexpected_keys[:6])}")
+    for wrapper in [m for m in peft_model.modules() if is_peft_wrapper(m) and not plain_lora(m)]:
+        for module in wrapped_base(wrapper).modules():
+            load_for_good(module)
+    return peft_model.eval()
+
+
+def all_on_disk(cls: Any, path: str) -> dict[str, str]:
+    """A device map that offloads every weight of the model to disk. ({"": "disk"} is refused by transformers 4.)"""
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    with init_empty_weights():  # Auto classes have from_config, model classes _from_config
+        skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    own = [name for name, _ in skeleton.named_parameters(recurse=False)]
+    own += [name for name, _ in skeleton.named_buffers(recurse=False)]
+    # The top module's own tensors (BART's final_logits_bias) are small: in memory.
+    return {name: "disk" for name, _ in skeleton.named_children()} | dict.fromkeys(own, "cpu")
+
+
+def load_tie_groups(model: torch.nn.Module) -> None:
+    """Load every module that holds a parameter several modules share (a tie group), the tie kept."""
+    from safemerge._modules import base_parameters
+
+    by_param: dict[int, list[Any]] = {}
+    for p in base_parameters(model):
+        by_param.setdefault(id(p.tensor), []).append(p)
+    groups = [g for g in by_param.values() if len(g) > 1 and g[0].tensor.is_meta]
+    # The map under the hooks, by full name, before the hooks go (transformers 4's T5 hooks one module, under
+    # several names, with a prefix the checkpoint does not use).
+    checkpoint = next((h.weights_map.dataset for g in groups for p in g if (h := _offload_hook(p.owner))), None)
+    for owner in {id(p.owner): p.owner for g in groups for p in g}.values():
+        load_for_good(owner)
+    for group in groups:
+        loaded = [real for p in group if not (real := getattr(p.owner, p.name.rpartition(".")[2])).is_meta]
+        value = next((v for p in group if (v := _offloaded(checkpoint, p.name)) is not None), None)
+        if loaded:
+            shared = loaded[0]
+        elif value is not None:
+            shared = torch.nn.Parameter(value.to(group[0].tensor.dtype), requires_grad=False)
+        else:
+            raise KeyError(f"none of {', '.join(p.name for p in group)} is in the checkpoint")
+        for p in group:
+            p.owner._parameters[p.name.rpartition(".")[2]] = shared
+
+
+def load_for_good(module: torch.nn.Module) -> None:
+    """Load a module's own offloaded weights into memory and take it off accelerate's offload hook. A weight its hook
+    does not find (a tied alias the checkpoint holds under its source's name) stays on meta."""
+    hook = _offload_hook(module)
+    if hook is None:
+        return
+    for name, param in list(module._parameters.items()):
+        if param is not None and param.is_meta and (value := _offloaded(hook.weights_map, name)) is not None:
+            module._parameters[name] = torch.nn.Parameter(value.to(param.dtype), requires_grad=False)
+    _remove_hook(module)
+
+
+def _offload_hook(module: torch.nn.Module) -> Any:
+    """accelerate's hook that loads `module`'s offloaded weights (one of a SequentialHook's), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    return next((h for h in hooks if getattr(h, "weights_map", None) is not None), None)
+
+
+def _offloaded(weights: Any, name: str) -> torch.Tensor | None:
+    """`weights[name]`: a hook's weights map (names relative to its module) or the map under it (full names)."""
+    if weights is None:
+        return None
+    try:
+        return weights[name]  # type: ignore[no-any-return]
+    except KeyError:
+        return None
+
+
+@contextmanager
+def weights_loaded(module: torch.nn.Module) -> Iterator[None]:
+    """The offloaded weights of `module` (and its submodules) in memory, as accelerate loads them for a forward."""
+    hooks: list[tuple[torch.nn.Module, Any]] = [
+        (m, hook) for m in module.modules() if (hook := getattr(m, "_hf_hook", None))
+    ]
+    for m, hook in hooks:
+        hook.pre_forward(m)
+    try:
+        yield
+    finally:
+        for m, hook in hooks:
+            hook.post_forward(m, None)
+
+
+def _remove_hook(module: torch.nn.Module) -> None:
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(module)

@@ -5,32 +5,26 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import peft
 import torch
 
-from safemerge import _compat, _inputs, _load, _output, _plan, _policy, _undo, _verify
+from safemerge import _inputs, _load, _output, _plan, _policy, _undo, _verify
 from safemerge._analysis import Analysis, analyse, require_peft_model
 from safemerge._doctor import doctor
 from safemerge._engines import in_memory
-from safemerge._modules import tie_groups
+from safemerge._engines.low_memory import DEFAULT_SHARD_SIZE
 from safemerge._report import Action, MergePlan, MergeReport, TiePolicy, Verification
+from safemerge._stream import merge_low_memory
 from safemerge.errors import (
     AdapterMismatchError,
-    InputError,
-    NonFiniteWeightsError,
-    SafeMergeError,
     SafeMergeWarning,
-    TiedWeightsError,
-    VerificationError,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,6 +91,7 @@ def _merge(
     probe_inputs: Mapping[str, torch.Tensor] | None,
     in_place: bool,
     owned: bool,
+    max_shard_size: str | int | None = None,
 ) -> MergeReport:
     """safe_merge(); `owned`: the model was loaded here and nobody else holds it (merge_pretrained), so it is not
     snapshotted for a restore, and it is freed before the saved model is loaded: one model in memory at a time."""
@@ -105,20 +100,26 @@ def _merge(
     target = _output.resolved(save_directory)
     _output.check_target(target, overwrite=overwrite)
     # save_embedding_layers=False: the adapter's own tensors, without peft's hub lookup for a resized vocabulary.
-    _refuse_non_finite("adapter", peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False).items())
+    _verify.refuse_non_finite(
+        "adapter", peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()
+    )
     with _output.claim(target, overwrite=overwrite) as held:
         logger.info("inspecting tied weights and probing the adapter model")
         analysis = analyse(peft_model, probe_inputs)
-        plan = analysis.plan(policy)
-        if not plan.merges:
-            message = _policy.refusal_message(plan, analysis.inspection.plans)
-            raise TiedWeightsError(message, policy=policy.value, groups=analysis.tied.groups)
+        plan = analysis.plan_or_refuse(policy)
         logger.info("merging under policy %r: %s", policy.value, plan.reason)
         # From here on the model changes: any failure puts the user's PEFT model back as it was.
         snapshot = None if owned else _undo.take_snapshot(peft_model)
         try:
             merged, actions, verification = _merge_and_save(
-                peft_model, analysis, plan, held, verify=verify, tolerance=tolerance, owned=owned
+                peft_model,
+                analysis,
+                plan,
+                held,
+                verify=verify,
+                tolerance=tolerance,
+                owned=owned,
+                max_shard_size=max_shard_size,
             )
         except BaseException as exc:
             problem = _undo.restore(snapshot) if snapshot is not None else None
@@ -128,7 +129,9 @@ def _merge(
     actions.append(Action("save", (), f"saved to {save_directory}"))
     if snapshot is not None and not in_place:
         _put_back(snapshot)
-    return _report(plan, str(save_directory), analysis, merged, actions, verification, restored=not in_place)
+    return _verify.merge_report(
+        plan, str(save_directory), analysis, merged, actions, verification, restored=not in_place
+    )
 
 
 def _put_back(snapshot: _undo.Snapshot) -> None:
@@ -152,15 +155,16 @@ def _merge_and_save(
     verify: bool,
     tolerance: float | None,
     owned: bool,
+    max_shard_size: str | int | None,
 ) -> tuple[Any, list[Action], Verification | None]:
     """Execute the plan, check it in memory, save into the claim's staging directory, reload and check, put in place.
 
     Returns the merged model: the one in memory, or (`owned`) the one loaded back from disk.
     """
     merged, actions = in_memory.execute(peft_model, plan, analysis.tied)
-    _refuse_non_finite("merged model", merged.named_parameters())
+    _verify.refuse_non_finite("merged model", merged.named_parameters())
     if not verify:
-        _output.save_model(merged, held)
+        _output.save_model(merged, held, max_shard_size=max_shard_size)
         held.commit()
         return merged, actions, None
     logger.info("checking the merged model's tied weights, ties and flags against the plan")
@@ -168,13 +172,10 @@ def _merge_and_save(
     verification = _verify.check_in_memory(merged, analysis, plan, expected, tolerance)
     del expected  # it holds the merged model's tied tensors
     if not verification.ok:
-        report = _report(plan, None, analysis, merged, actions, verification, restored=True)
-        raise VerificationError(
-            _verify.failure_message(verification, where="Nothing was saved.", owned=owned), report=report
-        )
+        _verify.fail(verification, plan, analysis, merged, actions, owned=owned)
     saved = _verify.Saved.of(merged)
     logger.info("saving to %s", held.staging)
-    _output.save_model(merged, held)
+    _output.save_model(merged, held, max_shard_size=max_shard_size)
     if owned:  # nobody else holds it: free it before the saved model is loaded
         _release(peft_model, analysis)
         merged = None
@@ -183,13 +184,7 @@ def _merge_and_save(
         actions += in_memory.retie_like(merged, retie)
     result = merged if merged is not None else reloaded
     if not verification.ok:
-        failed = held.quarantine(list(verification.problems))
-        report = _report(plan, str(failed), analysis, result, actions, verification, restored=True)
-        where = (
-            f"The saved files were moved to '{failed}' (marked {_output.FAILED_MARKER}); the output directory "
-            "was not written."
-        )
-        raise VerificationError(_verify.failure_message(verification, where=where, owned=owned), report=report)
+        _verify.fail(verification, plan, analysis, result, actions, owned=owned, held=held)
     held.commit()
     logger.info("verified; the merged model is in place")
     return result, actions, verification
@@ -200,52 +195,6 @@ def _release(peft_model: Any, analysis: Analysis) -> None:
     peft_model.base_model.model = torch.nn.Module()
     analysis.tied = dataclasses.replace(analysis.tied, params=(), effective={}, untied_changes={})
     gc.collect()
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf: NaN propagates into min and max, Inf shows there (20x faster than isfinite().all() on bf16)."""
-    if not tensor.numel():
-        return True
-    low, high = torch.aminmax(tensor.detach())
-    return math.isfinite(float(low)) and math.isfinite(float(high))
-
-
-def _refuse_non_finite(what: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """NonFiniteWeightsError naming every floating-point tensor that holds NaN or Inf."""
-    bad = [name for name, t in tensors if t.is_floating_point() and not _finite(t)]
-    if not bad:
-        return
-    shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
-    raise NonFiniteWeightsError(
-        f"The {what} holds NaN or Inf in {len(bad)} tensor(s): {shown}. A merged model would compute NaN or Inf, so "
-        "nothing was saved" + (" and the PEFT model was put back as it was" if what != "adapter" else "") + ". Fix: "
-        "train again from a checkpoint before the loss diverged (lower the learning rate, or use bfloat16 rather "
-        "than float16), or merge in float32 (CLI: --dtype float32) if the merge overflowed."
-    )
-
-
-def _report(
-    plan: MergePlan,
-    save_directory: str | None,
-    analysis: Analysis,
-    merged: Any,
-    actions: list[Action],
-    verification: Verification | None,
-    *,
-    restored: bool = False,
-) -> MergeReport:
-    """The report; with `restored` (a failed merge: the PEFT model is put back) it holds no model."""
-    return MergeReport(
-        policy=plan.policy,
-        save_directory=save_directory,
-        plan=plan,
-        groups_before=analysis.tied.groups,
-        groups_after=tie_groups(merged) if merged is not None else (),
-        actions=tuple(actions),
-        verification=verification,
-        versions=_compat.versions(),
-        model=None if restored else merged,
-    )
 
 
 def merge_pretrained(
@@ -259,11 +208,18 @@ def merge_pretrained(
     verify: bool = True,
     overwrite: bool = False,
     logits_tolerance: float | None = None,
+    low_memory: bool = False,
+    max_shard_size: str | int | None = None,
 ) -> MergeReport:
     """Load `base` and `adapter` (local directories or hub ids) and run safe_merge() on them.
 
     The loaded model is safemerge's own: once merged, saved and fingerprinted it is freed, and `report.model` is the
     merged model as transformers loads it back from `save_directory` (one model in memory at a time).
+
+    With `low_memory`, the base's weights stay on disk: each merged tensor is computed from the base checkpoint and
+    the adapter's tensors, written into safetensors shards of `max_shard_size` (default 1GB) and read back; the probe
+    runs with accelerate offloading the weights. Peak memory is the tied tensors plus one shard, whatever the model's
+    size. Same analysis, plan, refusals and checks as in memory; `report.model` is None.
 
     The adapter doctor runs first (it reads configs and tensor headers only) and stops on an `error` or `silent`
     finding with AdapterMismatchError. Then the base is loaded with the class its config names (the head-adding
@@ -289,6 +245,20 @@ def merge_pretrained(
             "nothing was loaded or merged:\n" + "\n".join(str(f) for f in bad),
             report=checkup,
         )
+    if low_memory:
+        if device_map is not None:
+            raise ValueError("low_memory merges on the CPU with the weights on disk; it takes no device_map.")
+        return merge_low_memory(
+            base,
+            adapter,
+            target,
+            policy=tie_policy,
+            dtype=_load.parse_dtype(dtype),
+            verify=verify,
+            overwrite=overwrite,
+            tolerance=logits_tolerance,
+            max_shard_size=max_shard_size or DEFAULT_SHARD_SIZE,
+        )
     model = load_inputs(base, adapter, dtype=dtype, device_map=device_map)
     return _merge(
         model,
@@ -300,6 +270,7 @@ def merge_pretrained(
         probe_inputs=None,
         in_place=True,
         owned=True,
+        max_shard_size=max_shard_size,
     )
 
 
@@ -307,7 +278,7 @@ def load_untrained_inputs(
     base: str, peft_config_file: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None
 ) -> Any:
     """The PEFT model at step 0 for a config file; a load that fails is an InputError naming the inputs."""
-    with _load_failures_as_input_errors(
+    with _inputs.load_failures_as_input_errors(
         f"Could not build the adapter of '{peft_config_file}' on the base '{base}'",
         "Fix: check that the config is a PEFT adapter_config.json written for this base (its target_modules must name "
         "modules of it).",
@@ -318,20 +289,9 @@ def load_untrained_inputs(
 
 def load_inputs(base: str, adapter: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None) -> Any:
     """The adapter model; a load that fails is an InputError that names the inputs and the loader's reason."""
-    with _load_failures_as_input_errors(
+    with _inputs.load_failures_as_input_errors(
         f"Could not load the base '{base}' with the adapter '{adapter}'",
         "Nothing was written. Fix: check that both are complete and belong together (safemerge doctor BASE ADAPTER "
         "explains most mismatches).",
     ):
         return _load.load_adapter_model(base, adapter, dtype=_load.parse_dtype(dtype), device_map=device_map)
-
-
-@contextmanager
-def _load_failures_as_input_errors(what: str, fix: str) -> Iterator[None]:
-    """transformers / PEFT / safetensors / torch.load: every way a file can fail to load, as one InputError."""
-    try:
-        yield
-    except SafeMergeError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{what} ({type(exc).__name__}: {str(exc).strip()[:400]}). {fix}") from exc

@@ -3,6 +3,7 @@
 All temporary work lives in one sibling, `<parent>/.<name>.safemerge/`:
 - `lock`: held (flock) by the run that owns the output; a second run is refused while it is held;
 - `model/`: the merged model being written and verified;
+- `offload/`: accelerate's offload folder, for a low-memory merge;
 - `previous/`: only on platforms without an atomic directory swap, the old output while it is being replaced.
 The sibling is removed on every exit path. One left by a killed run is stale once its lock is free: the next run
 puts `previous/` back if the output is missing, and removes the rest.
@@ -19,11 +20,13 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from safemerge.errors import InputError, OutputBusyError, OutputExistsError, OutputWriteError
+from safemerge.errors import InputError, OutputBusyError, OutputExistsError, OutputWriteError, SafeMergeError
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,9 @@ class Claim:
         self.target = target
         self.work = work
         self.staging = work / "model"
+        #: accelerate's offload folder of a low-memory merge (transformers only writes there what it cannot read
+        #: from the checkpoint in place).
+        self.offload = work / "offload"
         self._lock_fd = lock_fd
 
     def commit(self) -> None:
@@ -115,6 +121,7 @@ class Claim:
         """Remove the temporary sibling and give up the lock."""
         shutil.rmtree(self.work / "model", ignore_errors=True)
         shutil.rmtree(self.work / "previous", ignore_errors=True)
+        shutil.rmtree(self.offload, ignore_errors=True)
         with contextlib.suppress(OSError):
             (self.work / "lock").unlink()
             self.work.rmdir()
@@ -182,10 +189,19 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
-def save_model(model: Any, held: Claim) -> None:
+def save_model(model: Any, held: Claim, *, max_shard_size: str | int | None = None) -> None:
     """save_pretrained into the claim's staging directory; a failure is an OutputWriteError, nothing is left."""
+    options = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+    write_staging(held, lambda staging: model.save_pretrained(str(staging), **options))
+
+
+def write_staging(held: Claim, write: Callable[[Path], T]) -> T:
+    """`write(staging directory)`; a failure is an OutputWriteError and the partial files are removed."""
     try:
-        model.save_pretrained(str(held.staging))
+        return write(held.staging)
+    except SafeMergeError:
+        shutil.rmtree(held.staging, ignore_errors=True)
+        raise
     except Exception as exc:  # safetensors raises its own error type for a full disk
         shutil.rmtree(held.staging, ignore_errors=True)
         raise OutputWriteError(

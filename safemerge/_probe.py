@@ -25,7 +25,8 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    return next(p.device for p in model.parameters())
+    """Where the model computes: its first parameter's device (weights offloaded by accelerate are on `meta`)."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def logits_tolerance(reference: torch.Tensor, dtype: torch.dtype) -> float:

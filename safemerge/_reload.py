@@ -59,9 +59,22 @@ class LoadSpec:
         return cls(auto_class_for(model), model_dtype(model), model_device(model))
 
 
-def reload(save_directory: str | os.PathLike[str], like: torch.nn.Module | LoadSpec) -> Any:
-    """Load `save_directory` with transformers' own loader, in `like`'s class, dtype and device."""
+def reload(
+    save_directory: str | os.PathLike[str], like: torch.nn.Module | LoadSpec, *, offload_folder: str | None = None
+) -> Any:
+    """Load `save_directory` with transformers' own loader, in `like`'s class, dtype and device; with
+    `offload_folder`, its weights stay on disk and accelerate loads each layer's when the layer runs."""
     spec = like if isinstance(like, LoadSpec) else LoadSpec.like(like)
+    if offload_folder is not None:
+        from safemerge._load import all_on_disk, load_tie_groups
+
+        on_disk = all_on_disk(spec.loader, str(save_directory))
+        offloaded = spec.loader.from_pretrained(
+            str(save_directory), dtype=spec.dtype, device_map=on_disk, offload_folder=offload_folder
+        )
+        # transformers 4's offload hooks look a tied alias up under its own name, which the checkpoint does not hold
+        load_tie_groups(offloaded)
+        return offloaded.eval()
     model = spec.loader.from_pretrained(str(save_directory), dtype=spec.dtype)
     return model.to(spec.device).eval()
 
@@ -78,7 +91,7 @@ def fingerprints(model: torch.nn.Module) -> dict[str, Fingerprint]:
     state = model.state_dict()
     unique = {storage_key(t): t for t in state.values()}  # tied names share one tensor: hash it once
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        hashed = pool.map(_fingerprint, unique.values())
+        hashed = pool.map(fingerprint, unique.values())
         shown = transformers_logging.tqdm(
             hashed, total=len(unique), desc="Fingerprinting tensors", disable=not progress_bars()
         )
@@ -86,7 +99,7 @@ def fingerprints(model: torch.nn.Module) -> dict[str, Fingerprint]:
     return {name: by_storage[storage_key(t)] for name, t in state.items()}
 
 
-def _fingerprint(tensor: torch.Tensor) -> Fingerprint:
+def fingerprint(tensor: torch.Tensor) -> Fingerprint:
     data = tensor.detach().cpu().contiguous()
     raw: Any = data.reshape(-1).view(torch.uint8).numpy()  # a buffer over the tensor's bytes, not a copy
     digest = hashlib.sha1(raw, usedforsecurity=False).hexdigest()
@@ -97,7 +110,13 @@ def compare_with_fingerprints(
     expected: Mapping[str, Fingerprint], actual: torch.nn.Module
 ) -> tuple[int, dict[str, str]]:
     """Compare every state-dict tensor of `actual` with the fingerprints of another model; (number, {name: what})."""
-    got = fingerprints(actual)
+    return compare_fingerprints(expected, fingerprints(actual))
+
+
+def compare_fingerprints(
+    expected: Mapping[str, Fingerprint], got: Mapping[str, Fingerprint]
+) -> tuple[int, dict[str, str]]:
+    """Compare two sets of fingerprints by name; returns (number compared, {name: what differs})."""
     problems = {name: "missing after reload" for name in expected if name not in got}
     problems |= {name: "not in the merged model" for name in got if name not in expected}
     for name, (shape, dtype, digest) in expected.items():

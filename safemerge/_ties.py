@@ -309,7 +309,7 @@ def merged_parameters(wrapper: torch.nn.Module) -> dict[str, torch.Tensor]:
     elif isinstance(wrapper, TrainableTokensWrapper) and not is_peft_wrapper(base):
         layer = wrapper.token_adapter
         return params | {"weight": layer.get_merged_weights(layer.active_adapters).detach()}
-    elif _plain_lora(wrapper) and not is_peft_wrapper(base):
+    elif plain_lora(wrapper) and not is_peft_wrapper(base):
         return params | {"weight": _lora_weight(wrapper, params["weight"])}
     return dict(merged_module(wrapper).named_parameters(remove_duplicate=False))
 
@@ -348,7 +348,7 @@ def _lora_delta(layer: LoraLinear | LoraEmbedding, adapter: str) -> Any:
     return lambda start, stop: (b[start:stop] @ a) * scale
 
 
-def _plain_lora(layer: torch.nn.Module) -> TypeGuard[LoraLinear | LoraEmbedding]:
+def plain_lora(layer: torch.nn.Module) -> TypeGuard[LoraLinear | LoraEmbedding]:
     """LoRA whose merge adds get_delta_weight() to the weight and nothing else: PEFT's own classes (not torchao's or
     INC's quantized subclasses), no variant (DoRA, aLoRA, KaSA, ... merge otherwise or not at all), no LoRA bias."""
     if type(layer) not in (LoraLinear, LoraEmbedding):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -23,9 +25,17 @@ from safemerge._modules import (
     tie_flags,
     tie_groups,
 )
-from safemerge._reload import Fingerprint, LoadSpec, compare_with_fingerprints, fingerprints, reload
-from safemerge._report import MemberCheck, MergePlan, Verification
-from safemerge.errors import InputError
+from safemerge._output import FAILED_MARKER
+from safemerge._reload import (
+    Fingerprint,
+    LoadSpec,
+    compare_fingerprints,
+    compare_with_fingerprints,
+    fingerprints,
+    reload,
+)
+from safemerge._report import Action, MemberCheck, MergePlan, MergeReport, Verification
+from safemerge.errors import InputError, NonFiniteWeightsError, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +209,59 @@ def check_reload(
     return verification, reloaded, retie
 
 
+def check_written(
+    saved: Path,
+    written: Mapping[str, Fingerprint],
+    analysis: Analysis,
+    plan: MergePlan,
+    in_memory: Verification,
+    *,
+    config: Any,
+    load: LoadSpec,
+    offload_folder: Path,
+) -> Verification:
+    """A low-memory merge's files: every tensor read back from disk against what was computed, the saved tie flags
+    against the plan, and the probe logits of the model transformers loads from them (its weights offloaded)."""
+    from safemerge._engines.low_memory import reread
+
+    logger.info("reading %s back, tensor by tensor", saved)
+    compared, not_identical = compare_fingerprints(written, reread(saved))
+    # The file as written (a config class may report another value than its file holds: transformers 5 forces
+    # T5's flag True), against the merged config whose tie flags were checked against the plan in memory.
+    written_config = json.loads((saved / "config.json").read_text(encoding="utf-8"))
+    problems = [
+        *in_memory.problems,
+        *(f"written {name}: {what}" for name, what in not_identical.items()),
+        *(
+            [f"config.json does not hold the merged config (tie flags {dict(plan.tie_flags)})"]
+            if written_config != json.loads(config.to_json_string(use_diff=True))
+            else []
+        ),
+    ]
+    logger.info("loading %s with its weights offloaded, for the probe", saved)
+    try:
+        reloaded = reload(saved, like=load, offload_folder=str(offload_folder))
+    except Exception as exc:
+        problems.append(f"transformers could not load the saved model ({type(exc).__name__}: {exc})")
+        diff = float("inf")
+    else:
+        diff, logits_problems = _logits_diff(reloaded, analysis, "reloaded")
+        problems += logits_problems
+        del reloaded
+    tol = in_memory.logits_tolerance
+    if not diff <= tol:
+        problems.append(f"reloaded logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
+    members = tuple(dataclasses.replace(m, reload_bit_identical=m.name not in not_identical) for m in in_memory.members)
+    return dataclasses.replace(
+        in_memory,
+        max_abs_logits_diff_reloaded=diff,
+        members=members,
+        reloaded_tensors_compared=compared,
+        tensors_not_identical=tuple(f"{name}: {what}" for name, what in not_identical.items()),
+        problems=tuple(problems),
+    )
+
+
 def failure_message(verification: Verification, *, where: str, owned: bool) -> str:
     """What failed, what it means, where the files are, what became of the model, and the fix."""
     shown = "; ".join(verification.problems[:6])
@@ -259,3 +322,73 @@ def _load_merged(merged: str | os.PathLike[str], like: torch.nn.Module) -> Any:
             f"Could not load the merged model '{merged}' ({type(exc).__name__}: {str(exc).strip()[:400]}). Fix: "
             "check that it is a complete model directory saved with save_pretrained."
         ) from exc
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf: NaN propagates into min and max, Inf shows there (20x faster than isfinite().all() on bf16)."""
+    if not tensor.numel():
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def refuse_non_finite(what: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """NonFiniteWeightsError naming every floating-point tensor that holds NaN or Inf."""
+    bad = [name for name, t in tensors if t.is_floating_point() and not finite(t)]
+    if not bad:
+        return
+    shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+    raise NonFiniteWeightsError(
+        f"The {what} holds NaN or Inf in {len(bad)} tensor(s): {shown}. A merged model would compute NaN or Inf, so "
+        "nothing was saved" + (" and the PEFT model was put back as it was" if what != "adapter" else "") + ". Fix: "
+        "train again from a checkpoint before the loss diverged (lower the learning rate, or use bfloat16 rather "
+        "than float16), or merge in float32 (CLI: --dtype float32) if the merge overflowed."
+    )
+
+
+def merge_report(
+    plan: MergePlan,
+    save_directory: str | None,
+    analysis: Analysis,
+    merged: Any,
+    actions: list[Action],
+    verification: Verification | None,
+    *,
+    restored: bool = False,
+) -> MergeReport:
+    """The report; with `restored` (a failed merge: the PEFT model is put back) it holds no model."""
+    return MergeReport(
+        policy=plan.policy,
+        save_directory=save_directory,
+        plan=plan,
+        groups_before=analysis.tied.groups,
+        groups_after=tie_groups(merged) if merged is not None else (),
+        actions=tuple(actions),
+        verification=verification,
+        versions=_compat.versions(),
+        model=None if restored else merged,
+    )
+
+
+def fail(
+    verification: Verification,
+    plan: MergePlan,
+    analysis: Analysis,
+    merged: Any,
+    actions: list[Action],
+    *,
+    owned: bool,
+    held: Any = None,
+) -> NoReturn:
+    """Raise the VerificationError of a failed check; with `held` (the output's claim: the model was written), the
+    files are quarantined first."""
+    where = "Nothing was saved."
+    save_directory = None
+    if held is not None:
+        failed = held.quarantine(list(verification.problems))
+        save_directory = str(failed)
+        where = (
+            f"The saved files were moved to '{failed}' (marked {FAILED_MARKER}); the output directory was not written."
+        )
+    report = merge_report(plan, save_directory, analysis, merged, actions, verification, restored=True)
+    raise VerificationError(failure_message(verification, where=where, owned=owned), report=report)

@@ -70,6 +70,17 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a non-empty OUT once the new model is verified"
     )
     merge.add_argument("--no-verify", action="store_true", help="skip the checks against the adapter model")
+    merge.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="keep the base's weights on disk: merge tensor by tensor into safetensors shards (models bigger than RAM)",
+    )
+    merge.add_argument(
+        "--max-shard-size",
+        default=None,
+        metavar="SIZE",
+        help="largest output shard, in transformers' format (e.g. 5GB, 300MB); --low-memory default 1GB",
+    )
     merge.add_argument("--report", type=Path, default=None, metavar="PATH", help="write the JSON report here")
 
     inspect = commands.add_parser(
@@ -209,6 +220,8 @@ def _merge(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         overwrite=args.overwrite,
         logits_tolerance=args.logits_tolerance,
+        low_memory=args.low_memory,
+        max_shard_size=args.max_shard_size,
     )
     if args.report is not None:
         write_json_atomic(args.report, report.to_dict())

@@ -21,10 +21,14 @@ from safemerge._report import Action, ActionCode, MergePlan
 from safemerge._ties import TiedWeights
 
 
-def execute(peft_model: Any, plan: MergePlan, tied: TiedWeights) -> tuple[Any, list[Action]]:
+def execute(
+    peft_model: Any, plan: MergePlan, tied: TiedWeights, *, merge_rest: Callable[[Any], Any] | None = None
+) -> tuple[Any, list[Action]]:
     """Merge `peft_model` as `plan` says (in place, like merge_and_unload). Returns the merged model and the actions.
 
     Tied tensors get new parameters rather than being written in place, so a failed merge can put the originals back.
+    `merge_rest` runs the plan's `peft-merge` step (default: PEFT's merge_and_unload); the low-memory engine passes
+    its own, and every other step is the same for both engines.
     """
     if not plan.merges:
         raise ValueError(f"the {plan.policy!r} plan does not merge this model: {plan.reason}")
@@ -32,7 +36,7 @@ def execute(peft_model: Any, plan: MergePlan, tied: TiedWeights) -> tuple[Any, l
     merged = None
     for action in plan.actions:
         if action.code == "peft-merge":
-            merged = peft_model.merge_and_unload(progressbar=progress_bars())
+            merged = merge_rest(peft_model) if merge_rest else peft_model.merge_and_unload(progressbar=progress_bars())
         else:
             _STEPS[action.code](merged if merged is not None else peft_model.get_base_model(), action, tied, plan)
     return merged, list(plan.actions)

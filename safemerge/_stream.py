@@ -1,0 +1,84 @@
+"""merge_pretrained(low_memory=True): the in-memory merge's analysis, plan and checks, with the base's weights left
+on disk and the merged model written tensor by tensor (`_engines/low_memory`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import peft
+import torch
+
+from safemerge import _inputs, _load, _output, _plan, _verify
+from safemerge._analysis import analyse
+from safemerge._engines import low_memory as low_memory_engine
+from safemerge._reload import LoadSpec
+from safemerge._report import Action, MergeReport, TiePolicy
+
+logger = logging.getLogger(__name__)
+
+
+def merge_low_memory(
+    base: str,
+    adapter: str,
+    target: Path,
+    *,
+    policy: TiePolicy,
+    dtype: torch.dtype | str | None,
+    verify: bool,
+    overwrite: bool,
+    tolerance: float | None,
+    max_shard_size: str | int,
+) -> MergeReport:
+    """merge_pretrained(low_memory=True): the same analysis and plan, executed tensor by tensor from disk."""
+    with _output.claim(target, overwrite=overwrite) as held:
+        offload = held.offload
+        with _inputs.load_failures_as_input_errors(
+            f"Could not load the base '{base}' with the adapter '{adapter}'",
+            "Nothing was written. Fix: check that both are complete and belong together (safemerge doctor BASE "
+            "ADAPTER explains most mismatches).",
+        ):
+            model = _load.load_offloaded_adapter_model(base, adapter, offload_folder=str(offload), dtype=dtype)
+        _verify.refuse_non_finite("adapter", peft.get_peft_model_state_dict(model, save_embedding_layers=False).items())
+        logger.info("inspecting tied weights and probing the adapter model (weights offloaded)")
+        analysis = analyse(model, None)
+        plan = analysis.plan_or_refuse(policy)
+        logger.info("merging under policy %r, tensor by tensor: %s", policy.value, plan.reason)
+        streamed, actions = low_memory_engine.execute(model, plan, analysis.tied)
+        merged = streamed.model
+        verification = None
+        if verify:
+            expected = _plan.expected_values(plan, analysis.tied)
+            verification = _verify.check_in_memory(merged, analysis, plan, expected, tolerance)
+            del expected
+            if not verification.ok:
+                _verify.fail(verification, plan, analysis, merged, actions, owned=True)
+        load = LoadSpec.like(merged)
+        logger.info("writing to %s", held.staging)
+        written = _output.write_staging(
+            held,
+            lambda staging: low_memory_engine.write(
+                streamed,
+                analysis.facts.declared,
+                staging,
+                max_shard_size,
+                check=lambda name, tensor: _verify.refuse_non_finite("merged model", [(name, tensor)]),
+            ),
+        )
+        if verify:
+            assert verification is not None
+            verification = _verify.check_written(
+                held.staging,
+                written,
+                analysis,
+                plan,
+                verification,
+                config=merged.config,
+                load=load,
+                offload_folder=offload,
+            )
+            if not verification.ok:
+                _verify.fail(verification, plan, analysis, merged, actions, owned=True, held=held)
+        held.commit()
+    actions.append(Action("save", (), f"saved to {target} as safetensors shards, tensor by tensor"))
+    return _verify.merge_report(plan, str(target), analysis, merged, actions, verification, restored=True)

@@ -1,0 +1,116 @@
+"""merge_pretrained(low_memory=True): the outcome of the in-memory merge on every row of the matrix, tensor for
+tensor, with the base's weights left on disk."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import safemerge
+from safemerge._modules import tie_flags
+from tests.models import ARCHS, load_base
+from tests.test_merge import CASES, MERGES, POLICIES, expected
+
+#: The default run's rows; --full-matrix runs every (architecture, adapter kind) on both stacks (CI).
+QUICK = [
+    ("llama", "lora-both"),
+    ("llama", "lora-both-ensure-tying"),
+    ("llama", "dora-head"),
+    ("gpt2", "save-head"),
+    ("t5", "trainable-token-indices"),
+]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.name == "test_low_memory_matches_in_memory":
+        rows = CASES if metafunc.config.getoption("--full-matrix") else QUICK
+        metafunc.parametrize(("arch", "kind"), rows)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_low_memory_matches_in_memory(
+    base_dirs: dict[str, Path],
+    saved_adapter: Callable[[str, str], Path],
+    tmp_path: Path,
+    arch: str,
+    kind: str,
+    policy: str,
+) -> None:
+    """Both engines merge, or both stop with the same error; merged, their models are equal tensor for tensor.
+
+    The in-memory outcome of each row is pinned by tests/test_merge.py (safe_merge) and tests/test_doctor.py (the
+    doctor, which merge_pretrained runs first); this test pins the low-memory engine to it.
+    """
+    category, why = expected(arch, kind, "reloaded")
+    if category == "unbuildable":
+        with pytest.raises((ValueError, AttributeError), match=why):
+            saved_adapter(arch, kind)
+        return
+    base, adapter = str(base_dirs[arch]), str(saved_adapter(arch, kind))
+    in_memory, low = tmp_path / "in-memory", tmp_path / "low-memory"
+    try:
+        report = safemerge.merge_pretrained(base, adapter, in_memory, policy=policy)
+    except safemerge.SafeMergeError as refused:
+        assert (
+            category == "unrunnable"
+            or isinstance(refused, safemerge.AdapterMismatchError)
+            or not merges(category, policy)
+        )
+        with pytest.raises(type(refused)) as refused_low:
+            safemerge.merge_pretrained(base, adapter, low, policy=policy, low_memory=True)
+        assert str(refused_low.value) == str(refused)
+        assert not low.exists() and not list(tmp_path.glob(".low-memory*")), "a refusal writes nothing"
+        return
+    assert merges(category, policy)
+    low_report = safemerge.merge_pretrained(base, adapter, low, policy=policy, low_memory=True, max_shard_size="20KB")
+    assert low_report.ok and low_report.verified and low_report.model is None
+    assert low_report.plan == report.plan
+    assert low_report.verification is not None and low_report.verification.reloaded_tensors_compared > 0
+    want, got = load_base(ARCHS[arch], in_memory), load_base(ARCHS[arch], low)
+    want_state, got_state = want.state_dict(), got.state_dict()
+    assert set(got_state) == set(want_state)
+    different = [name for name in want_state if not torch.equal(got_state[name], want_state[name])]
+    assert not different, f"the low-memory output differs from the in-memory output in {different}"
+    assert tie_flags(got.config) == tie_flags(want.config)
+
+
+def merges(category: str, policy: str) -> bool:
+    return category in MERGES and MERGES[category][POLICIES.index(policy)]
+
+
+def test_low_memory_output_is_sharded_with_an_index(
+    base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "merged"
+    safemerge.merge_pretrained(
+        str(base_dirs["llama"]),
+        str(saved_adapter("llama", "lora-both")),
+        out,
+        policy="untie",
+        low_memory=True,
+        max_shard_size="20KB",
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    assert {"config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
+    assert not list(tmp_path.glob(".merged*")), "the temporary sibling (offload folder included) is removed"
+
+
+def test_low_memory_takes_no_device_map(
+    base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="takes no device_map"):
+        safemerge.merge_pretrained(
+            str(base_dirs["llama"]),
+            str(saved_adapter("llama", "lora-both")),
+            tmp_path / "merged",
+            policy="untie",
+            low_memory=True,
+            device_map="cpu",
+        )
+    assert not (tmp_path / "merged").exists()
