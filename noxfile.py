@@ -12,7 +12,13 @@ TORCH = "torch==2.13.0"
 
 #: The supported stacks besides the current releases, and the declared lower bounds of pyproject.toml.
 TRANSFORMERS_4 = ["transformers==4.57.6", "peft==0.18.1"]
-LOWEST = ["transformers==4.57.1", "peft==0.18.0", "accelerate==1.3.0", "safetensors==0.4.3"]
+LOWEST = [
+    "transformers==4.57.1",
+    "peft==0.18.0",
+    "accelerate==1.3.0",
+    "safetensors==0.4.3",
+    "huggingface_hub==0.34.0",
+]
 
 
 def _test(session: nox.Session, *pins: str, args: tuple[str, ...] = ()) -> None:
@@ -30,9 +36,10 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def matrix(session: nox.Session) -> None:
-    """Run every merge case of the matrix (in memory and reloaded), the pre-training check on every case, and every
-    fault, on the current releases."""
-    _test(session, args=("tests/test_merge.py", "tests/test_training.py", "tests/test_faults.py", "--full-matrix"))
+    """Run every merge case of the matrix (in memory and reloaded, and the low-memory engine against the in-memory
+    one), the pre-training check on every case, and every fault, on the current releases."""
+    tests = ("tests/test_merge.py", "tests/test_low_memory.py", "tests/test_training.py", "tests/test_faults.py")
+    _test(session, args=(*tests, "--full-matrix"))
 
 
 @nox.session(python="3.11")

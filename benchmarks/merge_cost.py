@@ -3,7 +3,9 @@
 The model is Llama-3.2-1B-shaped (vocab 128256, hidden 2048, 16 layers, tied embeddings, 1.24B parameters, bf16,
 random weights: no download) with a rank-16 LoRA on every linear layer plus embed_tokens and lm_head. Plain PEFT is
 the three lines users would write: PeftModel.from_pretrained, merge_and_unload, save_pretrained, plus the reload
-they would do to use it. safemerge is `safemerge merge BASE ADAPTER OUT --policy untie` with full verification.
+they would do to use it. safemerge is `safemerge merge BASE ADAPTER OUT --policy untie` with full verification, and
+the same with `--low-memory` on the base saved as 300 MB shards (output in 300 MB shards); the two outputs are
+compared tensor by tensor.
 
 Run: nox -s bench   (or: python benchmarks/merge_cost.py [--size small] [--work DIR]); --size small is a
 ~60M-parameter model of the same shape for a quick check. Models are built once into --work and reused.
@@ -66,6 +68,37 @@ def build(size: str, work: Path) -> tuple[Path, Path]:
     return base, adapter
 
 
+def sharded(base: Path, size: str) -> Path:
+    """The base saved again in shards of `size` (built once)."""
+    from transformers import AutoModelForCausalLM
+
+    out = base.with_name(f"{base.name}-{size}")
+    if not (out / "config.json").exists():
+        AutoModelForCausalLM.from_pretrained(base, dtype="auto").save_pretrained(out, max_shard_size=size)
+    return out
+
+
+def same_tensors(a: Path, b: Path) -> list[str]:
+    """Names whose tensors differ (or exist on one side only) between two saved models, read one at a time."""
+    import torch
+    from safetensors import safe_open
+
+    def where(directory: Path) -> dict[str, Path]:
+        found = {}
+        for path in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                found.update(dict.fromkeys(f.keys(), path))
+        return found
+
+    left, right = where(a), where(b)
+    differ = sorted(set(left) ^ set(right))
+    for name in sorted(set(left) & set(right)):
+        with safe_open(str(left[name]), framework="pt") as f, safe_open(str(right[name]), framework="pt") as g:
+            if not torch.equal(f.get_tensor(name), g.get_tensor(name)):
+                differ.append(name)
+    return differ
+
+
 def measure(command: list[str]) -> dict[str, object]:
     """Run `command` in a fresh process that waits for it alone: wall seconds, its peak RSS, its stderr."""
     probe = (
@@ -99,10 +132,16 @@ def main() -> None:
     base, adapter = build(args.size, args.work)
     runs = {}
     plain_out, safe_out = str(args.work / "out-plain"), str(args.work / "out-safemerge")
+    low_out = str(args.work / "out-low-memory")
     safemerge = [sys.executable, "-m", "safemerge", "merge", str(base), str(adapter), safe_out, "--policy", args.policy]
+    low_memory = [
+        *[sys.executable, "-m", "safemerge", "merge", str(sharded(base, "300MB")), str(adapter), low_out],
+        *["--policy", args.policy, "--low-memory", "--max-shard-size", "300MB", "--overwrite"],
+    ]
     for name, command in {
         "plain PEFT": [sys.executable, "-c", PLAIN, str(base), str(adapter), plain_out],
         "safemerge": [*safemerge, "--overwrite"],
+        "low-memory": low_memory,
     }.items():
         subprocess.run(["rm", "-rf", str(args.work / "out-plain")], check=True)
         runs[name] = measure(command)
@@ -113,7 +152,9 @@ def main() -> None:
         print(f"{name:12}{figures['wall_s']:>10.1f}{figures['peak_rss_gb']:>14.2f}")
     wall = float(safe["wall_s"]) / float(plain["wall_s"])  # type: ignore[arg-type]
     rss = float(safe["peak_rss_gb"]) / float(plain["peak_rss_gb"])  # type: ignore[arg-type]
-    print(f"{'ratio':12}{wall:>10.2f}x{rss:>13.2f}x")
+    print(f"{'ratio':12}{wall:>10.2f}x{rss:>13.2f}x  (safemerge / plain PEFT)")
+    differ = same_tensors(Path(safe_out), Path(low_out))
+    print(f"low-memory output vs in-memory output: {'equal, tensor for tensor' if not differ else differ[:5]}")
     print("safemerge steps:")
     for step, seconds in steps(str(safe["stderr"]), float(safe["wall_s"])):  # type: ignore[arg-type]
         print(f"  {seconds:6.1f}s  {step}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -133,6 +134,10 @@ def load_offloaded_adapter_model(
     for wrapper in [m for m in peft_model.modules() if is_peft_wrapper(m) and not plain_lora(m)]:
         for module in wrapped_base(wrapper).modules():
             load_for_good(module)
+    # The adapter file's tensors (with PEFT's saved embedding layers, each as big as the embedding) are held by
+    # reference cycles until a collection: free them before the analysis allocates its own.
+    del loaded
+    gc.collect()
     return peft_model.eval()
 
 

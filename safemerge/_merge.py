@@ -224,6 +224,31 @@ def merge_pretrained(
     The adapter doctor runs first (it reads configs and tensor headers only) and stops on an `error` or `silent`
     finding with AdapterMismatchError. Then the base is loaded with the class its config names (the head-adding
     Auto class for classification adapters), the adapter with `PeftModel.from_pretrained`, and safe_merge() runs.
+
+    Args:
+        base: the base model, a local directory or a hub id.
+        adapter: the PEFT adapter directory (or hub id) trained on `base`.
+        save_directory: where the merged model goes (written into a temporary sibling, renamed into place).
+        policy: "keep", "untie" or "refuse" (or a `TiePolicy`).
+        dtype: the dtype to load (and save) in; default as transformers loads the checkpoint.
+        device_map: accelerate device map for the in-memory merge (not with `low_memory`).
+        verify: check the merged and the saved model against the adapter model.
+        overwrite: replace a non-empty `save_directory` once the new model is verified.
+        logits_tolerance: max |logits difference| accepted (default: relative to the dtype and the logits' scale).
+        low_memory: keep the base's weights on disk and write the merged model tensor by tensor (see above).
+        max_shard_size: largest output shard, in transformers' format ("5GB", "300MB") or bytes.
+
+    Returns:
+        The MergeReport.
+
+    Raises:
+        AdapterMismatchError: the doctor found that the adapter does not fit the base (nothing was loaded).
+        InputError: an input is missing, damaged or does not load.
+        TiedWeightsError: the policy forbids this merge (nothing was written).
+        UnsupportedAdapterError: no merged model can compute what this adapter model computes.
+        OutputExistsError: `save_directory` is not empty and overwrite is False.
+        VerificationError: the merged or the saved model does not match the adapter model (files quarantined).
+        ValueError: unknown policy or dtype; `device_map` with `low_memory`.
     """
     tie_policy = _policy.parse_policy(policy)
     _inputs.check_tolerance(logits_tolerance)

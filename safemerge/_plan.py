@@ -42,7 +42,7 @@ def make_plan(tied: TiedWeights, facts: ModelFacts, policy: TiePolicy, *, figure
         return MergePlan(policy.value, False, reason, groups, (), facts.flags, tuple(g.names for g in tied.groups))
     actions = [
         *_before_peft_merge(tied),
-        Action("peft-merge", (), "merged the remaining adapter layers with peft's merge_and_unload()"),
+        Action("peft-merge", (), "merged every other adapter layer as PEFT's merge does"),
     ]
     actions += [
         a for g, d in zip(tied.groups, decisions, strict=True) if (a := _tied_values(g, d, figures)) is not None

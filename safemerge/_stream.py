@@ -3,6 +3,7 @@ on disk and the merged model written tensor by tensor (`_engines/low_memory`).""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def merge_low_memory(
             del expected
             if not verification.ok:
                 _verify.fail(verification, plan, analysis, merged, actions, owned=True)
+        # The base's tied tensors are not needed any more: the merged model holds what is written.
+        analysis.tied = dataclasses.replace(analysis.tied, params=(), effective={}, untied_changes={})
         load = LoadSpec.like(merged)
         logger.info("writing to %s", held.staging)
         written = _output.write_staging(

@@ -260,7 +260,7 @@ def _adapter_ties(root: torch.nn.Module, base_groups: list[set[str]]) -> tuple[t
 
     peft 0.18's ensure_weight_tying on an untied base hands lm_head the embedding's modules_to_save copy.
     """
-    after_unload = storage_groups(base_parameters(root, through=_unloaded))
+    after_unload = storage_groups(base_parameters(root, through=unloaded))
     return tuple(
         tuple(p.name for p in group)
         for group in after_unload
@@ -268,7 +268,7 @@ def _adapter_ties(root: torch.nn.Module, base_groups: list[set[str]]) -> tuple[t
     )
 
 
-def _unloaded(wrapper: torch.nn.Module) -> torch.nn.Module:
+def unloaded(wrapper: torch.nn.Module) -> torch.nn.Module:
     """The module PEFT's unload leaves in place of `wrapper` (its active modules_to_save copy, or the base)."""
     copies = getattr(wrapper, "modules_to_save", None)
     if isinstance(copies, torch.nn.ModuleDict) and getattr(wrapper, "active_adapters", None):
@@ -303,7 +303,7 @@ def merged_parameters(wrapper: torch.nn.Module) -> dict[str, torch.Tensor]:
     base = wrapped_base(wrapper)
     params = {name: p.detach() for name, p in base.named_parameters(remove_duplicate=False)}
     if isinstance(wrapper, ModulesToSaveWrapper):
-        copy_ = _unloaded(wrapper)
+        copy_ = unloaded(wrapper)
         if not is_peft_wrapper(copy_):
             return {name: p.detach() for name, p in copy_.named_parameters(remove_duplicate=False)}
     elif isinstance(wrapper, TrainableTokensWrapper) and not is_peft_wrapper(base):

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import safemerge
+from safemerge._engines import low_memory
 from safemerge._modules import tie_flags
 from tests.models import ARCHS, load_base
 from tests.test_merge import CASES, MERGES, POLICIES, expected
@@ -114,3 +116,33 @@ def test_low_memory_takes_no_device_map(
             device_map="cpu",
         )
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_tensor_that_differs_on_disk_from_what_was_computed_fails_verification(
+    base_dirs: dict[str, Path],
+    saved_adapter: Callable[[str, str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every written tensor is read back: a byte changed on disk after the write (a faulty disk, a concurrent
+    writer) fails the merge, and the files are quarantined."""
+    write = low_memory.write
+
+    def write_then_damage(*args: Any, **kwargs: Any) -> Any:
+        written = write(*args, **kwargs)
+        shard = sorted(Path(args[2]).glob("*.safetensors"))[-1]
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF  # the last byte of the last tensor
+        shard.write_bytes(bytes(data))
+        return written
+
+    monkeypatch.setattr(low_memory, "write", write_then_damage)
+    out = tmp_path / "merged"
+    damaged = r"written \S+: values differ \(not bit-identical\)"
+    with pytest.raises(safemerge.VerificationError, match=damaged) as failed:
+        safemerge.merge_pretrained(
+            str(base_dirs["llama"]), str(saved_adapter("llama", "lora-both")), out, policy="untie", low_memory=True
+        )
+    assert not out.exists()
+    (quarantined,) = tmp_path.glob("merged.failed-*")
+    assert failed.value.report is not None and str(quarantined) in str(failed.value)

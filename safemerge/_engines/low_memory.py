@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 
 from safemerge._engines import in_memory
 from safemerge._load import load_for_good, weights_loaded
-from safemerge._modules import base_parameters, module_of, progress_bars, set_parameter
+from safemerge._modules import bare_module, base_parameters, module_of, progress_bars, set_parameter
 from safemerge._reload import Fingerprint, fingerprint
 from safemerge._report import Action, MergePlan
-from safemerge._ties import TiedWeights, merged_parameters
+from safemerge._ties import TiedWeights, merged_parameters, unloaded
 
 #: Shard size of a low-memory merge's output: each shard is assembled in memory before it is written.
 DEFAULT_SHARD_SIZE = "1GB"
@@ -51,9 +51,14 @@ def execute(peft_model: Any, plan: MergePlan, tied: TiedWeights) -> tuple[Stream
     streamed = Streamed(torch.nn.Module())
 
     def unload_without_merging(model: Any) -> Any:
-        layers = {p.name: (p.wrapper, p.name_in_wrapper) for p in base_parameters(model.get_base_model())}
+        base = model.get_base_model()
+        layers = {p.name: (p.wrapper, p.name_in_wrapper) for p in base_parameters(base)}
         streamed.pending = {name: (w, n) for name, (w, n) in layers.items() if w is not None}
-        streamed.model = model.unload()
+        # What PEFT's unload() leaves, without its onload_layer(): that loads every offloaded base layer and keeps
+        # its weights in memory, in the offload hook.
+        for path, wrapper in {p.wrapper_path: p.wrapper for p in base_parameters(base) if p.wrapper}.items():
+            base.set_submodule(path, bare_module(unloaded(wrapper)))
+        streamed.model = base
         for name in sorted(members & set(streamed.pending)):  # a planned step reads its merged value
             set_parameter(streamed.model, name, merged_value(*streamed.pending.pop(name)))
         return streamed.model
