@@ -1,10 +1,14 @@
-"""Merge a PEFT adapter into its base model without silent damage to tied weights, and prove it."""
+"""Merge a PEFT adapter into its base model without silent damage to tied weights, and prove it.
 
-from safemerge._analysis import inspect_ties
-from safemerge._callback import SafeMergeCallback
-from safemerge._doctor import doctor
-from safemerge._forecast import check_before_training
-from safemerge._merge import merge_pretrained, safe_merge
+The functions that need torch, transformers or PEFT are imported on first use, so that `import safemerge` (and the
+command line's `--help`) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from safemerge._report import (
     Action,
     DoctorReport,
@@ -22,7 +26,6 @@ from safemerge._report import (
     TrainingCheck,
     Verification,
 )
-from safemerge._verify import verify_merged
 from safemerge._version import __version__
 from safemerge.errors import (
     AdapterMismatchError,
@@ -37,6 +40,38 @@ from safemerge.errors import (
     UnsupportedAdapterError,
     VerificationError,
 )
+
+if TYPE_CHECKING:
+    from safemerge._analysis import inspect_ties
+    from safemerge._callback import SafeMergeCallback
+    from safemerge._doctor import doctor
+    from safemerge._forecast import check_before_training
+    from safemerge._merge import merge_pretrained, safe_merge
+    from safemerge._verify import verify_merged
+
+#: Public names imported on first use, and their modules.
+_LAZY = {
+    "SafeMergeCallback": "safemerge._callback",
+    "check_before_training": "safemerge._forecast",
+    "doctor": "safemerge._doctor",
+    "inspect_ties": "safemerge._analysis",
+    "merge_pretrained": "safemerge._merge",
+    "safe_merge": "safemerge._merge",
+    "verify_merged": "safemerge._verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'safemerge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "Action",

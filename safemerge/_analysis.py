@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from safemerge import _compat, _policy, _probe
+from safemerge import _compat, _policy, _probe, _serving
 from safemerge._modules import base_parameters, output_embedding_name, tie_flags
 from safemerge._plan import ModelFacts, make_plan
 from safemerge._report import MergePlan, TieInspection, TiePolicy
@@ -28,6 +28,10 @@ class Analysis:
 
     def plan(self, policy: TiePolicy) -> MergePlan:
         return self.inspection.plan(policy)
+
+    def serving_notes(self, plan: MergePlan) -> tuple[str, ...]:
+        """Where the result of `plan` may not run, and what to do instead."""
+        return _serving.notes(self.facts.model_type, plan, self.inspection.plans)
 
     def plan_or_refuse(self, policy: TiePolicy) -> MergePlan:
         """The plan of `policy`; TiedWeightsError with the fix if it does not merge this model."""
@@ -99,6 +103,7 @@ def model_facts(root: torch.nn.Module, declared: dict[str, str]) -> ModelFacts:
         split_in_base=split,
         head=output_embedding_name(root),
         head_rescale=_compat.head_rescale_when_untied(root.config),
+        model_type=str(getattr(root.config, "model_type", "")),
     )
 
 

@@ -75,8 +75,11 @@ class SafeMergeCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return  # one process merges and writes; the others' models are the same
         model = kwargs.get("model")
+        # The trainer's tokenizer or processor (its chat template included) travels with the merged model.
+        tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
+        options = {"tokenizer": tokenizer, **self.merge_options}
         try:
-            self.report = safe_merge(model, self.output_dir, policy=self.policy, in_place=False, **self.merge_options)
+            self.report = safe_merge(model, self.output_dir, policy=self.policy, in_place=False, **options)
         except Exception as exc:  # the run's result must survive a failed merge
             _undo.say_first(exc, _keep_adapter(model, Path(args.output_dir or ".") / KEPT_ADAPTER))
             raise

@@ -173,3 +173,23 @@ def versions() -> tuple[tuple[str, str], ...]:
         ("transformers", transformers.__version__),
         ("peft", peft.__version__),
     )
+
+
+#: accelerate from which offload hooks sit on each module that holds weights: older releases hook whole blocks, whose
+#: weight names PEFT's layers change (`q_proj.weight` becomes `q_proj.base_layer.weight`), so the low-memory merge's
+#: offloaded adapter model computes garbage or fails.
+LOW_MEMORY_ACCELERATE = "1.15"
+
+
+def low_memory_unsupported() -> str | None:
+    """Why the low-memory merge cannot run with the installed accelerate, or None."""
+    import accelerate
+    from packaging.version import Version
+
+    if Version(accelerate.__version__) >= Version(LOW_MEMORY_ACCELERATE):
+        return None
+    return (
+        f"low_memory (CLI: --low-memory) needs accelerate >= {LOW_MEMORY_ACCELERATE}, found {accelerate.__version__}: "
+        "older releases put one offload hook on a whole block, whose weight names PEFT's layers change. Nothing was "
+        f"loaded. Fix: pip install -U 'accelerate>={LOW_MEMORY_ACCELERATE}', or merge in memory (without low_memory)."
+    )

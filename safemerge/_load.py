@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +23,14 @@ _AUTO_BY_TASK = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
 }
+
+
+def checkpoint_dtype(path: str) -> torch.dtype | None:
+    """The dtype the checkpoint's config records (`dtype`, `torch_dtype` in transformers 4), or None."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    parsed = parse_dtype(recorded) if recorded not in (None, "auto") else None
+    return parsed if isinstance(parsed, torch.dtype) else None
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -57,9 +66,7 @@ def load_pretrained(
     path: str, *, task_type: str | None = None, dtype: torch.dtype | str | None = None, device_map: Any = None
 ) -> Any:
     """Load a transformers model from a directory or hub id with the class model_class_for() picks."""
-    kwargs: dict[str, Any] = {}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}  # the checkpoint's own dtype unless asked otherwise
     if device_map is not None:
         kwargs["device_map"] = device_map
     cls = model_class_for(transformers.AutoConfig.from_pretrained(path), task_type)
@@ -142,16 +149,46 @@ def load_offloaded_adapter_model(
 
 
 def all_on_disk(cls: Any, path: str) -> dict[str, str]:
-    """A device map that offloads every weight of the model to disk. ({"": "disk"} is refused by transformers 4.)"""
+    """A device map that offloads the model's weights to disk, but for one small untied module (a final norm) and
+    the own tensors of the modules above it (BART's final_logits_bias), in memory: transformers 4 refuses
+    {"": "disk"}, and accelerate before 1.4 a map all on disk."""
     from accelerate import init_empty_weights
 
     config = transformers.AutoConfig.from_pretrained(path)
     with init_empty_weights():  # Auto classes have from_config, model classes _from_config
         skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
-    own = [name for name, _ in skeleton.named_parameters(recurse=False)]
-    own += [name for name, _ in skeleton.named_buffers(recurse=False)]
-    # The top module's own tensors (BART's final_logits_bias) are small: in memory.
-    return {name: "disk" for name, _ in skeleton.named_children()} | dict.fromkeys(own, "cpu")
+    seen = Counter(id(p) for _, p in skeleton.named_parameters(remove_duplicate=False))
+    leaves = [
+        (sum(p.numel() for p in module.parameters()), name)
+        for name, module in skeleton.named_modules()
+        if name
+        and list(module.parameters(recurse=False))
+        and not any(list(child.parameters()) for child in module.children())
+        and all(seen[id(p)] == 1 for p in module.parameters())
+    ]
+    # The smallest, the last of them in module order (a final norm rather than one inside a block).
+    kept = min(leaves, key=lambda leaf: (leaf[0], -leaves.index(leaf)))[1] if leaves else ""
+    devices: dict[str, str] = {}
+
+    def split(module: torch.nn.Module, prefix: str) -> None:
+        own = [name for name, _ in module.named_parameters(recurse=False)]
+        own += [
+            name for name, _ in module.named_buffers(recurse=False) if name not in module._non_persistent_buffers_set
+        ]
+        devices.update(dict.fromkeys((prefix + name for name in own), "cpu"))
+        for name, child in module.named_children():
+            full = prefix + name
+            if not child.state_dict():
+                continue
+            if full == kept:
+                devices[full] = "cpu"
+            elif kept.startswith(full + "."):
+                split(child, full + ".")
+            else:
+                devices[full] = "disk"
+
+    split(skeleton, "")
+    return devices
 
 
 def load_tie_groups(model: torch.nn.Module) -> None:

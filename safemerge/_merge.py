@@ -15,7 +15,7 @@ from typing import Any
 import peft
 import torch
 
-from safemerge import _inputs, _load, _output, _plan, _policy, _undo, _verify
+from safemerge import _compat, _inputs, _load, _outcome, _output, _plan, _policy, _probe, _ship, _undo, _verify
 from safemerge._analysis import Analysis, analyse, require_peft_model
 from safemerge._doctor import doctor
 from safemerge._engines import in_memory
@@ -40,6 +40,7 @@ def safe_merge(
     logits_tolerance: float | None = None,
     probe_inputs: Mapping[str, torch.Tensor] | None = None,
     in_place: bool = True,
+    tokenizer: Any = None,
 ) -> MergeReport:
     """Merge a PEFT adapter into its base model under an explicit tie policy, save atomically, and verify.
 
@@ -77,7 +78,14 @@ def safe_merge(
         probe_inputs=probe_inputs,
         in_place=in_place,
         owned=False,
+        extras=_ship.Extras(tokenizer=tokenizer, base=_base_name(model)),
     )
+
+
+def _base_name(model: Any) -> str | None:
+    """The base model's name or path as PEFT recorded it."""
+    config = getattr(model, "active_peft_config", None)
+    return getattr(config, "base_model_name_or_path", None)
 
 
 def _merge(
@@ -92,6 +100,8 @@ def _merge(
     in_place: bool,
     owned: bool,
     max_shard_size: str | int | None = None,
+    extras: _ship.Extras | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> MergeReport:
     """safe_merge(); `owned`: the model was loaded here and nobody else holds it (merge_pretrained), so it is not
     snapshotted for a restore, and it is freed before the saved model is loaded: one model in memory at a time."""
@@ -100,7 +110,7 @@ def _merge(
     target = _output.resolved(save_directory)
     _output.check_target(target, overwrite=overwrite)
     # save_embedding_layers=False: the adapter's own tensors, without peft's hub lookup for a resized vocabulary.
-    _verify.refuse_non_finite(
+    _outcome.refuse_non_finite(
         "adapter", peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()
     )
     with _output.claim(target, overwrite=overwrite) as held:
@@ -120,6 +130,8 @@ def _merge(
                 tolerance=tolerance,
                 owned=owned,
                 max_shard_size=max_shard_size,
+                extras=extras or _ship.Extras(),
+                out_dtype=out_dtype,
             )
         except BaseException as exc:
             problem = _undo.restore(snapshot) if snapshot is not None else None
@@ -129,7 +141,7 @@ def _merge(
     actions.append(Action("save", (), f"saved to {save_directory}"))
     if snapshot is not None and not in_place:
         _put_back(snapshot)
-    return _verify.merge_report(
+    return _outcome.merge_report(
         plan, str(save_directory), analysis, merged, actions, verification, restored=not in_place
     )
 
@@ -156,23 +168,28 @@ def _merge_and_save(
     tolerance: float | None,
     owned: bool,
     max_shard_size: str | int | None,
+    extras: _ship.Extras,
+    out_dtype: torch.dtype | None,
 ) -> tuple[Any, list[Action], Verification | None]:
     """Execute the plan, check it in memory, save into the claim's staging directory, reload and check, put in place.
 
     Returns the merged model: the one in memory, or (`owned`) the one loaded back from disk.
     """
     merged, actions = in_memory.execute(peft_model, plan, analysis.tied)
-    _verify.refuse_non_finite("merged model", merged.named_parameters())
+    _outcome.refuse_non_finite("merged model", merged.named_parameters())
     if not verify:
+        actions += _cast(merged, out_dtype)
         _output.save_model(merged, held, max_shard_size=max_shard_size)
+        actions += _ship.write_extras(held.staging, extras, plan, actions, None, analysis.serving_notes(plan))
         held.commit()
         return merged, actions, None
     logger.info("checking the merged model's tied weights, ties and flags against the plan")
     expected = _plan.expected_values(plan, analysis.tied)
-    verification = _verify.check_in_memory(merged, analysis, plan, expected, tolerance)
+    verification = _verify.check_in_memory(merged, analysis, plan, expected, tolerance, saved_dtype=out_dtype)
     del expected  # it holds the merged model's tied tensors
     if not verification.ok:
-        _verify.fail(verification, plan, analysis, merged, actions, owned=owned)
+        _outcome.fail(verification, plan, analysis, merged, actions, owned=owned)
+    actions += _cast(merged, out_dtype)
     saved = _verify.Saved.of(merged)
     logger.info("saving to %s", held.staging)
     _output.save_model(merged, held, max_shard_size=max_shard_size)
@@ -184,10 +201,21 @@ def _merge_and_save(
         actions += in_memory.retie_like(merged, retie)
     result = merged if merged is not None else reloaded
     if not verification.ok:
-        _verify.fail(verification, plan, analysis, result, actions, owned=owned, held=held)
+        _outcome.fail(verification, plan, analysis, result, actions, owned=owned, held=held)
+    actions += _ship.write_extras(held.staging, extras, plan, actions, verification, analysis.serving_notes(plan))
     held.commit()
     logger.info("verified; the merged model is in place")
     return result, actions, verification
+
+
+def _cast(merged: Any, out_dtype: torch.dtype | None) -> list[Action]:
+    """Cast the checked merged model to the dtype it is saved in (ties kept: parameters are converted in place)."""
+    if out_dtype is None or _probe.model_dtype(merged) == out_dtype:
+        return []
+    computed = _probe.model_dtype(merged)
+    merged.to(out_dtype)
+    merged.config.dtype = out_dtype
+    return [Action("cast-dtype", (), f"cast the merged model from {computed} to {out_dtype}, the dtype it is saved in")]
 
 
 def _release(peft_model: Any, analysis: Analysis) -> None:
@@ -210,6 +238,9 @@ def merge_pretrained(
     logits_tolerance: float | None = None,
     low_memory: bool = False,
     max_shard_size: str | int | None = None,
+    out_dtype: torch.dtype | str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
 ) -> MergeReport:
     """Load `base` and `adapter` (local directories or hub ids) and run safe_merge() on them.
 
@@ -230,13 +261,17 @@ def merge_pretrained(
         adapter: the PEFT adapter directory (or hub id) trained on `base`.
         save_directory: where the merged model goes (written into a temporary sibling, renamed into place).
         policy: "keep", "untie" or "refuse" (or a `TiePolicy`).
-        dtype: the dtype to load (and save) in; default as transformers loads the checkpoint.
+        dtype: the dtype to load and compute in (default "auto": the checkpoint's own).
+        out_dtype: the dtype to save in (default: the checkpoint's own, whatever `dtype` is: merging in float32 saves
+            a bfloat16 checkpoint in bfloat16, rounded once).
         device_map: accelerate device map for the in-memory merge (not with `low_memory`).
         verify: check the merged and the saved model against the adapter model.
         overwrite: replace a non-empty `save_directory` once the new model is verified.
         logits_tolerance: max |logits difference| accepted (default: relative to the dtype and the logits' scale).
         low_memory: keep the base's weights on disk and write the merged model tensor by tensor (see above).
         max_shard_size: largest output shard, in transformers' format ("5GB", "300MB") or bytes.
+        push_to_hub: a hub repository id to upload the merged directory to (created if missing, `private` if asked)
+            once it is verified; the token is huggingface_hub's (HF_TOKEN or `hf auth login`).
 
     Returns:
         The MergeReport.
@@ -252,6 +287,12 @@ def merge_pretrained(
     """
     tie_policy = _policy.parse_policy(policy)
     _inputs.check_tolerance(logits_tolerance)
+    if low_memory and (why := _compat.low_memory_unsupported()):
+        raise ValueError(why)
+    if push_to_hub and not verify:
+        raise ValueError(
+            "push_to_hub uploads only a verified merge; it cannot be combined with verify=False (CLI: --no-verify)."
+        )
     inputs = _inputs.named_inputs(
         [("base model", _inputs.local_path(base, "base model")), ("adapter", _inputs.local_path(adapter, "adapter"))]
     )
@@ -270,10 +311,19 @@ def merge_pretrained(
             "nothing was loaded or merged:\n" + "\n".join(str(f) for f in bad),
             report=checkup,
         )
+    source = _ship.tokenizer_source(adapter, base)
+    with _inputs.load_failures_as_input_errors(
+        f"Could not load the tokenizer saved in '{source}'",
+        "Nothing was merged. Fix: save a complete tokenizer there (tokenizer.save_pretrained), or remove its files.",
+    ):
+        tokenizer = _ship.load_tokenizer(source) if source else None
+    extras = _ship.Extras(tokenizer=tokenizer, tokenizer_source=source, base=base, adapter=adapter)
+    requested = _load.parse_dtype(out_dtype)
+    saved_dtype = requested if isinstance(requested, torch.dtype) else _load.checkpoint_dtype(base)
     if low_memory:
         if device_map is not None:
             raise ValueError("low_memory merges on the CPU with the weights on disk; it takes no device_map.")
-        return merge_low_memory(
+        report = merge_low_memory(
             base,
             adapter,
             target,
@@ -283,20 +333,29 @@ def merge_pretrained(
             overwrite=overwrite,
             tolerance=logits_tolerance,
             max_shard_size=max_shard_size or DEFAULT_SHARD_SIZE,
+            extras=extras,
+            out_dtype=saved_dtype,
         )
-    model = load_inputs(base, adapter, dtype=dtype, device_map=device_map)
-    return _merge(
-        model,
-        save_directory,
-        policy=tie_policy,
-        verify=verify,
-        overwrite=overwrite,
-        tolerance=logits_tolerance,
-        probe_inputs=None,
-        in_place=True,
-        owned=True,
-        max_shard_size=max_shard_size,
-    )
+    else:
+        model = load_inputs(base, adapter, dtype=dtype, device_map=device_map)
+        report = _merge(
+            model,
+            save_directory,
+            policy=tie_policy,
+            verify=verify,
+            overwrite=overwrite,
+            tolerance=logits_tolerance,
+            probe_inputs=None,
+            in_place=True,
+            owned=True,
+            max_shard_size=max_shard_size,
+            extras=extras,
+            out_dtype=saved_dtype,
+        )
+    if push_to_hub and report.ok:
+        pushed = _ship.push(target, push_to_hub, private=private, plan=report.plan)
+        report = dataclasses.replace(report, actions=(*report.actions, pushed))
+    return report
 
 
 def load_untrained_inputs(

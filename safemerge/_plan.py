@@ -31,6 +31,8 @@ class ModelFacts:
     #: The output embedding's weight, and the factor to fold into it if the flags go False (transformers 4's T5).
     head: str | None
     head_rescale: float | None
+    #: transformers' name of the architecture (config.model_type).
+    model_type: str = ""
 
 
 def make_plan(tied: TiedWeights, facts: ModelFacts, policy: TiePolicy, *, figures: bool = True) -> MergePlan:

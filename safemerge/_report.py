@@ -108,7 +108,11 @@ ActionCode = Literal[
     "set-tie-flags",
     "separate-declared-tie",
     "rescale-output-embedding",
+    "cast-dtype",
     "save",
+    "save-tokenizer",
+    "write-card",
+    "push-to-hub",
     "retie-like-loader",
 ]
 
@@ -153,7 +157,7 @@ class MergePlan:
     rescaled: tuple[tuple[str, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": REPORT_SCHEMA_VERSION, **_jsonable(self)}
+        return {"schema_version": REPORT_SCHEMA_VERSION, **to_jsonable(self)}
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ class TieInspection:
         return next(p for p in self.plans if p.policy == wanted)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": REPORT_SCHEMA_VERSION, **_jsonable(self)}
+        return {"schema_version": REPORT_SCHEMA_VERSION, **to_jsonable(self)}
 
 
 @dataclass(frozen=True)
@@ -192,7 +196,7 @@ class TrainingCheck:
     trainable_members: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": REPORT_SCHEMA_VERSION, **_jsonable(self)}
+        return {"schema_version": REPORT_SCHEMA_VERSION, **to_jsonable(self)}
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ class Verification:
         return last if last is not None else float(self.max_abs_logits_diff_in_memory or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": REPORT_SCHEMA_VERSION, **_jsonable(self)}
+        return {"schema_version": REPORT_SCHEMA_VERSION, **to_jsonable(self)}
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,8 @@ class MergeReport:
     actions: tuple[Action, ...]
     verification: Verification | None
     versions: tuple[tuple[str, str], ...]
+    #: Where the result may not run (serving runtimes that load this architecture only tied), and what to do.
+    serving_notes: tuple[str, ...] = ()
     model: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -263,9 +269,16 @@ class MergeReport:
         return self.verification is None or self.verification.ok
 
     def to_dict(self) -> dict[str, Any]:
-        data = _jsonable(self)
+        data = to_jsonable(self)
         data.pop("model", None)
-        return {"schema_version": REPORT_SCHEMA_VERSION, "ok": self.ok, "verified": self.verified, **data}
+        outcome = "merged" if self.ok else "not-faithful"
+        return {
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "ok": self.ok,
+            "verified": self.verified,
+            "outcome": outcome,
+            **data,
+        }
 
 
 Severity = Literal["error", "silent", "warning", "info"]
@@ -309,18 +322,19 @@ class DoctorReport:
         return tuple(f for f in self.findings if f.severity in severities)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": REPORT_SCHEMA_VERSION, "ok": self.ok, **_jsonable(self)}
+        return {"schema_version": REPORT_SCHEMA_VERSION, "ok": self.ok, **to_jsonable(self)}
 
 
-def _jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
+    """`value` (dataclasses, enums, tuples, paths) as JSON-safe data."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
-            f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "model"
+            f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "model"
         } | _properties(value)
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, tuple | list):
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if isinstance(value, float) and value != value:  # NaN is not JSON
         return None
     return value

@@ -10,7 +10,7 @@ from pathlib import Path
 import peft
 import torch
 
-from safemerge import _inputs, _load, _output, _plan, _verify
+from safemerge import _inputs, _load, _outcome, _output, _plan, _ship, _verify
 from safemerge._analysis import analyse
 from safemerge._engines import low_memory as low_memory_engine
 from safemerge._reload import LoadSpec
@@ -30,6 +30,8 @@ def merge_low_memory(
     overwrite: bool,
     tolerance: float | None,
     max_shard_size: str | int,
+    extras: _ship.Extras,
+    out_dtype: torch.dtype | None,
 ) -> MergeReport:
     """merge_pretrained(low_memory=True): the same analysis and plan, executed tensor by tensor from disk."""
     with _output.claim(target, overwrite=overwrite) as held:
@@ -40,7 +42,9 @@ def merge_low_memory(
             "ADAPTER explains most mismatches).",
         ):
             model = _load.load_offloaded_adapter_model(base, adapter, offload_folder=str(offload), dtype=dtype)
-        _verify.refuse_non_finite("adapter", peft.get_peft_model_state_dict(model, save_embedding_layers=False).items())
+        _outcome.refuse_non_finite(
+            "adapter", peft.get_peft_model_state_dict(model, save_embedding_layers=False).items()
+        )
         logger.info("inspecting tied weights and probing the adapter model (weights offloaded)")
         analysis = analyse(model, None)
         plan = analysis.plan_or_refuse(policy)
@@ -50,13 +54,19 @@ def merge_low_memory(
         verification = None
         if verify:
             expected = _plan.expected_values(plan, analysis.tied)
-            verification = _verify.check_in_memory(merged, analysis, plan, expected, tolerance)
+            verification = _verify.check_in_memory(merged, analysis, plan, expected, tolerance, saved_dtype=out_dtype)
             del expected
             if not verification.ok:
-                _verify.fail(verification, plan, analysis, merged, actions, owned=True)
+                _outcome.fail(verification, plan, analysis, merged, actions, owned=True)
         # The base's tied tensors are not needed any more: the merged model holds what is written.
         analysis.tied = dataclasses.replace(analysis.tied, params=(), effective={}, untied_changes={})
         load = LoadSpec.like(merged)
+        if out_dtype is not None and out_dtype != load.dtype:
+            computed, load = load.dtype, dataclasses.replace(load, dtype=out_dtype)
+            merged.config.dtype = out_dtype
+            actions.append(
+                Action("cast-dtype", (), f"cast every tensor from {computed} to {out_dtype} as it was written")
+            )
         logger.info("writing to %s", held.staging)
         written = _output.write_staging(
             held,
@@ -65,7 +75,8 @@ def merge_low_memory(
                 analysis.facts.declared,
                 staging,
                 max_shard_size,
-                check=lambda name, tensor: _verify.refuse_non_finite("merged model", [(name, tensor)]),
+                out_dtype=load.dtype,
+                check=lambda name, tensor: _outcome.refuse_non_finite("merged model", [(name, tensor)]),
             ),
         )
         if verify:
@@ -81,7 +92,8 @@ def merge_low_memory(
                 offload_folder=offload,
             )
             if not verification.ok:
-                _verify.fail(verification, plan, analysis, merged, actions, owned=True, held=held)
+                _outcome.fail(verification, plan, analysis, merged, actions, owned=True, held=held)
+        actions += _ship.write_extras(held.staging, extras, plan, actions, verification, analysis.serving_notes(plan))
         held.commit()
     actions.append(Action("save", (), f"saved to {target} as safetensors shards, tensor by tensor"))
-    return _verify.merge_report(plan, str(target), analysis, merged, actions, verification, restored=True)
+    return _outcome.merge_report(plan, str(target), analysis, merged, actions, verification, restored=True)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
@@ -25,7 +24,6 @@ from safemerge._modules import (
     tie_flags,
     tie_groups,
 )
-from safemerge._output import FAILED_MARKER
 from safemerge._reload import (
     Fingerprint,
     LoadSpec,
@@ -34,33 +32,43 @@ from safemerge._reload import (
     fingerprints,
     reload,
 )
-from safemerge._report import Action, MemberCheck, MergePlan, MergeReport, Verification
-from safemerge.errors import InputError, NonFiniteWeightsError, VerificationError
+from safemerge._report import MemberCheck, MergePlan, Verification
+from safemerge.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 FAILED_HINT = (
-    "Fix: if only the logits differ and the model is in bfloat16/float16, merge in float32 (load with "
-    "dtype=torch.float32; CLI: --dtype float32) or accept the rounding with logits_tolerance= (CLI: "
+    "Fix: if only the logits differ and the model is in bfloat16/float16, merge in float32 (merge_pretrained("
+    "dtype='float32'); CLI: --dtype float32; the model is still saved in its checkpoint's dtype) or accept the "
+    "rounding with logits_tolerance= (CLI: "
     "--logits-tolerance); otherwise report it with the JSON report (error.report.to_dict(); CLI: --report PATH)."
 )
 
 
 def check_in_memory(
-    merged: Any, analysis: Analysis, plan: MergePlan, expected: Mapping[str, torch.Tensor], tolerance: float | None
+    merged: Any,
+    analysis: Analysis,
+    plan: MergePlan,
+    expected: Mapping[str, torch.Tensor],
+    tolerance: float | None,
+    *,
+    saved_dtype: torch.dtype | None = None,
 ) -> Verification:
     """The merged model before saving, without a forward pass: every tied member against the weight the adapter model
-    uses, ties and flags against the plan. (The logits are checked once, on the model reloaded from disk.)"""
+    uses, ties and flags against the plan. (The logits are checked once, on the model reloaded from disk, whose dtype
+    is `saved_dtype` when the merged model is cast before it is saved.)"""
     members, problems = _member_checks(merged, analysis, expected, 0.0, "merged")
-    tol = _tolerance(tolerance, analysis, merged)
+    # The coarser of the dtype computed in and the dtype saved in bounds the reloaded logits' rounding.
+    computed = _probe.model_dtype(merged)
+    tol = max(_tolerance(tolerance, analysis, computed), _tolerance(tolerance, analysis, saved_dtype or computed))
     return _verification(analysis, tol, None, members, [*problems, *_plan_problems(merged, plan)])
 
 
-def _tolerance(tolerance: float | None, analysis: Analysis, model: Any) -> float:
-    """The user's logits tolerance, or the default for the model's dtype and the adapter model's logits."""
+def _tolerance(tolerance: float | None, analysis: Analysis, dtype: torch.dtype) -> float:
+    """The user's logits tolerance, or the default for the checked model's dtype and the adapter model's logits."""
     if tolerance is not None:
         return tolerance
-    return _probe.logits_tolerance(analysis.adapter_logits, _probe.model_dtype(model))
+    return _probe.logits_tolerance(analysis.adapter_logits, dtype)
 
 
 def _verification(
@@ -123,7 +131,7 @@ def check_against_adapter(
     `expected`: the weight each tied member must hold. `rounding_slack`: the fraction of a member's change its weight
     may be off by (another tool may round differently; a broken merge is off by a whole delta of another member).
     """
-    tol = _tolerance(tolerance, analysis, model)
+    tol = _tolerance(tolerance, analysis, _probe.model_dtype(model))
     diff, problems = _logits_diff(model, analysis, label)
     if not diff <= tol:
         problems.append(f"{label} logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
@@ -322,73 +330,3 @@ def _load_merged(merged: str | os.PathLike[str], like: torch.nn.Module) -> Any:
             f"Could not load the merged model '{merged}' ({type(exc).__name__}: {str(exc).strip()[:400]}). Fix: "
             "check that it is a complete model directory saved with save_pretrained."
         ) from exc
-
-
-def finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf: NaN propagates into min and max, Inf shows there (20x faster than isfinite().all() on bf16)."""
-    if not tensor.numel():
-        return True
-    low, high = torch.aminmax(tensor.detach())
-    return math.isfinite(float(low)) and math.isfinite(float(high))
-
-
-def refuse_non_finite(what: str, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """NonFiniteWeightsError naming every floating-point tensor that holds NaN or Inf."""
-    bad = [name for name, t in tensors if t.is_floating_point() and not finite(t)]
-    if not bad:
-        return
-    shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
-    raise NonFiniteWeightsError(
-        f"The {what} holds NaN or Inf in {len(bad)} tensor(s): {shown}. A merged model would compute NaN or Inf, so "
-        "nothing was saved" + (" and the PEFT model was put back as it was" if what != "adapter" else "") + ". Fix: "
-        "train again from a checkpoint before the loss diverged (lower the learning rate, or use bfloat16 rather "
-        "than float16), or merge in float32 (CLI: --dtype float32) if the merge overflowed."
-    )
-
-
-def merge_report(
-    plan: MergePlan,
-    save_directory: str | None,
-    analysis: Analysis,
-    merged: Any,
-    actions: list[Action],
-    verification: Verification | None,
-    *,
-    restored: bool = False,
-) -> MergeReport:
-    """The report; with `restored` (a failed merge: the PEFT model is put back) it holds no model."""
-    return MergeReport(
-        policy=plan.policy,
-        save_directory=save_directory,
-        plan=plan,
-        groups_before=analysis.tied.groups,
-        groups_after=tie_groups(merged) if merged is not None else (),
-        actions=tuple(actions),
-        verification=verification,
-        versions=_compat.versions(),
-        model=None if restored else merged,
-    )
-
-
-def fail(
-    verification: Verification,
-    plan: MergePlan,
-    analysis: Analysis,
-    merged: Any,
-    actions: list[Action],
-    *,
-    owned: bool,
-    held: Any = None,
-) -> NoReturn:
-    """Raise the VerificationError of a failed check; with `held` (the output's claim: the model was written), the
-    files are quarantined first."""
-    where = "Nothing was saved."
-    save_directory = None
-    if held is not None:
-        failed = held.quarantine(list(verification.problems))
-        save_directory = str(failed)
-        where = (
-            f"The saved files were moved to '{failed}' (marked {FAILED_MARKER}); the output directory was not written."
-        )
-    report = merge_report(plan, save_directory, analysis, merged, actions, verification, restored=True)
-    raise VerificationError(failure_message(verification, where=where, owned=owned), report=report)

@@ -11,21 +11,19 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from safemerge import _inputs
+from safemerge._console import EXIT_TERMINATED, output_configured, sigterm_unwinds
 from safemerge._output import write_json_atomic
 from safemerge._report import MergeReport, TieInspection, TiePolicy, Verification
 from safemerge._version import __version__
-from safemerge.errors import InputError, OutputExistsError, SafeMergeError
+from safemerge.errors import InputError, OutputExistsError, SafeMergeError, failure_report
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: Doctor findings that mean an argument names nothing readable: a usage error, not a bad adapter.
 _UNREADABLE_INPUT = {"adapter-not-found", "base-not-found"}
 
@@ -40,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="library warnings, debug logs, tracebacks")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     loading = argparse.ArgumentParser(add_help=False)
-    loading.add_argument("--dtype", default=None, help="load dtype: float32, bfloat16, float16 or auto")
+    loading.add_argument(
+        "--dtype", default=None, help="load and compute dtype: float32, bfloat16, float16 or auto (default: auto)"
+    )
     loading.add_argument("--device-map", default=None, help="accelerate device map for big models, e.g. auto")
     loading.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     tolerance = argparse.ArgumentParser(add_help=False)
@@ -70,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a non-empty OUT once the new model is verified"
     )
     merge.add_argument("--no-verify", action="store_true", help="skip the checks against the adapter model")
+    merge.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO",
+        help="upload the merged directory to this hub repository once it is verified (with the model card)",
+    )
+    merge.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    merge.add_argument(
+        "--out-dtype",
+        default=None,
+        metavar="D",
+        help="dtype to save in (default: the checkpoint's own, whatever --dtype computes in)",
+    )
     merge.add_argument(
         "--low-memory",
         action="store_true",
@@ -122,22 +135,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
+    """Run the command line; returns the exit code. Logging, warning filters, transformers' verbosity and progress
+    bars and the SIGTERM handler are set for the run and put back as they were on return."""
     args = _parser().parse_args(argv)
-    _configure_output(verbose=args.verbose, quiet=args.quiet)
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM unwinds like Ctrl-C, so the library's cleanup and restore run (kill -9 leaves what the next run
-        # recognises as stale and removes).
-        signal.signal(signal.SIGTERM, _terminate)
+    with output_configured(verbose=args.verbose, quiet=args.quiet), sigterm_unwinds():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return _COMMANDS[args.command](args)
     except SafeMergeError as error:
         if args.verbose:
             raise
         print(f"safemerge: {type(error).__name__}: {error}", file=sys.stderr)
-        report = getattr(error, "report", None)
-        if report is not None and getattr(args, "report", None) is not None:
-            write_json_atomic(args.report, report.to_dict())
         usage = isinstance(error, OutputExistsError | InputError) or _unreadable_input(error)
         return EXIT_USAGE if usage else EXIT_FAILED
     except (OSError, ValueError) as error:  # unknown hub id, bad dtype ...
@@ -161,42 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(EXIT_TERMINATED)
-
-
 def _unreadable_input(error: SafeMergeError) -> bool:
     findings = getattr(getattr(error, "report", None), "findings", ())
     return any(getattr(f, "code", None) in _UNREADABLE_INPUT for f in findings)
-
-
-def _configure_output(*, verbose: bool, quiet: bool) -> None:
-    """Progress lines from the library's loggers on stderr, progress bars when stderr is a terminal (not with -q);
-    third-party advice only with -v."""
-    start = time.monotonic()
-
-    class _Elapsed(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            return f"[{time.monotonic() - start:6.1f}s] {record.getMessage()}"
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Elapsed())
-    library = logging.getLogger("safemerge")
-    library.handlers[:] = [handler]
-    library.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    library.propagate = False
-    import transformers
-
-    if not verbose:
-        import warnings
-
-        warnings.filterwarnings("ignore", module=r"(peft|transformers|accelerate)(\.|$)")
-        transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    # transformers' switch drives its bars, PEFT's merge bar and safemerge's: on where a person watches.
-    if sys.stderr.isatty() and not quiet:
-        transformers.utils.logging.enable_progress_bar()  # type: ignore[no-untyped-call]
-    else:
-        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -210,19 +188,30 @@ def _merge(args: argparse.Namespace) -> int:
 
     if args.report is not None:
         _check_report_path(args)
-    report = merge_pretrained(
-        args.base,
-        args.adapter,
-        args.out,
-        policy=args.policy,
-        dtype=args.dtype,
-        device_map=args.device_map,
-        verify=not args.no_verify,
-        overwrite=args.overwrite,
-        logits_tolerance=args.logits_tolerance,
-        low_memory=args.low_memory,
-        max_shard_size=args.max_shard_size,
-    )
+    try:
+        report = merge_pretrained(
+            args.base,
+            args.adapter,
+            args.out,
+            policy=args.policy,
+            dtype=args.dtype,
+            device_map=args.device_map,
+            verify=not args.no_verify,
+            overwrite=args.overwrite,
+            logits_tolerance=args.logits_tolerance,
+            low_memory=args.low_memory,
+            max_shard_size=args.max_shard_size,
+            out_dtype=args.out_dtype,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
+        )
+    except (SafeMergeError, OSError, ValueError) as error:  # every outcome has its report (main prints the message)
+        failed = failure_report(error)
+        if args.report is not None:
+            write_json_atomic(args.report, failed)
+        if args.json:
+            print(json.dumps(failed, indent=2))
+        raise
     if args.report is not None:
         write_json_atomic(args.report, report.to_dict())
     _emit(args, report.to_dict(), _merge_summary(args, report))
@@ -259,6 +248,7 @@ def _merge_summary(args: argparse.Namespace, report: MergeReport) -> list[str]:
             f"verified: {v.reloaded_tensors_compared} tensors bit-identical after reload; max |logits difference| vs "
             f"the adapter model {v.max_abs_logits_diff_reloaded:.3g} (tolerance {v.logits_tolerance:.3g})"
         )
+    lines += [f"note: {note}" for note in report.serving_notes]
     return lines
 
 

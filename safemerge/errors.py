@@ -20,7 +20,7 @@ The command line exits with 2 for InputError, OutputExistsError and bad argument
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from safemerge._report import DoctorReport, MergeReport, TieGroup
@@ -157,3 +157,30 @@ class OutputWriteError(SafeMergeError, OSError):
         Could not write the merged model into 'out/.merged.safemerge/model' (OSError: [Errno 28] No space left on
         device); 'out/merged' was not written. Fix: free space or choose another filesystem, then run again.
     """
+
+
+#: The `outcome` of a merge that raised, by the error's class (any other error: "error").
+_OUTCOMES: tuple[tuple[type[Exception], str], ...] = (
+    (TiedWeightsError, "refused"),
+    (UnsupportedAdapterError, "refused"),
+    (VerificationError, "not-faithful"),
+    (AdapterMismatchError, "doctor-failed"),
+)
+
+
+def failure_report(error: Exception) -> dict[str, Any]:
+    """The JSON report of a merge that raised: its `outcome`, the error's kind and message, and the figures the
+    error carries (a failed verification's report, the doctor's findings, the refused tie groups)."""
+    from safemerge._report import REPORT_SCHEMA_VERSION, MergeReport, to_jsonable
+
+    outcome = next((name for cls, name in _OUTCOMES if isinstance(error, cls)), "error")
+    report = getattr(error, "report", None)
+    figures: dict[str, Any] = {"schema_version": REPORT_SCHEMA_VERSION, "ok": False, "verified": False}
+    if isinstance(report, MergeReport):
+        figures = report.to_dict()
+    elif report is not None:  # the doctor's findings
+        figures["doctor"] = report.to_dict()
+    groups = getattr(error, "groups", None)
+    if groups:
+        figures["groups_before"] = to_jsonable(groups)
+    return {**figures, "outcome": outcome, "error": {"kind": type(error).__name__, "message": str(error)}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,41 @@ def test_merge_untie_writes_model_and_report(dirs: dict[str, Path], capsys: pyte
 def test_merge_json_on_stdout(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "out", "--policy", "untie", "--json", "-q") == 0
     assert json.loads(capsys.readouterr().out)["verification"]["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("policy", "damage", "code", "outcome", "kind"),
+    [
+        ("untie", None, 0, "merged", None),
+        ("keep", None, 1, "refused", "TiedWeightsError"),
+        ("untie", "adapter_config", 1, "doctor-failed", "AdapterMismatchError"),
+    ],
+)
+def test_every_outcome_writes_one_report_schema_and_prints_it_with_json(
+    dirs: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    policy: str,
+    damage: str | None,
+    code: int,
+    outcome: str,
+    kind: str | None,
+) -> None:
+    """`--report` and `--json` give the same object for every outcome, failures included."""
+    if damage == "adapter_config":  # a rank the tensors do not have: the doctor stops it
+        config = dirs["adapter"] / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "r": 3}))
+    report = dirs["tmp"] / "report.json"
+    argv = ["merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "out", "--policy", policy, "--json", "-q"]
+    assert run(*argv, "--report", report) == code
+    written, printed = json.loads(report.read_text()), json.loads(capsys.readouterr().out)
+    assert written == printed
+    assert written["outcome"] == outcome and written["ok"] is (code == 0) and "schema_version" in written
+    if kind is None:
+        assert "error" not in written and written["verification"]["ok"] is True
+        return
+    assert written["error"]["kind"] == kind and "fix" in written["error"]["message"].lower()
+    assert ("doctor" in written) is (outcome == "doctor-failed")
+    assert bool(written.get("groups_before")) is (outcome == "refused")
 
 
 def test_merge_refused_exits_1_without_traceback(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,3 +169,33 @@ def test_merge_loads_a_classification_base_with_its_head(base_dirs: dict[str, Pa
     out = tmp_path / "out"
     assert run("merge", base_dirs["llama-untied"], tmp_path / "cls-adapter", out, "--policy", "refuse", "-q") == 0
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+
+
+def test_help_answers_without_importing_torch() -> None:
+    """`--help` and argument errors must answer at once: the heavy imports wait for a command that needs them."""
+    code = (
+        "import sys\n"
+        "from safemerge.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "merge" in done.stdout
+
+
+def test_main_puts_logging_and_warning_filters_back(base_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """Running main() (twice) in one process leaves no handler, filter or transformers setting behind."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    library = logging.getLogger("safemerge")
+    before = (library.handlers[:], library.level, library.propagate, warnings.filters[:], hf_logging.get_verbosity())
+    for _ in range(2):
+        assert main(["doctor", str(base_dirs["llama"]), str(base_dirs["llama"]), "-q"]) in (0, 1, 2)
+    after = (library.handlers[:], library.level, library.propagate, warnings.filters[:], hf_logging.get_verbosity())
+    assert after == before

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import safemerge
+from safemerge import _compat
 from safemerge._engines import low_memory
 from safemerge._modules import tie_flags
-from tests.models import ARCHS, load_base
+from tests.models import ARCHS, load_base, needs_low_memory
 from tests.test_merge import CASES, MERGES, POLICIES, expected
 
 #: The default run's rows; --full-matrix runs every (architecture, adapter kind) on both stacks (CI).
@@ -33,6 +34,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(("arch", "kind"), rows)
 
 
+@needs_low_memory
 @pytest.mark.parametrize("policy", POLICIES)
 def test_low_memory_matches_in_memory(
     base_dirs: dict[str, Path],
@@ -84,6 +86,7 @@ def merges(category: str, policy: str) -> bool:
     return category in MERGES and MERGES[category][POLICIES.index(policy)]
 
 
+@needs_low_memory
 def test_low_memory_output_is_sharded_with_an_index(
     base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
@@ -103,6 +106,7 @@ def test_low_memory_output_is_sharded_with_an_index(
     assert not list(tmp_path.glob(".merged*")), "the temporary sibling (offload folder included) is removed"
 
 
+@needs_low_memory
 def test_low_memory_takes_no_device_map(
     base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
 ) -> None:
@@ -118,6 +122,7 @@ def test_low_memory_takes_no_device_map(
     assert not (tmp_path / "merged").exists()
 
 
+@needs_low_memory
 def test_a_tensor_that_differs_on_disk_from_what_was_computed_fails_verification(
     base_dirs: dict[str, Path],
     saved_adapter: Callable[[str, str], Path],
@@ -146,3 +151,18 @@ def test_a_tensor_that_differs_on_disk_from_what_was_computed_fails_verification
     assert not out.exists()
     (quarantined,) = tmp_path.glob("merged.failed-*")
     assert failed.value.report is not None and str(quarantined) in str(failed.value)
+
+
+@pytest.mark.skipif(_compat.low_memory_unsupported() is None, reason="accelerate is recent enough: nothing to refuse")
+def test_an_accelerate_too_old_for_low_memory_is_refused_before_loading(
+    base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"needs accelerate >= .* Fix: pip install -U"):
+        safemerge.merge_pretrained(
+            str(base_dirs["llama"]),
+            str(saved_adapter("llama", "lora-both")),
+            tmp_path / "m",
+            policy="untie",
+            low_memory=True,
+        )
+    assert not (tmp_path / "m").exists()

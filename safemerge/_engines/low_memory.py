@@ -93,6 +93,7 @@ def write(
     staging: Path,
     max_shard_size: str | int,
     *,
+    out_dtype: torch.dtype,
     check: Callable[[str, torch.Tensor], None],
 ) -> dict[str, Fingerprint]:
     """Write the config, compute every tensor (`check` sees each one before it is written), write the shards and
@@ -103,13 +104,15 @@ def write(
     staging.mkdir(parents=True, exist_ok=True)
     _write_configs(model, staging)
     state = names_to_save(model, declared)
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    # Sized as saved: shapes on meta, in the saved dtype.
+    sizes = {name: _saved(torch.empty(t.shape, dtype=t.dtype, device="meta"), out_dtype) for name, t in state.items()}
+    split = split_torch_state_dict_into_shards(sizes, max_shard_size=max_shard_size)
     written: dict[str, Fingerprint] = {}
     shards = transformers_logging.tqdm(
         split.filename_to_tensors.items(), desc="Writing merged shards", disable=not progress_bars()
     )
     for filename, tensor_names in shards:
-        shard = {name: _value(model, name, state[name], pending).contiguous() for name in tensor_names}
+        shard = {name: _saved(_value(model, name, state[name], pending), out_dtype) for name in tensor_names}
         for name, tensor in shard.items():
             check(name, tensor)
         written.update((name, fingerprint(tensor)) for name, tensor in shard.items())
@@ -119,6 +122,11 @@ def write(
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return written
+
+
+def _saved(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A floating-point tensor in the dtype it is saved in (others as they are), contiguous."""
+    return (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
 
 
 def _write_configs(model: Any, staging: Path) -> None:

@@ -1,0 +1,173 @@
+"""What travels with the merged weights so that the directory can be served and shared as it is: the tokenizer or
+processor (with its chat template) and a model card."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safemerge._report import Action, MergePlan, Verification
+
+logger = logging.getLogger(__name__)
+
+#: Files whose presence says a directory holds a tokenizer or a processor.
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What is saved beside the merged weights, and the names the model card gives."""
+
+    tokenizer: Any = None
+    tokenizer_source: str | None = None
+    base: str | None = None
+    adapter: str | None = None
+
+
+def write_extras(
+    directory: Path,
+    extras: Extras,
+    plan: MergePlan,
+    actions: list[Action],
+    verification: Verification | None,
+    serving: tuple[str, ...] = (),
+) -> list[Action]:
+    """Save the tokenizer (if any) and the model card into `directory`; the actions taken."""
+    done = []
+    if extras.tokenizer is not None:
+        done.append(save_tokenizer(extras.tokenizer, directory, extras.tokenizer_source))
+    described = (
+        f"from {extras.tokenizer_source}" if extras.tokenizer is not None and extras.tokenizer_source else "saved"
+    )
+    tokenizer = described if extras.tokenizer is not None else "none was found or given; add one before serving"
+    card = write_card(
+        directory,
+        base=extras.base,
+        adapter=extras.adapter,
+        plan=plan,
+        actions=[*actions, *done],
+        verification=verification,
+        tokenizer=tokenizer,
+        serving=serving,
+    )
+    return [*done, card]
+
+
+def tokenizer_source(adapter: str, base: str) -> str | None:
+    """The adapter directory when the fine-tune saved its tokenizer there (its chat template is the one that counts),
+    else the base directory; None when neither holds one (a hub id counts as holding one: the loader decides)."""
+    for candidate in (adapter, base):
+        path = Path(candidate)
+        if not path.is_dir():
+            return candidate
+        if any((path / name).exists() for name in (*_TOKENIZER_FILES, *_PROCESSOR_FILES)):
+            return candidate
+    return None
+
+
+def load_tokenizer(source: str) -> Any:
+    """The processor (multimodal) or the tokenizer saved in `source`, with transformers' Auto classes."""
+    import transformers
+
+    local = Path(source)
+    if local.is_dir() and any((local / name).exists() for name in _PROCESSOR_FILES):
+        return transformers.AutoProcessor.from_pretrained(source)  # type: ignore[no-untyped-call]
+    return transformers.AutoTokenizer.from_pretrained(source)
+
+
+def save_tokenizer(tokenizer: Any, directory: Path, source: str | None) -> Action:
+    """Save the tokenizer (its chat template included) beside the merged weights."""
+    tokenizer.save_pretrained(str(directory))
+    where = f" from {source}" if source else ""
+    template = " and its chat template" if getattr(tokenizer, "chat_template", None) else ""
+    return Action("save-tokenizer", (), f"saved the {type(tokenizer).__name__}{template}{where}")
+
+
+def write_card(
+    directory: Path,
+    *,
+    base: str | None,
+    adapter: str | None,
+    plan: MergePlan,
+    actions: list[Action],
+    verification: Verification | None,
+    tokenizer: str,
+    serving: tuple[str, ...] = (),
+) -> Action:
+    """README.md with hub metadata (base_model, library_name, tags) and what safemerge did and checked."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from safemerge._version import __version__
+
+    hub_base = base if base and not os.path.exists(base) else None
+    data = ModelCardData(base_model=hub_base, library_name="transformers", tags=["safemerge", "peft", "merge"])
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {Path(adapter).name if adapter else 'Adapter'} merged into {base or 'its base model'}",
+        "",
+        f"Merged with safemerge {__version__} under the tie policy `{plan.policy}`: {plan.reason}.",
+        "",
+        f"Tokenizer: {tokenizer}.",
+        "",
+        "## Tie groups",
+        "",
+        *(f"- [{', '.join(g.members)}]: `{g.state.value}`, decision `{g.decision.value}`" for g in plan.groups),
+        *(["- none: the base model ties no weights"] if not plan.groups else []),
+        "",
+        "## What was done",
+        "",
+        *(f"- {action}" for action in actions),
+        "",
+        "## Verification",
+        "",
+        _verification_lines(verification),
+        "",
+        *(["## Where it will run", "", *(f"- {note}" for note in serving), ""] if serving else []),
+    ]
+    ModelCard("\n".join(lines)).save(str(directory / "README.md"))
+    return Action("write-card", (), "wrote the model card README.md (hub metadata, tie decisions, verification)")
+
+
+def _verification_lines(verification: Verification | None) -> str:
+    if verification is None:
+        return "Not verified (`verify=False`)."
+    logits = verification.max_abs_logits_diff_reloaded
+    return (
+        f"Reloaded from this directory: {verification.reloaded_tensors_compared} tensors bit-identical to the merged "
+        f"ones; max |logits difference| against the adapter model on {verification.probe_tokens} probe tokens "
+        f"{logits:.3g} (tolerance {verification.logits_tolerance:.3g})."
+        if logits is not None
+        else "Checked in memory only."
+    )
+
+
+def push(directory: Path, repo_id: str, *, private: bool, plan: MergePlan) -> Action:
+    """Upload the verified merged directory to the hub: huggingface_hub's create_repo (if missing) and upload_folder,
+    with huggingface_hub's token (HF_TOKEN, or `hf auth login`)."""
+    from huggingface_hub import HfApi
+
+    from safemerge.errors import OutputWriteError
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(directory),
+            repo_type="model",
+            commit_message=f"safemerge: verified merge (tie policy {plan.policy})",
+        )
+    except Exception as exc:  # network, authentication, quota: the hub's errors
+        raise OutputWriteError(
+            f"The merged model is verified and saved in '{directory}', but uploading it to the hub repository "
+            f"'{repo_id}' failed ({type(exc).__name__}: {str(exc).strip()[:300]}). Fix: check the token (HF_TOKEN or "
+            f"`hf auth login`) and the network, then upload the directory as it is: `hf upload {repo_id} {directory}`."
+        ) from exc
+    return Action("push-to-hub", (), f"uploaded the verified merge to {url}")

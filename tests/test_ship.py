@@ -1,0 +1,241 @@
+"""What comes out can ship: the tokenizer and the fine-tune's chat template travel with the merged weights, and a
+model card says what was done."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import safemerge
+from safemerge._engines import in_memory
+from safemerge.cli import main
+from tests.models import ARCHS, load_base, needs_low_memory, perturb
+
+#: merge_pretrained(low_memory=...) of both engines.
+ENGINES = [False, pytest.param(True, marks=needs_low_memory)]
+
+#: The fine-tune's template: differs from the base's, so the test can tell which one travelled.
+FINE_TUNE_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+BASE_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def tokenizer(vocab_size: int, template: str | None) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer of `vocab_size` tokens, built offline."""
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    made = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    made.chat_template = template
+    return made
+
+
+@pytest.fixture
+def base_and_adapter(
+    base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
+) -> tuple[Path, Path]:
+    """Copies of the llama base (with a tokenizer) and of a lora-both adapter (without one)."""
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    shutil.copytree(base_dirs["llama"], base)
+    shutil.copytree(saved_adapter("llama", "lora-both"), adapter)
+    vocab = load_base(ARCHS["llama"], base).config.vocab_size
+    tokenizer(vocab, BASE_TEMPLATE).save_pretrained(base)
+    return base, adapter
+
+
+@pytest.mark.parametrize(
+    "low_memory", [False, pytest.param(True, marks=needs_low_memory)], ids=["in-memory", "low-memory"]
+)
+def test_the_fine_tunes_tokenizer_and_chat_template_travel_with_the_merge(
+    base_and_adapter: tuple[Path, Path], tmp_path: Path, low_memory: bool
+) -> None:
+    base, adapter = base_and_adapter
+    vocab = load_base(ARCHS["llama"], base).config.vocab_size
+    tokenizer(vocab, FINE_TUNE_TEMPLATE).save_pretrained(adapter)  # saved with the fine-tune: this one counts
+    out = tmp_path / "merged"
+    report = safemerge.merge_pretrained(str(base), str(adapter), out, policy="untie", low_memory=low_memory)
+    assert [a.code for a in report.actions][-3:] == ["save-tokenizer", "write-card", "save"]
+    loaded = transformers.AutoTokenizer.from_pretrained(out)
+    rendered = loaded.apply_chat_template([{"role": "user", "content": "w1 w2"}], tokenize=False)
+    assert rendered == "<|user|>w1 w2\n"
+    transformers.AutoModelForCausalLM.from_pretrained(out)  # loads as it is
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "safemerge" in card
+    assert "tie policy `untie`" in card and "own-tensors" in card
+    assert report.verification is not None and f"{report.verification.reloaded_tensors_compared} tensors" in card
+
+
+def test_without_a_tokenizer_in_the_adapter_the_base_one_is_saved(
+    base_and_adapter: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base, adapter = base_and_adapter
+    out = tmp_path / "merged"
+    safemerge.merge_pretrained(str(base), str(adapter), out, policy="untie")
+    rendered = transformers.AutoTokenizer.from_pretrained(out).apply_chat_template(
+        [{"role": "user", "content": "w1"}], tokenize=False
+    )
+    assert rendered == "w1"
+
+
+def test_a_damaged_tokenizer_stops_the_merge_before_anything_is_loaded(
+    base_and_adapter: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base, adapter = base_and_adapter
+    (adapter / "tokenizer_config.json").write_text("{not json")
+    out = tmp_path / "merged"
+    with pytest.raises(safemerge.InputError, match=r"Could not load the tokenizer saved in .*adapter.*Fix: save"):
+        safemerge.merge_pretrained(str(base), str(adapter), out, policy="untie")
+    assert not out.exists()
+
+
+def test_safe_merge_saves_the_tokenizer_it_is_given_and_a_card(
+    make_adapter_model: Callable[[str, str], object], tmp_path: Path
+) -> None:
+    model = make_adapter_model("llama", "lora-both")
+    vocab = model.get_base_model().config.vocab_size  # type: ignore[attr-defined]
+    out = tmp_path / "merged"
+    safemerge.safe_merge(model, out, policy="untie", tokenizer=tokenizer(vocab, FINE_TUNE_TEMPLATE))
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == FINE_TUNE_TEMPLATE
+    assert "library_name: transformers" in (out / "README.md").read_text()
+
+
+def test_without_any_tokenizer_the_card_says_so(
+    base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "merged"
+    safemerge.merge_pretrained(str(base_dirs["llama"]), str(saved_adapter("llama", "lora-both")), out, policy="untie")
+    assert "none was found or given" in (out / "README.md").read_text()
+    assert not (out / "tokenizer_config.json").exists()
+
+
+def test_an_untied_gemma2_merge_says_where_it_will_not_run(tmp_path: Path) -> None:
+    """vLLM loads Gemma2 only tied (safemerge._serving.SERVING_RULES): the report, the card and the CLI say so."""
+    config = transformers.Gemma2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.Gemma2ForCausalLM(config).save_pretrained(tmp_path / "base")
+    base = transformers.Gemma2ForCausalLM.from_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["embed_tokens", "lm_head"]))
+    perturb(model)
+    report = safemerge.safe_merge(model, tmp_path / "merged", policy="untie")
+    (note,) = report.serving_notes
+    assert "vLLM loads gemma2 models only with tie_word_embeddings=True" in note and "no policy keeps it tied" in note
+    assert note in (tmp_path / "merged" / "README.md").read_text()
+    assert report.to_dict()["serving_notes"] == [note]
+
+
+def test_an_untied_llama_merge_has_no_serving_note(
+    make_adapter_model: Callable[[str, str], object], tmp_path: Path
+) -> None:
+    report = safemerge.safe_merge(make_adapter_model("llama", "lora-both"), tmp_path / "merged", policy="untie")
+    assert report.plan.tie_flags == (("tie_word_embeddings", False),) and report.serving_notes == ()
+
+
+@pytest.fixture
+def bf16_base(base_dirs: dict[str, Path], tmp_path: Path) -> Path:
+    """The llama base saved in bfloat16."""
+    directory = tmp_path / "base-bf16"
+    load_base(ARCHS["llama"], base_dirs["llama"]).to(torch.bfloat16).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize(
+    "low_memory", [False, pytest.param(True, marks=needs_low_memory)], ids=["in-memory", "low-memory"]
+)
+@pytest.mark.parametrize(
+    ("dtype", "out_dtype", "saved"),
+    [
+        (None, None, torch.bfloat16),  # the checkpoint's own dtype, in and out
+        ("float32", None, torch.bfloat16),  # computed in float32, saved as the checkpoint was (rounded once)
+        (None, "float32", torch.float32),  # asked for
+    ],
+)
+def test_the_saved_dtype_is_the_checkpoints_unless_asked(
+    bf16_base: Path,
+    saved_adapter: Callable[[str, str], Path],
+    tmp_path: Path,
+    low_memory: bool,
+    dtype: str | None,
+    out_dtype: str | None,
+    saved: torch.dtype,
+) -> None:
+    out = tmp_path / "merged"
+    adapter = str(saved_adapter("llama", "lora-both"))
+    report = safemerge.merge_pretrained(
+        str(bf16_base), adapter, out, policy="untie", dtype=dtype, out_dtype=out_dtype, low_memory=low_memory
+    )
+    assert report.ok and report.verified
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert {p.dtype for p in reloaded.parameters()} == {saved}
+    computed = torch.float32 if dtype == "float32" else torch.bfloat16
+    assert ("cast-dtype" in [a.code for a in report.actions]) is (computed != saved)
+
+
+class FakeHub:
+    """huggingface_hub's HfApi at its API boundary: the hub cannot be reached from the tests, so its two calls
+    (create_repo, upload_folder) are recorded here with what the folder held when it was uploaded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, object]]] = []
+
+    def create_repo(self, repo_id: str, **kwargs: object) -> str:
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs: object) -> None:
+        files = sorted(p.name for p in Path(str(kwargs["folder_path"])).iterdir())
+        self.calls.append(("upload_folder", {**kwargs, "files": files}))
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> FakeHub:
+    import huggingface_hub
+
+    fake = FakeHub()
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: fake.create_repo(repo_id, **kw)
+    )
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: fake.upload_folder(**kw))
+    return fake
+
+
+def test_push_to_hub_uploads_the_verified_directory_with_its_card(
+    base_and_adapter: tuple[Path, Path], tmp_path: Path, hub: FakeHub
+) -> None:
+    base, adapter = base_and_adapter
+    out = tmp_path / "merged"
+    argv = [str(base), str(adapter), str(out), "--policy", "untie", "--push-to-hub", "me/merged", "--private", "-q"]
+    assert main(["merge", *argv]) == 0
+    (create, created), (upload, uploaded) = hub.calls
+    assert (create, created["repo_id"], created["private"]) == ("create_repo", "me/merged", True)
+    assert upload == "upload_folder" and uploaded["repo_id"] == "me/merged"
+    assert Path(str(uploaded["folder_path"])) == out.resolve()
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer_config.json"} <= set(uploaded["files"])  # type: ignore[arg-type]
+
+
+def test_nothing_is_pushed_unless_verified(
+    base_and_adapter: tuple[Path, Path], tmp_path: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, adapter = base_and_adapter
+    with pytest.raises(ValueError, match="uploads only a verified merge"):
+        safemerge.merge_pretrained(
+            str(base), str(adapter), tmp_path / "a", policy="untie", verify=False, push_to_hub="me/m"
+        )
+    monkeypatch.setitem(in_memory._STEPS, "set-tie-flags", lambda *args: None)  # an engine that strays: not faithful
+    with pytest.raises(safemerge.VerificationError):
+        safemerge.merge_pretrained(str(base), str(adapter), tmp_path / "b", policy="untie", push_to_hub="me/m")
+    assert hub.calls == []
