@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     from safemerge._callback import SafeMergeCallback
     from safemerge._doctor import doctor
     from safemerge._forecast import check_before_training
-    from safemerge._merge import merge_pretrained, safe_merge
+    from safemerge._merge import safe_merge
+    from safemerge._pretrained import merge_pretrained
     from safemerge._verify import verify_merged
 
 #: Public names imported on first use, and their modules.
@@ -55,7 +56,7 @@ _LAZY = {
     "check_before_training": "safemerge._forecast",
     "doctor": "safemerge._doctor",
     "inspect_ties": "safemerge._analysis",
-    "merge_pretrained": "safemerge._merge",
+    "merge_pretrained": "safemerge._pretrained",
     "safe_merge": "safemerge._merge",
     "verify_merged": "safemerge._verify",
 }

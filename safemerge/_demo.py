@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from safemerge._merge import safe_merge
+from safemerge._output import check_target
 from safemerge._report import TiePolicy
 from safemerge.errors import SafeMergeError
 
@@ -42,13 +43,20 @@ def _tiny_adapter_model(base_dir: Path, adapter_dir: Path) -> object:
     return peft.PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
-def run_demo(say: Callable[[str], None]) -> int:
-    """Show plain merge_and_unload() breaking a tied model, then what each policy does. Returns an exit code."""
+def run_demo(say: Callable[[str], None], *, keep: Path | None = None) -> int:
+    """Show plain merge_and_unload() breaking a tied model, then what each policy does. Returns an exit code.
+
+    `keep`: a new or empty directory that keeps the tiny base (`base/`), adapter (`adapter/`) and merged models
+    (`merged-untie/`, ...) for the tutorial's next steps; by default they go with a temporary directory.
+    """
     import transformers
 
     ids = torch.arange(100, 128).unsqueeze(0)
+    if keep is not None:
+        check_target(keep, overwrite=False)
+        keep.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="safemerge-demo-") as tmp:
-        work = Path(tmp)
+        work = keep if keep is not None else Path(tmp)
         say("Building a tiny Llama with tied embeddings and a LoRA adapter on embed_tokens + lm_head (offline).")
         model = _tiny_adapter_model(work / "base", work / "adapter")
         with torch.no_grad():
@@ -80,4 +88,6 @@ def run_demo(say: Callable[[str], None]) -> int:
             )
             failures += not report.ok
         say("\nTied weights stay correct only when the policy is explicit. Docs: docs/how-to/choose-a-policy.md")
+        if keep is not None:
+            say(f"Kept in {keep}: base/, adapter/ (the tutorial's next steps use them), plain/, merged-untie/.")
     return 1 if failures else 0

@@ -7,6 +7,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,9 +26,35 @@ _AUTO_BY_TASK = {
 }
 
 
-def checkpoint_dtype(path: str) -> torch.dtype | None:
+@dataclass(frozen=True)
+class Hub:
+    """How the base and the adapter are read: their revisions (branch, tag or commit on the hub), the token (None:
+    huggingface_hub's own, from HF_TOKEN or `hf auth login`), and whether a repository's own code may run
+    (`trust_remote_code`, off unless asked)."""
+
+    revision: str | None = None
+    adapter_revision: str | None = None
+    token: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def base(self) -> dict[str, Any]:
+        """from_pretrained options for the base, its config and its tokenizer."""
+        return {"trust_remote_code": self.trust_remote_code} | _given(revision=self.revision, token=self.token)
+
+    @property
+    def adapter(self) -> dict[str, Any]:
+        """from_pretrained / download options for the adapter."""
+        return _given(revision=self.adapter_revision, token=self.token)
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def checkpoint_dtype(path: str, hub: Hub = Hub()) -> torch.dtype | None:
     """The dtype the checkpoint's config records (`dtype`, `torch_dtype` in transformers 4), or None."""
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = transformers.AutoConfig.from_pretrained(path, **hub.base)
     recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     parsed = parse_dtype(recorded) if recorded not in (None, "auto") else None
     return parsed if isinstance(parsed, torch.dtype) else None
@@ -63,43 +90,63 @@ def model_class_for(config: Any, task_type: str | None = None) -> Any:
 
 
 def load_pretrained(
-    path: str, *, task_type: str | None = None, dtype: torch.dtype | str | None = None, device_map: Any = None
+    path: str,
+    *,
+    task_type: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    device_map: Any = None,
+    hub: Hub = Hub(),
 ) -> Any:
     """Load a transformers model from a directory or hub id with the class model_class_for() picks."""
-    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}  # the checkpoint's own dtype unless asked otherwise
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto", **hub.base}  # the checkpoint's own dtype unless asked
     if device_map is not None:
         kwargs["device_map"] = device_map
-    cls = model_class_for(transformers.AutoConfig.from_pretrained(path), task_type)
+    cls = model_class_for(transformers.AutoConfig.from_pretrained(path, **hub.base), task_type)
     logger.info("loading %s with %s.from_pretrained", path, cls.__name__)
     return cls.from_pretrained(path, **kwargs).eval()
 
 
 def load_adapter_model(
-    base: str, adapter: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None
+    base: str,
+    adapter: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device_map: Any = None,
+    hub: Hub = Hub(),
 ) -> Any:
     """The adapter model: `base` loaded with the right class, `adapter` loaded onto it with PEFT."""
     import peft
 
-    adapter_config = peft.PeftConfig.from_pretrained(adapter)
-    model = load_pretrained(base, task_type=adapter_config.task_type, dtype=dtype, device_map=device_map)
+    adapter_config = peft.PeftConfig.from_pretrained(adapter, **hub.adapter)
+    model = load_pretrained(base, task_type=adapter_config.task_type, dtype=dtype, device_map=device_map, hub=hub)
     logger.info("loading adapter %s with PeftModel.from_pretrained", adapter)
-    return peft.PeftModel.from_pretrained(model, adapter).eval()
+    return peft.PeftModel.from_pretrained(model, adapter, **hub.adapter).eval()
 
 
 def load_untrained_adapter_model(
-    base: str, peft_config_file: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None
+    base: str,
+    peft_config_file: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device_map: Any = None,
+    hub: Hub = Hub(),
 ) -> Any:
     """The PEFT model at step 0: `base` loaded with the right class, `get_peft_model` with the config in the file."""
     import peft
 
     config = peft.get_peft_config(peft.PeftConfig.from_json_file(peft_config_file))
-    model = load_pretrained(base, task_type=config.task_type, dtype=dtype, device_map=device_map)
+    model = load_pretrained(base, task_type=config.task_type, dtype=dtype, device_map=device_map, hub=hub)
     logger.info("adding the adapter of %s with get_peft_model", peft_config_file)
     return peft.get_peft_model(model, config)
 
 
 def load_offloaded_adapter_model(
-    base: str, adapter: str, *, offload_folder: str, dtype: torch.dtype | str | None = None
+    base: str,
+    adapter: str,
+    *,
+    offload_folder: str,
+    dtype: torch.dtype | str | None = None,
+    hub: Hub = Hub(),
 ) -> Any:
     """The adapter model with the base's weights left on disk: accelerate loads each layer's weights from the
     checkpoint when the layer runs. In memory: the adapter's own tensors, every module that holds a tied weight (the
@@ -114,12 +161,12 @@ def load_offloaded_adapter_model(
     from safemerge._modules import base_parameters, is_peft_wrapper, wrapped_base
     from safemerge._ties import plain_lora
 
-    config = peft.PeftConfig.from_pretrained(adapter)
+    config = peft.PeftConfig.from_pretrained(adapter, **hub.adapter)
     config.inference_mode = True
-    cls = model_class_for(transformers.AutoConfig.from_pretrained(base), config.task_type)
+    cls = model_class_for(transformers.AutoConfig.from_pretrained(base, **hub.base), config.task_type)
     logger.info("loading %s with %s.from_pretrained, its weights offloaded to disk", base, cls.__name__)
     model = cls.from_pretrained(
-        base, dtype=dtype or "auto", device_map=all_on_disk(cls, base), offload_folder=offload_folder
+        base, dtype=dtype or "auto", device_map=all_on_disk(cls, base, hub), offload_folder=offload_folder, **hub.base
     )
     load_tie_groups(model.eval())
     peft_model = peft.get_peft_model(model, config)
@@ -135,7 +182,7 @@ def load_offloaded_adapter_model(
                     made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"), False)
                 module._parameters[name] = made[id(param)]
     logger.info("loading adapter %s with set_peft_model_state_dict", adapter)
-    loaded: Any = peft.set_peft_model_state_dict(peft_model, peft.utils.load_peft_weights(adapter))
+    loaded: Any = peft.set_peft_model_state_dict(peft_model, peft.utils.load_peft_weights(adapter, **hub.adapter))
     if loaded.unexpected_keys:
         raise ValueError(f"adapter tensors that match no adapter layer: {', '.join(loaded.unexpected_keys[:6])}")
     for wrapper in [m for m in peft_model.modules() if is_peft_wrapper(m) and not plain_lora(m)]:
@@ -148,13 +195,13 @@ def load_offloaded_adapter_model(
     return peft_model.eval()
 
 
-def all_on_disk(cls: Any, path: str) -> dict[str, str]:
+def all_on_disk(cls: Any, path: str, hub: Hub = Hub()) -> dict[str, str]:
     """A device map that offloads the model's weights to disk, but for one small untied module (a final norm) and
     the own tensors of the modules above it (BART's final_logits_bias), in memory: transformers 4 refuses
     {"": "disk"}, and accelerate before 1.4 a map all on disk."""
     from accelerate import init_empty_weights
 
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = transformers.AutoConfig.from_pretrained(path, **hub.base)
     with init_empty_weights():  # Auto classes have from_config, model classes _from_config
         skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
     seen = Counter(id(p) for _, p in skeleton.named_parameters(remove_duplicate=False))

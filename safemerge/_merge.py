@@ -7,23 +7,17 @@ import gc
 import logging
 import os
 import warnings
-from collections import Counter
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import peft
 import torch
 
-from safemerge import _compat, _inputs, _load, _outcome, _output, _plan, _policy, _probe, _ship, _undo, _verify
+from safemerge import _inputs, _outcome, _output, _plan, _policy, _probe, _ship, _undo, _verify
 from safemerge._analysis import Analysis, analyse, require_peft_model
-from safemerge._doctor import doctor
 from safemerge._engines import in_memory
-from safemerge._engines.low_memory import DEFAULT_SHARD_SIZE
 from safemerge._report import Action, MergePlan, MergeReport, TiePolicy, Verification
-from safemerge._stream import merge_low_memory
 from safemerge.errors import (
-    AdapterMismatchError,
     SafeMergeWarning,
 )
 
@@ -62,13 +56,14 @@ def safe_merge(
         The MergeReport; `report.model` is the merged model.
 
     Raises:
-        ValueError: unknown policy. TypeError: not a PeftModel.
+        ValueError: unknown policy.
+        TypeError: `model` is not a PeftModel.
         TiedWeightsError: the policy forbids this merge (nothing was changed).
         UnsupportedAdapterError: no merged model can compute what this adapter model computes.
         OutputExistsError: `save_directory` is not empty and overwrite is False.
         VerificationError: the merge or its reload does not match the adapter model (`.report` has the figures).
     """
-    return _merge(
+    return merge_peft_model(
         model,
         save_directory,
         policy=_policy.parse_policy(policy),
@@ -88,7 +83,7 @@ def _base_name(model: Any) -> str | None:
     return getattr(config, "base_model_name_or_path", None)
 
 
-def _merge(
+def merge_peft_model(
     model: Any,
     save_directory: str | os.PathLike[str],
     *,
@@ -223,159 +218,3 @@ def _release(peft_model: Any, analysis: Analysis) -> None:
     peft_model.base_model.model = torch.nn.Module()
     analysis.tied = dataclasses.replace(analysis.tied, params=(), effective={}, untied_changes={})
     gc.collect()
-
-
-def merge_pretrained(
-    base: str,
-    adapter: str,
-    save_directory: str | os.PathLike[str],
-    *,
-    policy: TiePolicy | str,
-    dtype: torch.dtype | str | None = None,
-    device_map: Any = None,
-    verify: bool = True,
-    overwrite: bool = False,
-    logits_tolerance: float | None = None,
-    low_memory: bool = False,
-    max_shard_size: str | int | None = None,
-    out_dtype: torch.dtype | str | None = None,
-    push_to_hub: str | None = None,
-    private: bool = False,
-) -> MergeReport:
-    """Load `base` and `adapter` (local directories or hub ids) and run safe_merge() on them.
-
-    The loaded model is safemerge's own: once merged, saved and fingerprinted it is freed, and `report.model` is the
-    merged model as transformers loads it back from `save_directory` (one model in memory at a time).
-
-    With `low_memory`, the base's weights stay on disk: each merged tensor is computed from the base checkpoint and
-    the adapter's tensors, written into safetensors shards of `max_shard_size` (default 1GB) and read back; the probe
-    runs with accelerate offloading the weights. Peak memory is the tied tensors plus one shard, whatever the model's
-    size. Same analysis, plan, refusals and checks as in memory; `report.model` is None.
-
-    The adapter doctor runs first (it reads configs and tensor headers only) and stops on an `error` or `silent`
-    finding with AdapterMismatchError. Then the base is loaded with the class its config names (the head-adding
-    Auto class for classification adapters), the adapter with `PeftModel.from_pretrained`, and safe_merge() runs.
-
-    Args:
-        base: the base model, a local directory or a hub id.
-        adapter: the PEFT adapter directory (or hub id) trained on `base`.
-        save_directory: where the merged model goes (written into a temporary sibling, renamed into place).
-        policy: "keep", "untie" or "refuse" (or a `TiePolicy`).
-        dtype: the dtype to load and compute in (default "auto": the checkpoint's own).
-        out_dtype: the dtype to save in (default: the checkpoint's own, whatever `dtype` is: merging in float32 saves
-            a bfloat16 checkpoint in bfloat16, rounded once).
-        device_map: accelerate device map for the in-memory merge (not with `low_memory`).
-        verify: check the merged and the saved model against the adapter model.
-        overwrite: replace a non-empty `save_directory` once the new model is verified.
-        logits_tolerance: max |logits difference| accepted (default: relative to the dtype and the logits' scale).
-        low_memory: keep the base's weights on disk and write the merged model tensor by tensor (see above).
-        max_shard_size: largest output shard, in transformers' format ("5GB", "300MB") or bytes.
-        push_to_hub: a hub repository id to upload the merged directory to (created if missing, `private` if asked)
-            once it is verified; the token is huggingface_hub's (HF_TOKEN or `hf auth login`).
-
-    Returns:
-        The MergeReport.
-
-    Raises:
-        AdapterMismatchError: the doctor found that the adapter does not fit the base (nothing was loaded).
-        InputError: an input is missing, damaged or does not load.
-        TiedWeightsError: the policy forbids this merge (nothing was written).
-        UnsupportedAdapterError: no merged model can compute what this adapter model computes.
-        OutputExistsError: `save_directory` is not empty and overwrite is False.
-        VerificationError: the merged or the saved model does not match the adapter model (files quarantined).
-        ValueError: unknown policy or dtype; `device_map` with `low_memory`.
-    """
-    tie_policy = _policy.parse_policy(policy)
-    _inputs.check_tolerance(logits_tolerance)
-    if low_memory and (why := _compat.low_memory_unsupported()):
-        raise ValueError(why)
-    if push_to_hub and not verify:
-        raise ValueError(
-            "push_to_hub uploads only a verified merge; it cannot be combined with verify=False (CLI: --no-verify)."
-        )
-    inputs = _inputs.named_inputs(
-        [("base model", _inputs.local_path(base, "base model")), ("adapter", _inputs.local_path(adapter, "adapter"))]
-    )
-    target = _output.resolved(save_directory)
-    _inputs.check_outputs({"output directory": Path(save_directory)}, inputs)
-    _output.check_target(target, overwrite=overwrite)
-    for directory in inputs.values():
-        _inputs.check_files(directory)
-    logger.info("checking that %s fits %s (doctor)", adapter, base)
-    checkup = doctor(base, adapter)
-    if not checkup.ok:
-        bad = checkup.by_severity("error", "silent")
-        counts = Counter(f.severity for f in bad)
-        raise AdapterMismatchError(
-            f"The adapter does not fit the base (doctor: {counts['error']} error, {counts['silent']} silent); "
-            "nothing was loaded or merged:\n" + "\n".join(str(f) for f in bad),
-            report=checkup,
-        )
-    source = _ship.tokenizer_source(adapter, base)
-    with _inputs.load_failures_as_input_errors(
-        f"Could not load the tokenizer saved in '{source}'",
-        "Nothing was merged. Fix: save a complete tokenizer there (tokenizer.save_pretrained), or remove its files.",
-    ):
-        tokenizer = _ship.load_tokenizer(source) if source else None
-    extras = _ship.Extras(tokenizer=tokenizer, tokenizer_source=source, base=base, adapter=adapter)
-    requested = _load.parse_dtype(out_dtype)
-    saved_dtype = requested if isinstance(requested, torch.dtype) else _load.checkpoint_dtype(base)
-    if low_memory:
-        if device_map is not None:
-            raise ValueError("low_memory merges on the CPU with the weights on disk; it takes no device_map.")
-        report = merge_low_memory(
-            base,
-            adapter,
-            target,
-            policy=tie_policy,
-            dtype=_load.parse_dtype(dtype),
-            verify=verify,
-            overwrite=overwrite,
-            tolerance=logits_tolerance,
-            max_shard_size=max_shard_size or DEFAULT_SHARD_SIZE,
-            extras=extras,
-            out_dtype=saved_dtype,
-        )
-    else:
-        model = load_inputs(base, adapter, dtype=dtype, device_map=device_map)
-        report = _merge(
-            model,
-            save_directory,
-            policy=tie_policy,
-            verify=verify,
-            overwrite=overwrite,
-            tolerance=logits_tolerance,
-            probe_inputs=None,
-            in_place=True,
-            owned=True,
-            max_shard_size=max_shard_size,
-            extras=extras,
-            out_dtype=saved_dtype,
-        )
-    if push_to_hub and report.ok:
-        pushed = _ship.push(target, push_to_hub, private=private, plan=report.plan)
-        report = dataclasses.replace(report, actions=(*report.actions, pushed))
-    return report
-
-
-def load_untrained_inputs(
-    base: str, peft_config_file: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None
-) -> Any:
-    """The PEFT model at step 0 for a config file; a load that fails is an InputError naming the inputs."""
-    with _inputs.load_failures_as_input_errors(
-        f"Could not build the adapter of '{peft_config_file}' on the base '{base}'",
-        "Fix: check that the config is a PEFT adapter_config.json written for this base (its target_modules must name "
-        "modules of it).",
-    ):
-        load = _load.load_untrained_adapter_model
-        return load(base, peft_config_file, dtype=_load.parse_dtype(dtype), device_map=device_map)
-
-
-def load_inputs(base: str, adapter: str, *, dtype: torch.dtype | str | None = None, device_map: Any = None) -> Any:
-    """The adapter model; a load that fails is an InputError that names the inputs and the loader's reason."""
-    with _inputs.load_failures_as_input_errors(
-        f"Could not load the base '{base}' with the adapter '{adapter}'",
-        "Nothing was written. Fix: check that both are complete and belong together (safemerge doctor BASE ADAPTER "
-        "explains most mismatches).",
-    ):
-        return _load.load_adapter_model(base, adapter, dtype=_load.parse_dtype(dtype), device_map=device_map)

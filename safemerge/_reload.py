@@ -53,10 +53,13 @@ class LoadSpec:
     loader: Any
     dtype: torch.dtype
     device: torch.device
+    #: The accelerate device map the model was loaded with (None: one device); the reload uses it too.
+    device_map: Any = None
 
     @classmethod
     def like(cls, model: torch.nn.Module) -> LoadSpec:
-        return cls(auto_class_for(model), model_dtype(model), model_device(model))
+        device_map = getattr(model, "hf_device_map", None)
+        return cls(auto_class_for(model), model_dtype(model), model_device(model), device_map)
 
 
 def reload(
@@ -75,6 +78,8 @@ def reload(
         # transformers 4's offload hooks look a tied alias up under its own name, which the checkpoint does not hold
         load_tie_groups(offloaded)
         return offloaded.eval()
+    if spec.device_map is not None:  # spread over devices as the merged model was
+        return spec.loader.from_pretrained(str(save_directory), dtype=spec.dtype, device_map=spec.device_map).eval()
     model = spec.loader.from_pretrained(str(save_directory), dtype=spec.dtype)
     return model.to(spec.device).eval()
 

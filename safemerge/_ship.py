@@ -69,14 +69,15 @@ def tokenizer_source(adapter: str, base: str) -> str | None:
     return None
 
 
-def load_tokenizer(source: str) -> Any:
-    """The processor (multimodal) or the tokenizer saved in `source`, with transformers' Auto classes."""
+def load_tokenizer(source: str, **options: Any) -> Any:
+    """The processor (multimodal) or the tokenizer saved in `source`, with transformers' Auto classes; `options`
+    (revision, token, trust_remote_code) go to from_pretrained."""
     import transformers
 
     local = Path(source)
     if local.is_dir() and any((local / name).exists() for name in _PROCESSOR_FILES):
-        return transformers.AutoProcessor.from_pretrained(source)  # type: ignore[no-untyped-call]
-    return transformers.AutoTokenizer.from_pretrained(source)
+        return transformers.AutoProcessor.from_pretrained(source, **options)  # type: ignore[no-untyped-call]
+    return transformers.AutoTokenizer.from_pretrained(source, **options)
 
 
 def save_tokenizer(tokenizer: Any, directory: Path, source: str | None) -> Action:

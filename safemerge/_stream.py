@@ -32,6 +32,7 @@ def merge_low_memory(
     max_shard_size: str | int,
     extras: _ship.Extras,
     out_dtype: torch.dtype | None,
+    hub: _load.Hub,
 ) -> MergeReport:
     """merge_pretrained(low_memory=True): the same analysis and plan, executed tensor by tensor from disk."""
     with _output.claim(target, overwrite=overwrite) as held:
@@ -41,7 +42,8 @@ def merge_low_memory(
             "Nothing was written. Fix: check that both are complete and belong together (safemerge doctor BASE "
             "ADAPTER explains most mismatches).",
         ):
-            model = _load.load_offloaded_adapter_model(base, adapter, offload_folder=str(offload), dtype=dtype)
+            load_model = _load.load_offloaded_adapter_model
+            model = load_model(base, adapter, offload_folder=str(offload), dtype=dtype, hub=hub)
         _outcome.refuse_non_finite(
             "adapter", peft.get_peft_model_state_dict(model, save_embedding_layers=False).items()
         )

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from safemerge import _inputs
+from safemerge._arguments import build_parser
 from safemerge._console import EXIT_TERMINATED, output_configured, sigterm_unwinds
 from safemerge._output import write_json_atomic
-from safemerge._report import MergeReport, TieInspection, TiePolicy, Verification
-from safemerge._version import __version__
+from safemerge._report import MergeReport, TieInspection, Verification
 from safemerge.errors import InputError, OutputExistsError, SafeMergeError, failure_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -28,116 +28,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _UNREADABLE_INPUT = {"adapter-not-found", "base-not-found"}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="safemerge",
-        description="Merge a PEFT adapter into its base model without silent damage to tied weights, and prove it.",
-    )
-    parser.add_argument("--version", action="version", version=f"safemerge {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="library warnings, debug logs, tracebacks")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
-    loading = argparse.ArgumentParser(add_help=False)
-    loading.add_argument(
-        "--dtype", default=None, help="load and compute dtype: float32, bfloat16, float16 or auto (default: auto)"
-    )
-    loading.add_argument("--device-map", default=None, help="accelerate device map for big models, e.g. auto")
-    loading.add_argument("--json", action="store_true", help="print the JSON report on stdout")
-    tolerance = argparse.ArgumentParser(add_help=False)
-    tolerance.add_argument(
-        "--logits-tolerance",
-        type=float,
-        default=None,
-        metavar="X",
-        help="max |logits difference| accepted vs the adapter model (default: relative to dtype and logit scale)",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    commands.add_parser(
-        "demo", parents=[common], help="the tied-weights bug and the three policies on a tiny model, offline"
-    )
-
-    merge = commands.add_parser(
-        "merge",
-        parents=[common, loading, tolerance],
-        help="merge ADAPTER into BASE under a tie policy, save and verify OUT",
-    )
-    merge.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
-    merge.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter: local directory or hub id")
-    merge.add_argument("out", metavar="OUT", help="output directory (written atomically)")
-    merge.add_argument("--policy", required=True, choices=[p.value for p in TiePolicy], help="tie policy (required)")
-    merge.add_argument(
-        "--overwrite", action="store_true", help="replace a non-empty OUT once the new model is verified"
-    )
-    merge.add_argument("--no-verify", action="store_true", help="skip the checks against the adapter model")
-    merge.add_argument(
-        "--push-to-hub",
-        default=None,
-        metavar="REPO",
-        help="upload the merged directory to this hub repository once it is verified (with the model card)",
-    )
-    merge.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
-    merge.add_argument(
-        "--out-dtype",
-        default=None,
-        metavar="D",
-        help="dtype to save in (default: the checkpoint's own, whatever --dtype computes in)",
-    )
-    merge.add_argument(
-        "--low-memory",
-        action="store_true",
-        help="keep the base's weights on disk: merge tensor by tensor into safetensors shards (models bigger than RAM)",
-    )
-    merge.add_argument(
-        "--max-shard-size",
-        default=None,
-        metavar="SIZE",
-        help="largest output shard, in transformers' format (e.g. 5GB, 300MB); --low-memory default 1GB",
-    )
-    merge.add_argument("--report", type=Path, default=None, metavar="PATH", help="write the JSON report here")
-
-    inspect = commands.add_parser(
-        "inspect",
-        parents=[common, loading],
-        help="tie groups, what the adapter changes, each policy's merge plan; or, with --peft-config, before training",
-    )
-    inspect.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
-    inspect.add_argument("adapter", metavar="ADAPTER", nargs="?", help="PEFT adapter: local directory or hub id")
-    inspect.add_argument(
-        "--peft-config",
-        metavar="PATH",
-        default=None,
-        help="instead of ADAPTER: an adapter_config.json to train with; says what --policy will do once trained",
-    )
-    inspect.add_argument(
-        "--policy",
-        choices=[p.value for p in TiePolicy],
-        default=None,
-        help="the policy to answer for (with --peft-config, required); exit 1 if it will not merge",
-    )
-
-    doctor = commands.add_parser(
-        "doctor", parents=[common], help="explain why ADAPTER would fail or load wrong on BASE; loads no weights"
-    )
-    doctor.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
-    doctor.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter: local directory or hub id")
-    doctor.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
-
-    verify = commands.add_parser(
-        "verify",
-        parents=[common, loading, tolerance],
-        help="check a merged model made by any tool against the adapter model",
-    )
-    verify.add_argument("merged", metavar="MERGED", help="merged model directory to check")
-    verify.add_argument("--base", required=True, help="base model the adapter was trained on")
-    verify.add_argument("--adapter", required=True, help="the PEFT adapter that was merged")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code. Logging, warning filters, transformers' verbosity and progress
     bars and the SIGTERM handler are set for the run and put back as they were on return."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     with output_configured(verbose=args.verbose, quiet=args.quiet), sigterm_unwinds():
         return _run(args)
 
@@ -180,11 +74,11 @@ def _unreadable_input(error: SafeMergeError) -> bool:
 def _demo(args: argparse.Namespace) -> int:
     from safemerge._demo import run_demo
 
-    return run_demo(print)
+    return run_demo(print, keep=Path(args.keep).resolve() if args.keep else None)
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from safemerge._merge import merge_pretrained
+    from safemerge._pretrained import merge_pretrained
 
     if args.report is not None:
         _check_report_path(args)
@@ -204,6 +98,10 @@ def _merge(args: argparse.Namespace) -> int:
             out_dtype=args.out_dtype,
             push_to_hub=args.push_to_hub,
             private=args.private,
+            revision=args.revision,
+            adapter_revision=args.adapter_revision,
+            token=args.token,
+            trust_remote_code=args.trust_remote_code,
         )
     except (SafeMergeError, OSError, ValueError) as error:  # every outcome has its report (main prints the message)
         failed = failure_report(error)
@@ -216,6 +114,13 @@ def _merge(args: argparse.Namespace) -> int:
         write_json_atomic(args.report, report.to_dict())
     _emit(args, report.to_dict(), _merge_summary(args, report))
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _hub(args: argparse.Namespace) -> Any:
+    """How to read the base and the adapter, from the command line's hub options."""
+    from safemerge._load import Hub
+
+    return Hub(args.revision, args.adapter_revision, args.token, args.trust_remote_code)
 
 
 def _check_report_path(args: argparse.Namespace) -> None:
@@ -262,7 +167,7 @@ def _checked_inputs(*pairs: tuple[str, str]) -> None:
 
 def _inspect(args: argparse.Namespace) -> int:
     from safemerge._analysis import inspect_ties
-    from safemerge._merge import load_inputs
+    from safemerge._pretrained import load_inputs
 
     if (args.adapter is None) == (args.peft_config is None):
         raise InputError(
@@ -273,7 +178,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.peft_config is not None:
         return _inspect_before_training(args)
     _checked_inputs((args.base, "base model"), (args.adapter, "adapter"))
-    model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map)
+    model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map, hub=_hub(args))
     inspection = inspect_ties(model)
     _emit(args, inspection.to_dict(), inspection_table(inspection))
     refused = args.policy is not None and not inspection.plan(args.policy).merges
@@ -283,7 +188,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _inspect_before_training(args: argparse.Namespace) -> int:
     """What --policy will do with an adapter trained from --peft-config on BASE: the check a training run makes."""
     from safemerge._forecast import forecast
-    from safemerge._merge import load_untrained_inputs
+    from safemerge._pretrained import load_untrained_inputs
 
     if args.policy is None:
         raise InputError(
@@ -295,7 +200,9 @@ def _inspect_before_training(args: argparse.Namespace) -> int:
             "adapter_config.json you will train with (peft_config.save_pretrained(DIR) writes one)."
         )
     _checked_inputs((args.base, "base model"))
-    model = load_untrained_inputs(args.base, args.peft_config, dtype=args.dtype, device_map=args.device_map)
+    model = load_untrained_inputs(
+        args.base, args.peft_config, dtype=args.dtype, device_map=args.device_map, hub=_hub(args)
+    )
     check = forecast(model, policy=args.policy)
     lines = [f"policy {check.policy!r} once trained: {check.outcome}", f"  {check.reason}"]
     lines += [f"  {action.code}: {action.detail}" for action in check.plan.actions if action.code != "peft-merge"]
@@ -332,11 +239,11 @@ def inspection_table(inspection: TieInspection) -> list[str]:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from safemerge._merge import load_inputs
+    from safemerge._pretrained import load_inputs
     from safemerge._verify import verify_merged
 
     _checked_inputs((args.base, "base model"), (args.adapter, "adapter"), (args.merged, "merged model"))
-    model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map)
+    model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map, hub=_hub(args))
     logging.getLogger("safemerge").info("loading %s and comparing it with the adapter model", args.merged)
     verification = verify_merged(args.merged, model, logits_tolerance=args.logits_tolerance)
     _emit(args, {"merged": args.merged, **verification.to_dict()}, _verdict(args, verification))
@@ -346,7 +253,14 @@ def _verify(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from safemerge._doctor import doctor
 
-    report = doctor(args.base, args.adapter)
+    report = doctor(
+        args.base,
+        args.adapter,
+        revision=args.revision,
+        adapter_revision=args.adapter_revision,
+        token=args.token,
+        trust_remote_code=args.trust_remote_code,
+    )
     lines = [str(f) for f in report.findings if args.verbose or f.severity != "info"]
     verdict = "fits" if report.ok else "does NOT fit"
     lines.append(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -199,3 +201,37 @@ def test_main_puts_logging_and_warning_filters_back(base_dirs: dict[str, Path], 
         assert main(["doctor", str(base_dirs["llama"]), str(base_dirs["llama"]), "-q"]) in (0, 1, 2)
     after = (library.handlers[:], library.level, library.propagate, warnings.filters[:], hf_logging.get_verbosity())
     assert after == before
+
+
+def test_the_tutorial_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `safemerge ...` line of docs/tutorial.md's code blocks, in order, in one directory: each exits 0."""
+    tutorial = (Path(__file__).resolve().parents[1] / "docs" / "tutorial.md").read_text()
+    commands = [
+        line
+        for block in re.findall(r"```bash\n(.*?)```", tutorial, re.S)
+        for line in block.splitlines()
+        if line.startswith("safemerge ")
+    ]
+    assert [c.split()[1] for c in commands] == ["demo", "inspect", "merge"]
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        assert main([*shlex.split(command)[1:], "-q"]) == 0, command
+    assert (tmp_path / "merged" / "README.md").exists() and (tmp_path / "merge-report.json").exists()
+
+
+def test_demo_keep_refuses_an_occupied_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("mine")
+    assert main(["demo", "--keep", str(tmp_path), "-q"]) == 2
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_every_option_of_every_command_is_in_the_cli_reference() -> None:
+    """--help and docs/reference/cli.md list the same options."""
+    from safemerge._arguments import build_parser
+
+    reference = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "cli.md").read_text()
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert commands is not None
+    options = {s for sub in commands.values() for a in sub._actions for s in a.option_strings if s.startswith("--")}
+    missing = sorted(o for o in options - {"--help"} if f"`{o}" not in reference)
+    assert not missing, f"options missing from docs/reference/cli.md: {missing}"

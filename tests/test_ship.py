@@ -3,9 +3,11 @@ model card says what was done."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import peft
 import pytest
@@ -239,3 +241,84 @@ def test_nothing_is_pushed_unless_verified(
     with pytest.raises(safemerge.VerificationError):
         safemerge.merge_pretrained(str(base), str(adapter), tmp_path / "b", policy="untie", push_to_hub="me/m")
     assert hub.calls == []
+
+
+CUSTOM_CONFIG = """from transformers import LlamaConfig
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "tinycustom"
+"""
+
+
+def test_a_base_with_its_own_code_needs_trust_remote_code(
+    base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    """A repository's own code runs only when asked (--trust-remote-code): the doctor cannot read the base without."""
+    base = tmp_path / "custom"
+    shutil.copytree(base_dirs["llama"], base)
+    (base / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
+    config = json.loads((base / "config.json").read_text())
+    config |= {"model_type": "tinycustom", "auto_map": {"AutoConfig": "configuration_tiny.TinyCustomConfig"}}
+    (base / "config.json").write_text(json.dumps(config))
+    adapter = str(saved_adapter("llama", "lora-attention"))
+    argv = ["merge", str(base), adapter, str(tmp_path / "merged"), "--policy", "keep", "-q"]
+    assert main(argv) == 2  # the doctor: base-not-found (a usage error): its config class is the repository's code
+    assert not (tmp_path / "merged").exists()
+    assert main([*argv, "--trust-remote-code"]) == 0
+
+
+def test_a_hub_adapter_is_fetched_with_snapshot_download_at_its_revision(
+    base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub's API boundary (the hub cannot be reached from the tests): the doctor asks snapshot_download
+    for the adapter's config and weights only, at the adapter's revision, with the token."""
+    import huggingface_hub
+
+    asked: list[tuple[str, dict[str, object]]] = []
+
+    def snapshot_download(repo_id: str, **kwargs: object) -> str:
+        asked.append((repo_id, kwargs))
+        return str(saved_adapter("llama", "lora-both"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    report = safemerge.doctor(str(base_dirs["llama"]), "org/adapter", adapter_revision="v2", token="hf_x")
+    assert report.ok
+    ((repo_id, kwargs),) = asked
+    assert repo_id == "org/adapter" and kwargs["revision"] == "v2" and kwargs["token"] == "hf_x"
+    assert set(kwargs["allow_patterns"]) == {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}  # type: ignore[arg-type]
+
+
+def test_a_hub_bases_tensor_names_come_from_its_safetensors_headers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub's API boundary: get_safetensors_metadata reads the headers, no weights are downloaded."""
+    import huggingface_hub
+
+    from safemerge._doctor.base_config import hub_checkpoint_keys
+
+    class Metadata:
+        weight_map: ClassVar[dict[str, str]] = {
+            "model.embed_tokens.weight": "model.safetensors",
+            "lm_head.weight": "model.safetensors",
+        }
+
+    asked: list[dict[str, object]] = []
+    monkeypatch.setattr(
+        huggingface_hub, "get_safetensors_metadata", lambda repo_id, **kw: asked.append(kw) or Metadata()
+    )
+    keys = hub_checkpoint_keys("org/base", revision="main", token=None)
+    assert keys == {"model.embed_tokens.weight", "lm_head.weight"} and asked == [{"revision": "main", "token": None}]
+
+
+def test_the_device_map_is_honoured_for_the_merge_and_the_reload(
+    base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    """--device-map loads the base through accelerate, and the verification's reload is spread the same way (what
+    transformers records of the map: transformers 4 keeps it as hf_device_map; transformers 5 on one device does not).
+    """
+    adapter, device_map = str(saved_adapter("llama", "lora-both")), {"model": "cpu", "lm_head": "cpu"}
+    report = safemerge.merge_pretrained(
+        str(base_dirs["llama"]), adapter, tmp_path / "merged", policy="untie", device_map=device_map
+    )
+    assert report.ok and report.verified
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(base_dirs["llama"], device_map=device_map)
+    assert getattr(report.model, "hf_device_map", None) == getattr(loaded, "hf_device_map", None)

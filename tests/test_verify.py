@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 import safemerge
-from safemerge import _merge, _verify
+from safemerge import _pretrained, _verify
 from safemerge.cli import main
 from tests.models import ARCHS, adapter_model, load_base, logits, sample_ids, save_base
 
@@ -27,7 +27,7 @@ def test_merge_pretrained_never_holds_two_models(
     """The model merge_pretrained loaded is freed once saved; the one loaded back from disk is returned."""
     loaded: list[weakref.ref[Any]] = []
     alive_at_reload: list[bool] = []
-    real_load, real_reload = _merge.load_inputs, _verify.reload
+    real_load, real_reload = _pretrained.load_inputs, _verify.reload
 
     def load_inputs(*args: Any, **kwargs: Any) -> Any:
         model = real_load(*args, **kwargs)
@@ -39,7 +39,7 @@ def test_merge_pretrained_never_holds_two_models(
         alive_at_reload.append(loaded[0]() is not None)
         return real_reload(*args, **kwargs)
 
-    monkeypatch.setattr(_merge, "load_inputs", load_inputs)
+    monkeypatch.setattr(_pretrained, "load_inputs", load_inputs)
     monkeypatch.setattr(_verify, "reload", reload)
     adapter = saved_adapter("llama", "lora-both")
     report = safemerge.merge_pretrained(str(base_dirs["llama"]), str(adapter), tmp_path / "m", policy="untie")

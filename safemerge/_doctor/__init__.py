@@ -27,20 +27,37 @@ from safemerge._report import DoctorReport
 __all__ = ["doctor"]
 
 
-def doctor(base: Any, adapter: str | Path) -> DoctorReport:
+def doctor(
+    base: Any,
+    adapter: str | Path,
+    *,
+    revision: str | None = None,
+    adapter_revision: str | None = None,
+    token: str | None = None,
+    trust_remote_code: bool = False,
+) -> DoctorReport:
     """Check that `adapter` will load onto `base` and compute what it was trained to, without loading weights.
+
+    A hub adapter's config and weights are fetched with huggingface_hub's `snapshot_download` (only those files); a
+    hub base's tensor names come from `get_safetensors_metadata` (the headers, no weights).
 
     Args:
         base: the base model: a local directory, a hub id, or a loaded transformers model.
         adapter: the PEFT adapter: a local directory or a hub id.
+        revision: the base's revision on the hub; `adapter_revision` the adapter's.
+        token: a hub token (default: huggingface_hub's, HF_TOKEN or `hf auth login`).
+        trust_remote_code: let transformers run the base repository's own config code.
 
     Returns:
         A DoctorReport. `ok` is False when a finding is an `error` (the load will fail) or `silent` (it will load
         but compute something else); each finding has its evidence and the fix.
     """
+    from safemerge._load import Hub
+
+    hub = Hub(revision, adapter_revision, token, trust_remote_code)
     base_label = base if isinstance(base, str | Path) else type(base).__name__
     checkup = Checkup(str(base_label), str(adapter))
-    adapter_dir = adapter_directory(adapter, checkup)
+    adapter_dir = adapter_directory(adapter, checkup, hub.adapter)
     if adapter_dir is None:
         return checkup.report()
     config_data = read_config(adapter_dir, checkup)
@@ -51,7 +68,7 @@ def doctor(base: Any, adapter: str | Path) -> DoctorReport:
     if peft_config is None:
         return checkup.report()
     check_tensors_exist(actual, checkup)
-    base_config, checkpoint_keys = read_base_config(base, checkup)
+    base_config, checkpoint_keys = read_base_config(base, checkup, hub.base)
     if base_config is None:
         return checkup.report()
     check_recorded_base(base, config_data, checkup)

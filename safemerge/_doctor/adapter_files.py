@@ -15,11 +15,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
-def adapter_directory(adapter: str | Path, checkup: Checkup) -> Path | None:
-    """The local directory that holds adapter_config.json: `adapter` itself, its folder, or its hub download."""
+def adapter_directory(adapter: str | Path, checkup: Checkup, hub: dict[str, Any] | None = None) -> Path | None:
+    """The local directory that holds adapter_config.json: `adapter` itself, its folder, or its hub download
+    (`hub`: revision and token)."""
     path = Path(adapter)
     if not path.exists():
-        return _hub_adapter(adapter, checkup)
+        return _hub_adapter(adapter, checkup, hub or {})
     if path.is_file():
         path = path.parent
     if not (path / CONFIG_NAME).is_file():
@@ -28,9 +29,9 @@ def adapter_directory(adapter: str | Path, checkup: Checkup) -> Path | None:
     return path
 
 
-def _hub_adapter(adapter: str | Path, checkup: Checkup) -> Path | None:
+def _hub_adapter(adapter: str | Path, checkup: Checkup, hub: dict[str, Any]) -> Path | None:
     try:
-        return _download_adapter(str(adapter))
+        return _download_adapter(str(adapter), hub)
     except Exception as exc:
         checkup.add(
             "adapter-not-found",
@@ -43,17 +44,11 @@ def _hub_adapter(adapter: str | Path, checkup: Checkup) -> Path | None:
         return None
 
 
-def _download_adapter(repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download
+def _download_adapter(repo_id: str, hub: dict[str, Any]) -> Path:
+    """The adapter's config and weights, and nothing else of the repository, with huggingface_hub's snapshot."""
+    from huggingface_hub import snapshot_download
 
-    config = Path(hf_hub_download(repo_id, CONFIG_NAME))
-    for name in WEIGHTS_NAMES:
-        try:
-            hf_hub_download(repo_id, name)
-            break
-        except Exception:  # the other weights format may be there
-            continue
-    return config.parent
+    return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, *WEIGHTS_NAMES], **hub))
 
 
 def _report_missing_config(path: Path, checkup: Checkup) -> None:

@@ -13,24 +13,42 @@ from safemerge._doctor.adapter_files import CONFIG_NAME
 from safemerge._doctor.checkup import Checkup, Shapes
 
 
-def read_base_config(base: Any, checkup: Checkup) -> tuple[Any, set[str] | None]:
-    """The base config, and the tensor names of its checkpoint (None where they cannot be read cheaply)."""
+def read_base_config(base: Any, checkup: Checkup, hub: dict[str, Any] | None = None) -> tuple[Any, set[str] | None]:
+    """The base config, and the tensor names of its checkpoint (None where they cannot be read cheaply). `hub`:
+    revision, token and trust_remote_code."""
     if isinstance(base, torch.nn.Module):
         return base.config, None
     import transformers
 
+    hub = hub or {}
     try:
-        config = transformers.AutoConfig.from_pretrained(str(base))
+        config = transformers.AutoConfig.from_pretrained(str(base), **hub)
     except Exception as exc:
         checkup.add(
             "base-not-found",
             "error",
             f"The base model '{base}' has no readable config.json (not a local model directory or a reachable hub id).",
             evidence=[f"{type(exc).__name__}: {str(exc).splitlines()[0]}"],
-            fix="Pass the directory or hub id of the base model the adapter was trained on.",
+            fix="Pass the directory or hub id of the base model the adapter was trained on; if its repository "
+            "needs its own code (the evidence says so), read that code, then pass trust_remote_code=True (CLI: "
+            "--trust-remote-code).",
         )
         return None, None
-    return config, _checkpoint_keys(Path(str(base)))
+    base_dir = Path(str(base))
+    if base_dir.is_dir():
+        return config, _checkpoint_keys(base_dir)
+    return config, hub_checkpoint_keys(str(base), revision=hub.get("revision"), token=hub.get("token"))
+
+
+def hub_checkpoint_keys(repo_id: str, *, revision: str | None, token: str | None) -> set[str] | None:
+    """The tensor names of a hub checkpoint, from its safetensors headers (huggingface_hub's
+    get_safetensors_metadata: no weights downloaded); None where the repository has no safetensors."""
+    from huggingface_hub import get_safetensors_metadata
+
+    try:
+        return set(get_safetensors_metadata(repo_id, revision=revision, token=token).weight_map)
+    except Exception:  # no safetensors there, or the hub cannot be reached: the checks that need keys are skipped
+        return None
 
 
 def _checkpoint_keys(base_dir: Path) -> set[str] | None:
