@@ -87,7 +87,7 @@ def run_demo(say: Callable[[str], None], *, keep: Path | None = None) -> int:
                 f"(tolerance {report.verification.logits_tolerance:.2g}); verified: {report.ok}"
             )
             failures += not report.ok
-        say("\nTied weights stay correct only when the policy is explicit. Docs: docs/how-to/choose-a-policy.md")
+        say("\nTied weights stay correct only when the policy is explicit. See 'Choose a tie policy' in the docs.")
         if keep is not None:
             say(f"Kept in {keep}: base/, adapter/ (the tutorial's next steps use them), plain/, merged-untie/.")
     return 1 if failures else 0

@@ -42,7 +42,7 @@ def safe_merge(
         model: a `peft.PeftModel`. It is merged in place (like `merge_and_unload()`). On any error it is left
             computing what it computed before: untouched on a refusal, restored after a failure later on.
         save_directory: where the merged model goes. Written into a temporary sibling and renamed into place.
-        policy: "keep", "untie" or "refuse" (or a `TiePolicy`); see docs/how-to/choose-a-policy.md.
+        policy: "keep", "untie" or "refuse" (or a `TiePolicy`); see the how-to "Choose a tie policy".
         verify: compare the merged and the reloaded model with the adapter model (weights and probe logits).
         overwrite: replace a non-empty `save_directory` (only once the new model has been verified).
         logits_tolerance: max |logits difference| accepted (default: relative to the dtype and the logits' scale).

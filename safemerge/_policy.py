@@ -55,7 +55,7 @@ def parse_policy(policy: object) -> TiePolicy:
             f"Unknown tie policy {policy!r}. Valid values: {valid}. "
             "'keep' keeps tied weights shared (refuses if the adapter changes tied members differently), "
             "'untie' gives tied members their own tensors where the adapter makes them differ, "
-            "'refuse' stops if the adapter changes any tied weight. See docs/how-to/choose-a-policy.md."
+            "'refuse' stops if the adapter changes any tied weight. See 'Choose a tie policy' in the safemerge docs."
         ) from None
 
 

@@ -12,7 +12,7 @@ REPORT_SCHEMA_VERSION = 2
 
 
 class TiePolicy(str, enum.Enum):
-    """What safe_merge may do with weights that share one tensor (see docs/how-to/choose-a-policy.md)."""
+    """What safe_merge may do with weights that share one tensor (see the how-to "Choose a tie policy")."""
 
     KEEP = "keep"
     UNTIE = "untie"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from safemerge import _compat
 from safemerge.cli import main
 from tests.models import ARCHS, adapter_model
 
@@ -235,3 +236,18 @@ def test_every_option_of_every_command_is_in_the_cli_reference() -> None:
     options = {s for sub in commands.values() for a in sub._actions for s in a.option_strings if s.startswith("--")}
     missing = sorted(o for o in options - {"--help"} if f"`{o}" not in reference)
     assert not missing, f"options missing from docs/reference/cli.md: {missing}"
+
+
+def test_merge_options_reach_the_merge(dirs: dict[str, Path]) -> None:
+    """The flags of `merge` as a user types them: low-memory shards of the given size, the saved dtype, the hub
+    options (a local directory has no revisions: transformers and PEFT accept and ignore them), a device map."""
+    out = dirs["tmp"] / "low"
+    argv = ["merge", dirs["base"], dirs["adapter"], out, "--policy", "untie", "-q", "--dtype", "float32"]
+    hub = ["--revision", "main", "--adapter-revision", "main", "--token", "hf_unused"]
+    low = ["--low-memory", "--max-shard-size", "20KB", "--out-dtype", "bfloat16"]
+    if _compat.low_memory_unsupported() is None:
+        assert run(*argv, *hub, *low) == 0
+        assert len(list(out.glob("model-*.safetensors"))) > 1
+        assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "mapped", "--policy", "untie", "-q",
+               "--device-map", "auto") == 0  # fmt: skip
