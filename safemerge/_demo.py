@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 
 from safemerge._merge import safe_merge
-from safemerge._output import check_target
 from safemerge._report import TiePolicy
-from safemerge.errors import SafeMergeError
+from safemerge.errors import OutputExistsError, SafeMergeError
 
 
 def _tiny_adapter_model(base_dir: Path, adapter_dir: Path) -> object:
@@ -53,7 +52,11 @@ def run_demo(say: Callable[[str], None], *, keep: Path | None = None) -> int:
 
     ids = torch.arange(100, 128).unsqueeze(0)
     if keep is not None:
-        check_target(keep, overwrite=False)
+        if keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+            raise OutputExistsError(
+                f"demo --keep: '{keep}' exists and is not an empty directory; nothing was built. Fix: choose a new or "
+                "empty directory."
+            )
         keep.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="safemerge-demo-") as tmp:
         work = keep if keep is not None else Path(tmp)

@@ -214,7 +214,7 @@ def all_on_disk(cls: Any, path: str, hub: Hub = Hub()) -> dict[str, str]:
         and all(seen[id(p)] == 1 for p in module.parameters())
     ]
     # The smallest, the last of them in module order (a final norm rather than one inside a block).
-    kept = min(leaves, key=lambda leaf: (leaf[0], -leaves.index(leaf)))[1] if leaves else ""
+    kept = min(reversed(leaves), key=lambda leaf: leaf[0])[1] if leaves else ""
     devices: dict[str, str] = {}
 
     def split(module: torch.nn.Module, prefix: str) -> None:

@@ -94,6 +94,11 @@ def merge_pretrained(
     _inputs.check_tolerance(logits_tolerance)
     if low_memory and (why := _compat.low_memory_unsupported()):
         raise ValueError(why)
+    if low_memory and device_map is not None:
+        raise ValueError(
+            "low_memory keeps the base's weights on disk and merges on the CPU, so it takes no device_map; nothing "
+            "was loaded. Fix: drop device_map (CLI: --device-map), or merge in memory with it (without low_memory)."
+        )
     if push_to_hub and not verify:
         raise ValueError(
             "push_to_hub uploads only a verified merge; it cannot be combined with verify=False (CLI: --no-verify)."
@@ -124,18 +129,11 @@ def merge_pretrained(
             "nothing was loaded or merged:\n" + "\n".join(str(f) for f in bad),
             report=checkup,
         )
-    source = _ship.tokenizer_source(adapter, base)
-    with _inputs.load_failures_as_input_errors(
-        f"Could not load the tokenizer saved in '{source}'",
-        "Nothing was merged. Fix: save a complete tokenizer there (tokenizer.save_pretrained), or remove its files.",
-    ):
-        tokenizer = _ship.load_tokenizer(source, **(hub.adapter if source == adapter else hub.base)) if source else None
+    tokenizer, source = _ship.find_tokenizer([(adapter, hub.adapter), (base, hub.base)])
     extras = _ship.Extras(tokenizer=tokenizer, tokenizer_source=source, base=base, adapter=adapter)
     requested = _load.parse_dtype(out_dtype)
     saved_dtype = requested if isinstance(requested, torch.dtype) else _load.checkpoint_dtype(base, hub)
     if low_memory:
-        if device_map is not None:
-            raise ValueError("low_memory merges on the CPU with the weights on disk; it takes no device_map.")
         report = merge_low_memory(
             base,
             adapter,

@@ -38,8 +38,7 @@ SERVING_RULES: tuple[ServingRule, ...] = (
 def notes(model_type: str, plan: MergePlan, plans: Sequence[MergePlan]) -> tuple[str, ...]:
     """What to know about serving the result of `plan`: runtimes that will not load it untied, and whether `keep`
     would merge it tied."""
-    unties = any(not value for _, value in plan.tie_flags) and any(a.code == "set-tie-flags" for a in plan.actions)
-    if not unties:
+    if not any(action.code == "set-tie-flags" for action in plan.actions):  # the merge leaves the flags as they were
         return ()
     keep = next((p for p in plans if p.policy == TiePolicy.KEEP.value), None)
     instead = (

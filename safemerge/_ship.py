@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safemerge._inputs import load_failures_as_input_errors
 from safemerge._report import Action, MergePlan, Verification
 
 logger = logging.getLogger(__name__)
@@ -57,16 +58,29 @@ def write_extras(
     return [*done, card]
 
 
-def tokenizer_source(adapter: str, base: str) -> str | None:
-    """The adapter directory when the fine-tune saved its tokenizer there (its chat template is the one that counts),
-    else the base directory; None when neither holds one (a hub id counts as holding one: the loader decides)."""
-    for candidate in (adapter, base):
-        path = Path(candidate)
-        if not path.is_dir():
-            return candidate
-        if any((path / name).exists() for name in (*_TOKENIZER_FILES, *_PROCESSOR_FILES)):
-            return candidate
-    return None
+def find_tokenizer(candidates: list[tuple[str, dict[str, Any]]]) -> tuple[Any, str | None]:
+    """The first tokenizer of `candidates` ((directory or hub id, from_pretrained options), the adapter first: the
+    fine-tune's chat template is the one that counts) and where it came from; (None, None) if none has one.
+
+    A local directory counts when it holds tokenizer files, and then they must load (InputError otherwise); a hub
+    repository counts when its tokenizer loads (an adapter repository often has none).
+    """
+    for source, options in candidates:
+        path = Path(source)
+        if path.is_dir():
+            if not any((path / name).exists() for name in (*_TOKENIZER_FILES, *_PROCESSOR_FILES)):
+                continue
+            with load_failures_as_input_errors(
+                f"Could not load the tokenizer saved in '{source}'",
+                "Nothing was merged. Fix: save a complete tokenizer there (tokenizer.save_pretrained), or remove "
+                "its files.",
+            ):
+                return load_tokenizer(source, **options), source
+        try:
+            return load_tokenizer(source, **options), source
+        except (OSError, ValueError):  # no tokenizer in that repository
+            continue
+    return None, None
 
 
 def load_tokenizer(source: str, **options: Any) -> Any:

@@ -4,7 +4,10 @@ model card says what was done."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
@@ -322,3 +325,18 @@ def test_the_device_map_is_honoured_for_the_merge_and_the_reload(
     assert report.ok and report.verified
     loaded = transformers.AutoModelForCausalLM.from_pretrained(base_dirs["llama"], device_map=device_map)
     assert getattr(report.model, "hf_device_map", None) == getattr(loaded, "hf_device_map", None)
+
+
+def test_a_hub_adapter_without_a_tokenizer_falls_back_to_the_base(base_and_adapter: tuple[Path, Path]) -> None:
+    """An adapter repository often holds no tokenizer: the base's is used. The hub cannot be reached from the
+    tests, so the adapter is a hub id in huggingface_hub's offline mode, where it has no tokenizer either."""
+    base, _ = base_and_adapter
+    code = (
+        "import sys\n"
+        "from safemerge._ship import find_tokenizer\n"
+        "tokenizer, source = find_tokenizer([('org/adapter-without-tokenizer', {}), (sys.argv[1], {})])\n"
+        "assert source == sys.argv[1] and tokenizer.chat_template is not None, source\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code, str(base)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
