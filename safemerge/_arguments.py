@@ -84,13 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--low-memory",
         action="store_true",
-        help="keep the base's weights on disk: merge tensor by tensor into safetensors shards (models bigger than RAM)",
+        help="keep the base's weights on disk: merge a block of rows at a time into safetensors shards (models bigger "
+        "than RAM)",
     )
     merge.add_argument(
         "--max-shard-size",
         default=None,
         metavar="SIZE",
-        help="largest output shard, in transformers' format (e.g. 5GB, 300MB); --low-memory default 1GB",
+        help="largest output shard, in transformers' format (e.g. 5GB, 300MB); default: transformers' own",
     )
     merge.add_argument("--report", type=Path, default=None, metavar="PATH", help="write the JSON report here")
 

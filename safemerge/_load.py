@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,8 +159,8 @@ def load_offloaded_adapter_model(
     """
     import peft
 
+    from safemerge._layer_merge import plain_lora
     from safemerge._modules import base_parameters, is_peft_wrapper, wrapped_base
-    from safemerge._ties import plain_lora
 
     config = peft.PeftConfig.from_pretrained(adapter, **hub.adapter)
     config.inference_mode = True
@@ -182,7 +183,7 @@ def load_offloaded_adapter_model(
                     made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"), False)
                 module._parameters[name] = made[id(param)]
     logger.info("loading adapter %s with set_peft_model_state_dict", adapter)
-    loaded: Any = peft.set_peft_model_state_dict(peft_model, peft.utils.load_peft_weights(adapter, **hub.adapter))
+    loaded: Any = load_adapter_weights(peft_model, adapter, hub)
     if loaded.unexpected_keys:
         raise ValueError(f"adapter tensors that match no adapter layer: {', '.join(loaded.unexpected_keys[:6])}")
     for wrapper in [m for m in peft_model.modules() if is_peft_wrapper(m) and not plain_lora(m)]:
@@ -193,6 +194,62 @@ def load_offloaded_adapter_model(
     del loaded
     gc.collect()
     return peft_model.eval()
+
+
+def load_adapter_weights(peft_model: Any, adapter: str, hub: Hub = Hub()) -> Any:
+    """Load the adapter's tensors into `peft_model` as `set_peft_model_state_dict` does, without holding the file.
+
+    A base layer's weight that PEFT saved whole in the adapter (`save_embedding_layers`: each as big as the embedding)
+    is copied into the parameter of that name a block of rows at a time, as PEFT's `load_state_dict` would copy it
+    (an offloaded one, on meta, is left as PEFT leaves it); the adapter's own tensors go through PEFT.
+    """
+    import peft
+
+    from safemerge._rows import read_blocks
+
+    path = _adapter_weights_file(adapter, hub)
+    if path is None:  # a .bin adapter: PEFT loads it whole
+        return peft.set_peft_model_state_dict(peft_model, peft.utils.load_peft_weights(adapter, **hub.adapter))
+    from safetensors import safe_open
+
+    # In the order load_state_dict visits them (the later of two tied keys wins).
+    params = dict(peft_model.named_parameters(remove_duplicate=False))
+    with safe_open(path, framework="pt") as file:
+        direct = sorted((name for name in file.keys() if name in params), key=list(params).index)  # noqa: SIM118
+        state = {name: file.get_tensor(name) for name in file.keys() if name not in params}  # noqa: SIM118
+        shapes = {name: tuple(file.get_slice(name).get_shape()) for name in direct}
+    loaded = peft.set_peft_model_state_dict(peft_model, state)
+    del state
+    for name in direct:
+        param = params[name]
+        if shapes[name] != tuple(param.shape):
+            raise ValueError(
+                f"size mismatch for {name}: copying a param with shape {shapes[name]} from the adapter, the shape "
+                f"in current model is {tuple(param.shape)}"
+            )
+        if param.is_meta:
+            continue
+        with torch.no_grad():
+            for start, stop, rows in read_blocks(path, name):
+                (param[start:stop] if param.dim() else param).copy_(rows)
+    return loaded
+
+
+def _adapter_weights_file(adapter: str, hub: Hub) -> str | None:
+    """The adapter's safetensors file (downloaded from the hub if it is there), or None."""
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+    if os.path.isdir(adapter):
+        local = os.path.join(adapter, SAFETENSORS_WEIGHTS_NAME)
+        return local if os.path.isfile(local) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        found: str = hf_hub_download(adapter, SAFETENSORS_WEIGHTS_NAME, **hub.adapter)
+    except EntryNotFoundError:
+        return None
+    return found
 
 
 def all_on_disk(cls: Any, path: str, hub: Hub = Hub()) -> dict[str, str]:

@@ -87,11 +87,14 @@ def storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[
 
 def storage_groups(params: list[BaseParameter]) -> list[list[BaseParameter]]:
     """Parameters that share one storage, two or more per group, in model order."""
-    by_key: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], list[BaseParameter]] = {}
+    by_key: dict[tuple[object, ...], list[BaseParameter]] = {}
     for p in params:
-        if p.tensor.device.type == "meta" or p.tensor.numel() == 0:
+        if p.tensor.numel() == 0:
             continue  # no storage to compare: nothing can be said about sharing
-        by_key.setdefault(storage_key(p.tensor), []).append(p)
+        # A meta tensor has no storage: the same tensor object is the same tensor (the low-memory engine's
+        # placeholders, weights offloaded to disk).
+        key = ("meta", id(p.tensor)) if p.tensor.is_meta else storage_key(p.tensor)
+        by_key.setdefault(key, []).append(p)
     return [group for group in by_key.values() if len(group) > 1]
 
 
@@ -167,43 +170,3 @@ def progress_bars() -> bool:
     """Whether to show progress bars: transformers' switch (`transformers.utils.logging.enable_progress_bar()`); the
     CLI turns it on when stderr is a terminal and -q is not given."""
     return bool(transformers_logging.is_progress_bar_enabled())
-
-
-def same_weight_tolerance(reference: torch.Tensor) -> float:
-    """Largest |difference| that is still rounding, for two ways of computing the same merged weight.
-
-    A few units in the last place of the largest value: two members that got the same change through different
-    PEFT layers (ensure_weight_tying: an Embedding and a transposed Linear) differ by rounding only.
-    """
-    eps = torch.finfo(reference.dtype).eps if reference.is_floating_point() else 0.0
-    return 4 * eps * float(reference.detach().abs().max()) if reference.numel() else 0.0
-
-
-#: Elements per block when comparing large tensors (a 128256 x 2048 embedding is compared in ~64 blocks).
-BLOCK = 1 << 22
-
-
-def block_rows(tensor: torch.Tensor) -> int:
-    """How many rows of `tensor` make one block of about BLOCK elements."""
-    return max(1, BLOCK // max(1, tensor[0].numel())) if tensor.dim() > 1 else len(tensor)
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b|, computed in float32 a block of rows at a time (no full-size temporary); inf if the shapes differ."""
-    if a.shape != b.shape:
-        return float("inf")
-    if not a.numel():
-        return 0.0
-    return float(row_max_abs_diff(a, b).max())
-
-
-def row_max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """max |a - b| of every row (every element of a 1-D tensor), in float32, a block of rows at a time."""
-    a, b = a.detach(), b.detach()
-    if a.dim() < 2:
-        return (a.float() - b.float()).abs()
-    rows = block_rows(a)
-    blocks = [
-        (a[i : i + rows].float() - b[i : i + rows].float()).abs().flatten(1).amax(dim=1) for i in range(0, len(a), rows)
-    ]
-    return torch.cat(blocks)

@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
-
 from safemerge import _policy
 from safemerge._modules import declares_tie
 from safemerge._policy import names
 from safemerge._report import Action, GroupPlan, MergePlan, TieDecision, TieGroup, TiePolicy
+from safemerge._rows import Value, scaled
 from safemerge._ties import TiedWeights
 
 
@@ -178,7 +177,7 @@ def _rescale(head: str, factor: float) -> Action:
     )
 
 
-def expected_values(plan: MergePlan, tied: TiedWeights) -> dict[str, torch.Tensor]:
+def expected_values(plan: MergePlan, tied: TiedWeights) -> dict[str, Value]:
     """The weight every tied member must hold in the merged model under `plan` (its effective weight, rescaled)."""
     scales = dict(plan.rescaled)
-    return {name: value * scales[name] if name in scales else value for name, value in tied.effective.items()}
+    return {name: scaled(value, scales[name]) if name in scales else value for name, value in tied.effective.items()}

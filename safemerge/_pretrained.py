@@ -14,7 +14,7 @@ import torch
 
 from safemerge import _compat, _inputs, _load, _output, _policy, _ship
 from safemerge._doctor import doctor
-from safemerge._engines.low_memory import DEFAULT_SHARD_SIZE
+from safemerge._engines.low_memory import default_shard_size
 from safemerge._merge import merge_peft_model
 from safemerge._report import MergeReport, TiePolicy
 from safemerge._stream import merge_low_memory
@@ -50,9 +50,10 @@ def merge_pretrained(
     merged model as transformers loads it back from `save_directory` (one model in memory at a time).
 
     With `low_memory`, the base's weights stay on disk: each merged tensor is computed from the base checkpoint and
-    the adapter's tensors, written into safetensors shards of `max_shard_size` (default 1GB) and read back; the probe
-    runs with accelerate offloading the weights. Peak memory is the tied tensors plus one shard, whatever the model's
-    size. Same analysis, plan, refusals and checks as in memory; `report.model` is None.
+    the adapter's tensors a block of rows at a time, streamed into safetensors shards of `max_shard_size` (default:
+    save_pretrained's) and read back; the probe runs with accelerate offloading the weights. In memory at once: the
+    tied embedding, one linear layer's weights and a block of rows, whatever the model's size. Same analysis, plan,
+    refusals and checks as in memory; `report.model` is None.
 
     The adapter doctor runs first (it reads configs and tensor headers only) and stops on an `error` or `silent`
     finding with AdapterMismatchError. Then the base is loaded with the class its config names (the head-adding
@@ -70,7 +71,7 @@ def merge_pretrained(
         verify: check the merged and the saved model against the adapter model.
         overwrite: replace a non-empty `save_directory` once the new model is verified.
         logits_tolerance: max |logits difference| accepted (default: relative to the dtype and the logits' scale).
-        low_memory: keep the base's weights on disk and write the merged model tensor by tensor (see above).
+        low_memory: keep the base's weights on disk and write the merged model a block of rows at a time (see above).
         max_shard_size: largest output shard, in transformers' format ("5GB", "300MB") or bytes.
         push_to_hub: a hub repository id to upload the merged directory to (created if missing, `private` if asked)
             once it is verified; the token is huggingface_hub's (HF_TOKEN or `hf auth login`).
@@ -143,7 +144,7 @@ def merge_pretrained(
             verify=verify,
             overwrite=overwrite,
             tolerance=logits_tolerance,
-            max_shard_size=max_shard_size or DEFAULT_SHARD_SIZE,
+            max_shard_size=max_shard_size or default_shard_size(),
             extras=extras,
             out_dtype=saved_dtype,
             hub=hub,

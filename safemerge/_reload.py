@@ -13,8 +13,9 @@ import torch
 import transformers
 from transformers.utils import logging as transformers_logging
 
-from safemerge._modules import max_abs_diff, progress_bars, storage_key, tie_groups
+from safemerge._modules import progress_bars, storage_key, tie_groups
 from safemerge._probe import model_device, model_dtype
+from safemerge._rows import max_abs_diff
 
 #: The Auto classes a merged model may be loaded with, most specific first.
 _AUTO_CLASSES = (

@@ -1,5 +1,5 @@
 """merge_pretrained(low_memory=True): the in-memory merge's analysis, plan and checks, with the base's weights left
-on disk and the merged model written tensor by tensor (`_engines/low_memory`)."""
+on disk and the merged model written a block of rows at a time (`_engines/low_memory`)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def merge_low_memory(
     out_dtype: torch.dtype | None,
     hub: _load.Hub,
 ) -> MergeReport:
-    """merge_pretrained(low_memory=True): the same analysis and plan, executed tensor by tensor from disk."""
+    """merge_pretrained(low_memory=True): the same analysis and plan, executed a block of rows at a time from disk."""
+    low_memory_engine.return_freed_memory()
     with _output.claim(target, overwrite=overwrite) as held:
         offload = held.offload
         with _inputs.load_failures_as_input_errors(
@@ -50,17 +51,19 @@ def merge_low_memory(
         logger.info("inspecting tied weights and probing the adapter model (weights offloaded)")
         analysis = analyse(model, None)
         plan = analysis.plan_or_refuse(policy)
-        logger.info("merging under policy %r, tensor by tensor: %s", policy.value, plan.reason)
+        logger.info("merging under policy %r, a block of rows at a time: %s", policy.value, plan.reason)
         streamed, actions = low_memory_engine.execute(model, plan, analysis.tied)
         merged = streamed.model
         verification = None
         if verify:
             expected = _plan.expected_values(plan, analysis.tied)
-            verification = _verify.check_in_memory(merged, analysis, plan, expected, tolerance, saved_dtype=out_dtype)
+            verification = _verify.check_in_memory(
+                merged, analysis, plan, expected, tolerance, saved_dtype=out_dtype, value_of=streamed.values.value
+            )
             del expected
             if not verification.ok:
                 _outcome.fail(verification, plan, analysis, merged, actions, owned=True)
-        # The base's tied tensors are not needed any more: the merged model holds what is written.
+        # The analysis's values are not needed any more: the planned values hold what is written.
         analysis.tied = dataclasses.replace(analysis.tied, params=(), effective={}, untied_changes={})
         load = LoadSpec.like(merged)
         if out_dtype is not None and out_dtype != load.dtype:
@@ -97,5 +100,5 @@ def merge_low_memory(
                 _outcome.fail(verification, plan, analysis, merged, actions, owned=True, held=held)
         actions += _ship.write_extras(held.staging, extras, plan, actions, verification, analysis.serving_notes(plan))
         held.commit()
-    actions.append(Action("save", (), f"saved to {target} as safetensors shards, tensor by tensor"))
+    actions.append(Action("save", (), f"saved to {target} as safetensors shards, a block of rows at a time"))
     return _outcome.merge_report(plan, str(target), analysis, merged, actions, verification, restored=True)

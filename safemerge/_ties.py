@@ -2,32 +2,30 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
 
 import torch
-from peft.tuners.lora import Embedding as LoraEmbedding
-from peft.tuners.lora import Linear as LoraLinear
-from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
+from safemerge._layer_merge import merged_parameters, unloaded
 from safemerge._modules import (
     BaseParameter,
     bare_module,
     base_parameters,
-    block_rows,
     declares_tie,
-    is_peft_wrapper,
-    max_abs_diff,
     one_module_clusters,
-    row_max_abs_diff,
-    same_weight_tolerance,
     storage_groups,
-    storage_key,
-    wrapped_base,
 )
 from safemerge._report import TieGroup, TieMember
+from safemerge._rows import (
+    Value,
+    equal,
+    in_dtype,
+    max_abs_diff,
+    row_max_abs_diff,
+    same_weight_tolerance,
+    value_key,
+)
 from safemerge.errors import UnsupportedAdapterError
 
 
@@ -38,13 +36,13 @@ class TiedWeights:
     groups: tuple[TieGroup, ...]
     #: Per group, the base parameters of its members (same order as TieGroup.members).
     params: tuple[tuple[BaseParameter, ...], ...]
-    #: Effective weight of every tied member, by name.
-    effective: dict[str, torch.Tensor]
+    #: Effective weight of every tied member, by name (computed a block of rows at a time where it is LoRA's).
+    effective: dict[str, Value]
     #: Per group, members held by one module object: they stay one tensor whatever a policy decides.
     one_module: tuple[tuple[tuple[str, ...], ...], ...]
     #: Merged values of parameters that are not tied but live in a tied member's PEFT layer (a modules_to_save
     #: copy's bias): PEFT's merge will not see them, since that layer is taken out before it runs.
-    untied_changes: dict[str, torch.Tensor]
+    untied_changes: dict[str, Value]
     #: Names that share one tensor only in the merged model: the adapter gave them one modules_to_save copy.
     adapter_ties: tuple[tuple[str, ...], ...]
 
@@ -55,16 +53,16 @@ class AdaptedWeights:
 
     groups: list[list[BaseParameter]]
     #: Per group and member: the merged weight, or None where it is the base weight.
-    adapted: list[list[torch.Tensor | None]]
+    adapted: list[list[Value | None]]
     #: For each PEFT wrapper that holds a tied member (by id): every parameter PEFT's merge leaves in its place.
-    merged_layers: dict[int, dict[str, torch.Tensor]]
-    #: Row-wise max |merged - base| of each merged weight, by the merged tensor's storage (computed once).
-    row_changes: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
+    merged_layers: dict[int, dict[str, Value]]
+    #: Row-wise max |merged - base| of each merged weight, by what holds the merged value (computed once).
+    row_changes: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
 
-    def row_change(self, value: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def row_change(self, value: Value, base: torch.Tensor) -> torch.Tensor:
         """max |value - base| of every row; zero for the base tensor itself."""
-        key = storage_key(value)
-        if key == storage_key(base):
+        key = value_key(value)
+        if key == value_key(base):
             return torch.zeros(max(1, len(base) if base.dim() else 1))
         if key not in self.row_changes:
             self.row_changes[key] = row_max_abs_diff(value, base)
@@ -88,7 +86,7 @@ class AdaptedWeights:
 def adapted_weights(root: torch.nn.Module) -> AdaptedWeights:
     """Tie groups of `root` (a PEFT model's base model) and each member's weight after its own layer's merge."""
     groups = storage_groups(base_parameters(root))
-    merged_layers: dict[int, dict[str, torch.Tensor]] = {}
+    merged_layers: dict[int, dict[str, Value]] = {}
     adapted = [[_adapted_value(p, merged_layers) for p in group] for group in groups]
     return AdaptedWeights(groups, adapted, merged_layers)
 
@@ -107,7 +105,7 @@ def find_tied_weights(
     on (the base weight when they disagree).
     """
     groups, params, one_module = [], [], []
-    effective: dict[str, torch.Tensor] = {}
+    effective: dict[str, Value] = {}
     for group, merged in zip(found.groups, found.adapted, strict=True):
         inert = [p.wrapper is not None and id(p.wrapper) not in called for p in group]
         adapted = [None if dead else value for value, dead in zip(merged, inert, strict=True)]
@@ -128,9 +126,7 @@ def find_tied_weights(
     )
 
 
-def _settle(
-    base: torch.Tensor, adapted: list[torch.Tensor | None], inert: list[bool]
-) -> tuple[list[torch.Tensor], list[bool], bool]:
+def _settle(base: torch.Tensor, adapted: list[Value | None], inert: list[bool]) -> tuple[list[Value], list[bool], bool]:
     """Every member's effective weight (inert members follow the others where they agree), whether it differs from
     the base weight, and whether the members agree.
 
@@ -151,7 +147,7 @@ def _settle(
 
 def _tie_group(
     group: list[BaseParameter],
-    values: list[torch.Tensor],
+    values: list[Value],
     changes: list[float],
     changed: list[bool],
     inert: list[bool],
@@ -203,17 +199,17 @@ def _inseparable_clusters(
     return tuple(tuple(n for n in order if n in c) for c in clusters)
 
 
-def _same(effective: Mapping[str, torch.Tensor], names: tuple[str, ...]) -> bool:
+def _same(effective: Mapping[str, Value], names: tuple[str, ...]) -> bool:
     first = effective[names[0]]
     return all(max_abs_diff(effective[n], first) <= same_weight_tolerance(first) for n in names)
 
 
-def _spread(values: Sequence[torch.Tensor]) -> float:
+def _spread(values: Sequence[Value]) -> float:
     """max |value - first value|."""
     return max(max_abs_diff(v, values[0]) for v in values)
 
 
-def _adapted_value(p: BaseParameter, merged_layers: dict[int, dict[str, torch.Tensor]]) -> torch.Tensor | None:
+def _adapted_value(p: BaseParameter, merged_layers: dict[int, dict[str, Value]]) -> Value | None:
     """The member's weight after PEFT's own merge of a copy of its layer; None where that is the base weight."""
     if p.wrapper is None:
         return None
@@ -230,17 +226,17 @@ def _adapted_value(p: BaseParameter, merged_layers: dict[int, dict[str, torch.Te
                 "like a safemerge bug, report it with the versions in use."
             ) from exc
     # In the base weight's dtype, as PEFT's in-place merge leaves it (a float32 modules_to_save copy is rounded once).
-    value = merged_layers[id(p.wrapper)][p.name_in_wrapper].detach().to(p.tensor.dtype)
+    value = in_dtype(merged_layers[id(p.wrapper)][p.name_in_wrapper], p.tensor.dtype)
     # Exact: any real delta, however small, counts as a change.
-    return None if torch.equal(value, p.tensor) else value
+    return None if equal(value, p.tensor) else value
 
 
 def _untied_changes(
     params: list[tuple[BaseParameter, ...]],
-    merged_layers: dict[int, dict[str, torch.Tensor]],
+    merged_layers: dict[int, dict[str, Value]],
     called: set[int],
     tied: set[str],
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Iterator[tuple[str, Value]]:
     """(name, merged value) of every changed parameter of a called tied member's PEFT layer that is not tied."""
     done: set[int] = set()
     for p in (p for group in params for p in group):
@@ -251,7 +247,7 @@ def _untied_changes(
         for name, param in bare_module(p.wrapper).named_parameters(remove_duplicate=False):
             full = f"{p.wrapper_path}.{name}" if p.wrapper_path else name
             value = merged.get(name)
-            if full not in tied and value is not None and value.shape == param.shape and not torch.equal(value, param):
+            if full not in tied and value is not None and value.shape == param.shape and not equal(value, param):
                 yield full, value.detach()
 
 
@@ -266,14 +262,6 @@ def _adapter_ties(root: torch.nn.Module, base_groups: list[set[str]]) -> tuple[t
         for group in after_unload
         if not any({p.name for p in group} <= base for base in base_groups)
     )
-
-
-def unloaded(wrapper: torch.nn.Module) -> torch.nn.Module:
-    """The module PEFT's unload leaves in place of `wrapper` (its active modules_to_save copy, or the base)."""
-    copies = getattr(wrapper, "modules_to_save", None)
-    if isinstance(copies, torch.nn.ModuleDict) and getattr(wrapper, "active_adapters", None):
-        return bare_module(copies[wrapper.active_adapter])  # type: ignore[index]
-    return wrapped_base(wrapper)
 
 
 def describe_wrapper(wrapper: torch.nn.Module | None) -> str:
@@ -291,108 +279,3 @@ def describe_wrapper(wrapper: torch.nn.Module | None) -> str:
     if isinstance(use_dora, Mapping) and any(use_dora.values()):
         label += " (DoRA)"
     return label
-
-
-def merged_parameters(wrapper: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter of the module PEFT's merge would leave in place of `wrapper`, by name; the model is untouched.
-
-    From the adapter's own tensors where PEFT has the function: LoRA's `W + get_delta_weight()` (what its merge
-    adds), trainable tokens' `get_merged_weights()` (the rows replaced), a modules_to_save copy as it is. Nothing is
-    copied but the new weight. Other layers (DoRA, LoRA with a bias, other tuners) are merged by PEFT on a copy.
-    """
-    base = wrapped_base(wrapper)
-    params = {name: p.detach() for name, p in base.named_parameters(remove_duplicate=False)}
-    if isinstance(wrapper, ModulesToSaveWrapper):
-        copy_ = unloaded(wrapper)
-        if not is_peft_wrapper(copy_):
-            return {name: p.detach() for name, p in copy_.named_parameters(remove_duplicate=False)}
-    elif isinstance(wrapper, TrainableTokensWrapper) and not is_peft_wrapper(base):
-        layer = wrapper.token_adapter
-        return params | {"weight": layer.get_merged_weights(layer.active_adapters).detach()}
-    elif plain_lora(wrapper) and not is_peft_wrapper(base):
-        return params | {"weight": _lora_weight(wrapper, params["weight"])}
-    return dict(merged_module(wrapper).named_parameters(remove_duplicate=False))
-
-
-def _lora_weight(layer: LoraLinear | LoraEmbedding, weight: torch.Tensor) -> torch.Tensor:
-    """W + scaling * B @ A for every active adapter (what PEFT's merge adds: `get_delta_weight`), computed in float32
-    (float64 for a float64 model) a block of rows at a time and rounded once to W's dtype: no full-size temporary."""
-    deltas = [_lora_delta(layer, adapter) for adapter in layer.active_adapters]
-    deltas = [d for d in deltas if d is not None]
-    merged = torch.empty_like(weight)
-    rows = block_rows(weight)
-    wide = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for a float64 model
-    with torch.no_grad():
-        for start in range(0, len(weight), rows):
-            block = weight[start : start + rows].to(wide, copy=True)  # never a view of W
-            for delta in deltas:
-                block += delta(start, start + rows)
-            merged[start : start + rows] = block.to(weight.dtype)
-    return merged
-
-
-def _lora_delta(layer: LoraLinear | LoraEmbedding, adapter: str) -> Any:
-    """A function of a row range giving those rows of the adapter's delta, in float32; None without the adapter."""
-    if isinstance(layer, LoraEmbedding):
-        if adapter not in layer.lora_embedding_A:
-            return None
-        a, b, by_columns = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter], True  # delta = (B @ A).T
-    else:
-        if adapter not in layer.lora_A:
-            return None
-        a, b, by_columns = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.fan_in_fan_out
-    wide = torch.promote_types(a.dtype, torch.float32)
-    a, b, scale = a.detach().to(wide), b.detach().to(wide), float(layer.scaling[adapter])
-    if by_columns:  # the weight's rows are the columns of B @ A
-        return lambda start, stop: (b @ a[:, start:stop]).T * scale
-    return lambda start, stop: (b[start:stop] @ a) * scale
-
-
-def plain_lora(layer: torch.nn.Module) -> TypeGuard[LoraLinear | LoraEmbedding]:
-    """LoRA whose merge adds get_delta_weight() to the weight and nothing else: PEFT's own classes (not torchao's or
-    INC's quantized subclasses), no variant (DoRA, aLoRA, KaSA, ... merge otherwise or not at all), no LoRA bias."""
-    if type(layer) not in (LoraLinear, LoraEmbedding):
-        return False
-    flags: list[dict[str, Any]] = [getattr(layer, name, {}) for name in ("use_dora", "lora_bias", "lora_variant")]
-    active: list[str] = getattr(layer, "active_adapters", [])
-    return not any(flag.get(adapter) for adapter in active for flag in flags)
-
-
-def merged_module(wrapper: torch.nn.Module) -> torch.nn.Module:
-    """The module PEFT's merge would leave in place of `wrapper`, computed on a copy (the model is untouched)."""
-    clone = _deepcopy(wrapper)
-    # Same dispatch as peft's BaseTuner._unload_and_optionally_merge.
-    if hasattr(clone, "unload_and_optionally_merge_module"):
-        merged: torch.nn.Module = clone.unload_and_optionally_merge_module(
-            merge=True, safe_merge=False, adapter_names=None
-        )
-        return merged
-    clone.merge(safe_merge=False)
-    return wrapped_base(clone)
-
-
-def _deepcopy(module: torch.nn.Module) -> Any:
-    """deepcopy that gives every non-leaf tensor the module holds a detached copy (deepcopy refuses non-leaves).
-
-    peft 0.18 keeps `trainable_tokens_original` as a non-leaf buffer; peft 0.21 with `ensure_weight_tying` keeps
-    the embedding's LoRA factors, transposed (non-leaf views), in the tied head's `kwargs["tied_adapter"]`.
-    """
-    memo = {id(t): t.detach().clone() for t in _tensors_held(module) if not t.is_leaf}
-    return copy.deepcopy(module, memo)
-
-
-def _tensors_held(module: torch.nn.Module) -> Iterator[torch.Tensor]:
-    """Every tensor the module tree holds: parameters, buffers, and plain attributes (in dicts, lists, tuples)."""
-    pending: list[Any] = [vars(m) for m in module.modules()]
-    seen: set[int] = set()
-    while pending:
-        value = pending.pop()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, dict):
-            pending += [v for k, v in value.items() if k != "_modules"]
-        elif isinstance(value, list | tuple):
-            pending += value

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,15 +15,7 @@ import torch
 
 from safemerge import _compat, _probe
 from safemerge._analysis import Analysis, analyse, require_peft_model
-from safemerge._modules import (
-    base_parameters,
-    max_abs_diff,
-    output_embedding_name,
-    same_weight_tolerance,
-    storage_key,
-    tie_flags,
-    tie_groups,
-)
+from safemerge._modules import base_parameters, output_embedding_name, tie_flags, tie_groups
 from safemerge._reload import (
     Fingerprint,
     LoadSpec,
@@ -33,6 +25,7 @@ from safemerge._reload import (
     reload,
 )
 from safemerge._report import MemberCheck, MergePlan, Verification
+from safemerge._rows import Value, max_abs_diff, same_weight_tolerance, scaled, value_key
 from safemerge.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -49,15 +42,17 @@ def check_in_memory(
     merged: Any,
     analysis: Analysis,
     plan: MergePlan,
-    expected: Mapping[str, torch.Tensor],
+    expected: Mapping[str, Value],
     tolerance: float | None,
     *,
     saved_dtype: torch.dtype | None = None,
+    value_of: Callable[[torch.Tensor], Value] = torch.Tensor.detach,
 ) -> Verification:
     """The merged model before saving, without a forward pass: every tied member against the weight the adapter model
     uses, ties and flags against the plan. (The logits are checked once, on the model reloaded from disk, whose dtype
-    is `saved_dtype` when the merged model is cast before it is saved.)"""
-    members, problems = _member_checks(merged, analysis, expected, 0.0, "merged")
+    is `saved_dtype` when the merged model is cast before it is saved.) `value_of`: what a parameter of `merged`
+    holds (the low-memory engine's placeholders stand for values computed when written)."""
+    members, problems = _member_checks(merged, analysis, expected, 0.0, "merged", value_of)
     # The coarser of the dtype computed in and the dtype saved in bounds the reloaded logits' rounding.
     computed = _probe.model_dtype(merged)
     tol = max(_tolerance(tolerance, analysis, computed), _tolerance(tolerance, analysis, saved_dtype or computed))
@@ -120,7 +115,7 @@ def _plan_problems(merged: Any, plan: MergePlan) -> list[str]:
 def check_against_adapter(
     model: Any,
     analysis: Analysis,
-    expected: Mapping[str, torch.Tensor],
+    expected: Mapping[str, Value],
     *,
     tolerance: float | None,
     rounding_slack: float,
@@ -148,9 +143,14 @@ def _logits_diff(model: Any, analysis: Analysis, label: str) -> tuple[float, lis
 
 
 def _member_checks(
-    model: Any, analysis: Analysis, expected: Mapping[str, torch.Tensor], rounding_slack: float, label: str
+    model: Any,
+    analysis: Analysis,
+    expected: Mapping[str, Value],
+    rounding_slack: float,
+    label: str,
+    value_of: Callable[[torch.Tensor], Value] = torch.Tensor.detach,
 ) -> tuple[tuple[MemberCheck, ...], list[str]]:
-    params = {p.name: p.tensor for p in base_parameters(model)}
+    params = {p.name: value_of(p.tensor) for p in base_parameters(model)}
     members, problems = [], []
     for member in (m for group in analysis.tied.groups for m in group.members):
         if member.name not in params:
@@ -160,7 +160,7 @@ def _member_checks(
         if have.dtype != want.dtype:
             problems.append(f"{label} {member.name}: {have.dtype} where the base model has {want.dtype}")
         # The engine puts the effective tensor itself in place where it can: the same storage needs no comparison.
-        diff = 0.0 if storage_key(have) == storage_key(want) else max_abs_diff(have.cpu(), want.cpu())
+        diff = 0.0 if value_key(have) == value_key(want) else max_abs_diff(_on_cpu(have), _on_cpu(want))
         members.append(MemberCheck(member.name, diff, None))
         if diff > max(same_weight_tolerance(want), rounding_slack * member.max_abs_change):
             change = (
@@ -172,6 +172,10 @@ def _member_checks(
                 f"{label} {member.name}: differs from the weight the adapter model uses by {diff:.3g} ({change})"
             )
     return tuple(members), problems
+
+
+def _on_cpu(value: Value) -> Value:
+    return value.cpu() if isinstance(value, torch.Tensor) else value
 
 
 def check_reload(
@@ -309,7 +313,8 @@ def verify_merged(
     # The output embedding may carry a rescale the forward no longer applies (transformers 4's T5 untied).
     head = output_embedding_name(root)
     scale = _compat.output_scale(root) / _compat.output_scale(loaded)
-    expected = {name: value * (scale if name == head else 1.0) for name, value in analysis.tied.effective.items()}
+    effective = analysis.tied.effective
+    expected = {name: scaled(value, scale) if name == head else value for name, value in effective.items()}
     verification = check_against_adapter(loaded, analysis, expected, tolerance=logits_tolerance, rounding_slack=0.01)
     if not isinstance(merged, torch.nn.Module):  # the figure is of a model loaded from disk
         verification = dataclasses.replace(

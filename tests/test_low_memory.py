@@ -8,14 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import safemerge
-from safemerge import _compat
+from safemerge import _compat, _rows
 from safemerge._engines import low_memory
 from safemerge._modules import tie_flags
-from tests.models import ARCHS, load_base, needs_low_memory
+from safemerge._reload import fingerprint
+from safemerge._rows import Rows
+from tests.models import ADAPTERS, ARCHS, load_base, needs_low_memory, perturb
 from tests.test_merge import CASES, MERGES, POLICIES, expected
 
 #: The default run's rows; --full-matrix runs every (architecture, adapter kind) on both stacks (CI).
@@ -151,6 +155,90 @@ def test_a_tensor_that_differs_on_disk_from_what_was_computed_fails_verification
     assert not out.exists()
     (quarantined,) = tmp_path.glob("merged.failed-*")
     assert failed.value.report is not None and str(quarantined) in str(failed.value)
+
+
+@needs_low_memory
+@pytest.mark.parametrize("kind", ["lora-both", "lora-both-ensure-tying"])
+def test_no_tied_weight_is_held_whole(
+    base_dirs: dict[str, Path],
+    saved_adapter: Callable[[str, str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    """The tied members' merged values (LoRA's W + B @ A) are analysed, checked and written a block of rows at a
+    time: nothing in a low-memory merge computes one whole, which is what bounds its memory (the benchmark measures
+    the figure). Under `keep` where it merges (one shared value: ensure_weight_tying on peft >= 0.19), else `untie`."""
+    category, _ = expected("llama", kind, "reloaded")
+    policy = next(policy for policy in ("keep", "untie") if merges(category, policy))
+
+    def whole(rows: Rows) -> torch.Tensor:
+        raise AssertionError(f"a {tuple(rows.shape)} value was computed whole")
+
+    monkeypatch.setattr(Rows, "materialise", whole)
+    base, adapter = str(base_dirs["llama"]), str(saved_adapter("llama", kind))
+    report = safemerge.merge_pretrained(base, adapter, tmp_path / "low", policy=policy, low_memory=True)
+    assert report.ok and report.verified
+    with pytest.raises(AssertionError, match="computed whole"):  # the in-memory engine puts them in the model whole
+        safemerge.merge_pretrained(base, adapter, tmp_path / "in-memory", policy=policy)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int8, torch.bool]
+)
+def test_a_streamed_shard_is_what_safetensors_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """The shards are written by hand, a block of rows at a time: safetensors' own reader loads them as the tensors
+    they were computed from, and their fingerprints are those of the tensors."""
+    monkeypatch.setattr(_rows, "BLOCK", 64)  # several blocks per matrix
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        name: (torch.randn(shape, generator=generator) * 50).to(dtype)
+        for name, shape in {
+            "matrix": (37, 11),
+            "cube": (5, 4, 9),
+            "vector": (13,),
+            "scalar": (),
+            "empty": (0, 3),
+        }.items()
+    }
+    shard = tmp_path / "model.safetensors"
+    with shard.open("wb") as file:
+        file.write(low_memory._header(tensors))
+        written = {
+            name: low_memory._stream_tensor(file, name, tensor, dtype, lambda name, rows: None)
+            for name, tensor in tensors.items()
+        }
+    loaded = load_file(str(shard))
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    assert written == {name: fingerprint(tensor) for name, tensor in tensors.items()} == low_memory.reread(tmp_path)
+
+
+@needs_low_memory
+def test_base_weights_saved_in_the_adapter_are_loaded_as_peft_loads_them(
+    base_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """PEFT saves an adapted embedding's base weight in the adapter (save_embedding_layers) and loads it over the
+    base's: the low-memory engine copies it in a block of rows at a time, with the same outcome."""
+    arch = ARCHS["llama"]
+    model = load_base(arch, base_dirs["llama"])
+    with torch.no_grad():  # fine-tuned on a base whose embedding differs from the checkpoint's
+        model.get_input_embeddings().weight.mul_(50.0)
+    trained = peft.get_peft_model(model, ADAPTERS["lora-both"](arch))
+    perturb(trained)
+    trained.save_pretrained(tmp_path / "adapter")
+    base, adapter = str(base_dirs["llama"]), str(tmp_path / "adapter")
+    safemerge.merge_pretrained(base, adapter, tmp_path / "in-memory", policy="untie")
+    safemerge.merge_pretrained(base, adapter, tmp_path / "low", policy="untie", low_memory=True)
+    want, got = (
+        load_file(str(tmp_path / "in-memory" / "model.safetensors")),
+        load_file(str(tmp_path / "low" / "model.safetensors")),
+    )
+    assert set(got) == set(want) and all(torch.equal(got[name], want[name]) for name in want)
+    original = load_file(str(base_dirs["llama"] / "model.safetensors"))["model.embed_tokens.weight"]
+    merged = got["model.embed_tokens.weight"]
+    assert (merged - 50 * original).abs().max() < (merged - original).abs().max(), "built on the adapter's copy"
 
 
 @pytest.mark.skipif(_compat.low_memory_unsupported() is None, reason="accelerate is recent enough: nothing to refuse")

@@ -3,33 +3,48 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from safemerge._modules import (
-    bare_module,
-    base_parameters,
-    module_of,
-    progress_bars,
-    set_parameter,
-    set_tie_flags,
-    storage_key,
-)
+from safemerge._modules import bare_module, base_parameters, module_of, progress_bars, set_parameter, set_tie_flags
 from safemerge._policy import names
 from safemerge._report import Action, ActionCode, MergePlan
+from safemerge._rows import Value, materialise, scaled, value_key
 from safemerge._ties import TiedWeights
 
 
+class Values:
+    """How the plan's steps read and put parameter values. In memory: the tensors themselves, a value computed on
+    demand (Rows) computed whole where it is put. The low-memory engine puts placeholders instead, and computes each
+    value as it writes it."""
+
+    def parameter(self, value: Value, *, copy: bool) -> torch.nn.Parameter:
+        """A new parameter holding `value` (a copy with `copy`: another parameter holds that tensor already)."""
+        tensor = materialise(value)
+        return torch.nn.Parameter(tensor.clone() if copy and tensor is value else tensor.detach(), requires_grad=False)
+
+    def value(self, param: torch.Tensor) -> Value:
+        """What `param` holds."""
+        return param.detach()
+
+
 def execute(
-    peft_model: Any, plan: MergePlan, tied: TiedWeights, *, merge_rest: Callable[[Any], Any] | None = None
+    peft_model: Any,
+    plan: MergePlan,
+    tied: TiedWeights,
+    *,
+    merge_rest: Callable[[Any], Any] | None = None,
+    values: Values | None = None,
 ) -> tuple[Any, list[Action]]:
     """Merge `peft_model` as `plan` says (in place, like merge_and_unload). Returns the merged model and the actions.
 
     Tied tensors get new parameters rather than being written in place, so a failed merge can put the originals back.
     `merge_rest` runs the plan's `peft-merge` step (default: PEFT's merge_and_unload); the low-memory engine passes
-    its own, and every other step is the same for both engines.
+    its own, and every other step is the same for both engines, reading and putting values through `values`.
     """
+    values = values or Values()
     if not plan.merges:
         raise ValueError(f"the {plan.policy!r} plan does not merge this model: {plan.reason}")
     _unwrap_tied_members(peft_model.get_base_model(), tied)
@@ -38,7 +53,8 @@ def execute(
         if action.code == "peft-merge":
             merged = merge_rest(peft_model) if merge_rest else peft_model.merge_and_unload(progressbar=progress_bars())
         else:
-            _STEPS[action.code](merged if merged is not None else peft_model.get_base_model(), action, tied, plan)
+            root = merged if merged is not None else peft_model.get_base_model()
+            _STEPS[action.code](Step(root, action, tied, plan, values))
     return merged, list(plan.actions)
 
 
@@ -53,46 +69,58 @@ def _unwrap_tied_members(root: torch.nn.Module, tied: TiedWeights) -> None:
         root.set_submodule(p.wrapper_path, bare_module(p.wrapper))
 
 
-def _nothing(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
+@dataclass(frozen=True)
+class Step:
+    """What one planned step works on."""
+
+    root: torch.nn.Module
+    action: Action
+    tied: TiedWeights
+    plan: MergePlan
+    values: Values
+
+    def put(self, name: str, value: Value, *, copy: bool = False) -> None:
+        set_parameter(self.root, name, self.values.parameter(value, copy=copy))
+
+
+def _nothing(step: Step) -> None:
     """Done by taking the layer out before PEFT's merge (_unwrap_tied_members)."""
 
 
-def _merge_untied_parameters(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
-    for name in action.members:
-        set_parameter(root, name, tied.untied_changes[name])
+def _merge_untied_parameters(step: Step) -> None:
+    for name in step.action.members:
+        step.put(name, step.tied.untied_changes[name])
 
 
-def _apply_shared_change(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
+def _apply_shared_change(step: Step) -> None:
     """One new tensor for the whole group, holding the changed members' common weight."""
-    group = next(g for g in tied.groups if g.names == action.members)
+    group = next(g for g in step.tied.groups if g.names == step.action.members)
     source = next(m.name for m in group.members if m.changed)
-    shared = torch.nn.Parameter(tied.effective[source], requires_grad=False)
-    for name in action.members:
-        set_parameter(root, name, shared)
+    shared = step.values.parameter(step.tied.effective[source], copy=False)
+    for name in step.action.members:
+        set_parameter(step.root, name, shared)
 
 
-def _own_tensors(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
-    _give_own_tensors(root, list(action.members), tied.effective, first_too=True)
+def _own_tensors(step: Step) -> None:
+    _give_own_tensors(step, step.tied.effective, first_too=True)
 
 
-def _separate_copies(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
-    current = {p.name: p.tensor for p in base_parameters(root)}
-    _give_own_tensors(root, list(action.members), current)
+def _separate_copies(step: Step) -> None:
+    current = {p.name: step.values.value(p.tensor) for p in base_parameters(step.root)}
+    _give_own_tensors(step, current)
 
 
-def _set_tie_flags(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
-    set_tie_flags(root.config, False)  # type: ignore[arg-type]
+def _set_tie_flags(step: Step) -> None:
+    set_tie_flags(step.root.config, False)  # type: ignore[arg-type]
 
 
-def _rescale_output_embedding(root: torch.nn.Module, action: Action, tied: TiedWeights, plan: MergePlan) -> None:
-    factors = dict(plan.rescaled)
-    for name in action.members:
-        set_parameter(root, name, root.get_parameter(name).detach() * factors[name])
+def _rescale_output_embedding(step: Step) -> None:
+    factors = dict(step.plan.rescaled)
+    for name in step.action.members:
+        step.put(name, scaled(step.values.value(step.root.get_parameter(name)), factors[name]))
 
 
-def _give_own_tensors(
-    root: torch.nn.Module, members: list[str], values: dict[str, torch.Tensor], *, first_too: bool = False
-) -> None:
+def _give_own_tensors(step: Step, values: dict[str, Value], *, first_too: bool = False) -> None:
     """Give every member after the first (every member, with `first_too`) a new parameter holding its value, copied
     where an earlier member holds that tensor already (a value no other member holds is used as it is: the effective
     weights were computed for this, and a copy of a 128256 x 2048 embedding costs what it weighs).
@@ -100,20 +128,20 @@ def _give_own_tensors(
     Members held by one module object as an earlier member (transformers 4's T5 embeddings) cannot get a tensor
     of their own: they share that module's.
     """
-    first = module_of(root, members[0])
+    members = list(step.action.members)
+    first = module_of(step.root, members[0])
     owners = set() if first_too else {id(first)}
-    held = set() if first_too else {storage_key(getattr(first, members[0].rpartition(".")[2]))}
+    held = set() if first_too else {value_key(step.values.value(getattr(first, members[0].rpartition(".")[2])))}
     for name in members if first_too else members[1:]:
-        module = module_of(root, name)
+        module = module_of(step.root, name)
         if id(module) in owners:
             continue
         owners.add(id(module))
-        value = values[name].detach()
-        set_parameter(root, name, value.clone() if storage_key(value) in held else value)
-        held.add(storage_key(value))
+        step.put(name, values[name], copy=value_key(values[name]) in held)
+        held.add(value_key(values[name]))
 
 
-_STEPS: dict[ActionCode, Callable[[torch.nn.Module, Action, TiedWeights, MergePlan], None]] = {
+_STEPS: dict[ActionCode, Callable[[Step], None]] = {
     "drop-inert-layer": _nothing,
     "merge-untied-parameters": _merge_untied_parameters,
     "apply-shared-change": _apply_shared_change,

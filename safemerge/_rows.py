@@ -1,0 +1,165 @@
+"""Values computed a block of rows at a time, and the block-wise comparisons that work on them and on tensors alike.
+
+A merged weight as big as the embedding (128256 x 2048) need never exist whole while it is analysed, compared or
+written: `Rows` computes any block of its rows on demand, from the base weight and the adapter's factors. The
+in-memory engine materialises it once, where it puts it in the model; the low-memory engine streams it to disk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+#: Elements per block (a 128256 x 2048 embedding is worked on in ~64 blocks).
+BLOCK = 1 << 22
+
+
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """A tensor whose rows are computed a block at a time, on demand, and never held whole unless materialised."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    #: The rows [start, stop) of the tensor.
+    compute: Callable[[int, int], torch.Tensor]
+
+    def detach(self) -> Rows:
+        return self
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def materialise(self) -> torch.Tensor:
+        whole = torch.empty(self.shape, dtype=self.dtype)
+        for start, stop in row_blocks(self):
+            whole[start:stop] = self.compute(start, stop)
+        return whole
+
+
+#: A tensor, or one computed on demand.
+Value = torch.Tensor | Rows
+
+
+def row_blocks(value: Value) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each block of rows of about BLOCK elements; one block for a tensor of fewer than 2 dims."""
+    if len(value.shape) < 2:
+        yield 0, value.shape[0] if value.shape else 1
+        return
+    rows = max(1, BLOCK // max(1, math.prod(value.shape[1:])))
+    for start in range(0, value.shape[0], rows):
+        yield start, min(start + rows, value.shape[0])
+
+
+def block(value: Value, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of `value` (a 0-dim tensor whole)."""
+    if isinstance(value, Rows):
+        return value.compute(start, stop)
+    return value.detach()[start:stop] if value.dim() else value.detach()
+
+
+def materialise(value: Value) -> torch.Tensor:
+    """`value` as a tensor: computed whole if it is Rows."""
+    return value.materialise() if isinstance(value, Rows) else value
+
+
+def scaled(value: Value, factor: float) -> Value:
+    """`value * factor`, computed block by block where `value` is."""
+    if isinstance(value, Rows):
+        return Rows(value.shape, value.dtype, lambda start, stop: value.compute(start, stop) * factor)
+    return value.detach() * factor
+
+
+def in_dtype(value: Value, dtype: torch.dtype) -> Value:
+    """`value` in `dtype` (a tensor rounded once; Rows already in their base weight's dtype are kept)."""
+    if isinstance(value, Rows):
+        if value.dtype == dtype:
+            return value
+        return Rows(value.shape, dtype, lambda start, stop: value.compute(start, stop).to(dtype))
+    return value.detach().to(dtype)
+
+
+def value_key(value: Value) -> tuple[object, ...]:
+    """Identity of what holds a value: the storage a tensor views, or the Rows object itself."""
+    if isinstance(value, Rows):
+        return ("rows", id(value))
+    return (value.untyped_storage().data_ptr(), int(value.storage_offset()), tuple(value.shape), value.stride())
+
+
+def equal(a: Value, b: Value) -> bool:
+    """Bit for bit the same shape, dtype and values (torch.equal), block by block."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if value_key(a) == value_key(b):
+        return True
+    return all(torch.equal(block(a, *rows), block(b, *rows)) for rows in row_blocks(a))
+
+
+def row_max_abs_diff(a: Value, b: Value) -> torch.Tensor:
+    """max |a - b| of every row (every element of a 1-D tensor), in float32, a block of rows at a time."""
+    if len(a.shape) < 2:
+        return (block(a, *next(row_blocks(a))).float() - block(b, *next(row_blocks(b))).float()).abs()
+    diffs = [(block(a, *rows).float() - block(b, *rows).float()).abs().flatten(1).amax(dim=1) for rows in row_blocks(a)]
+    return torch.cat(diffs)
+
+
+def max_abs_diff(a: Value, b: Value) -> float:
+    """max |a - b|, in float32, a block of rows at a time (no full-size temporary); inf if the shapes differ."""
+    if a.shape != b.shape:
+        return float("inf")
+    if not a.numel():
+        return 0.0
+    return float(row_max_abs_diff(a, b).max())
+
+
+def max_abs(value: Value) -> float:
+    """max |value|, a block of rows at a time."""
+    if not value.numel():
+        return 0.0
+    return max(float(block(value, *rows).abs().max()) for rows in row_blocks(value))
+
+
+def same_weight_tolerance(reference: Value) -> float:
+    """Largest |difference| that is still rounding, for two ways of computing the same merged weight.
+
+    A few units in the last place of the largest value: two members that got the same change through different
+    PEFT layers (ensure_weight_tying: an Embedding and a transposed Linear) differ by rounding only.
+    """
+    eps = torch.finfo(reference.dtype).eps if reference.dtype.is_floating_point else 0.0
+    return 4 * eps * max_abs(reference) if eps else 0.0
+
+
+def read_blocks(path: str, name: str) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, stop, rows) of the tensor `name` in the safetensors file `path`, read a block of rows at a time. The
+    file is opened again for each block: a memory-mapped file's pages count as the process's memory while it is open.
+    """
+    with safe_open(path, framework="pt") as file:
+        layout = file.get_slice(name)
+        shape, dtype = layout.get_shape(), layout.get_dtype()
+    if len(shape) < 2:
+        with safe_open(path, framework="pt") as file:
+            yield 0, shape[0] if shape else 1, file.get_tensor(name)
+        return
+    for start, stop in row_blocks(torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")):
+        with safe_open(path, framework="pt") as file:
+            yield start, stop, file.get_slice(name)[start:stop]
+
+
+#: safetensors' dtype names.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
