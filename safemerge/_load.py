@@ -182,13 +182,13 @@ def load_offloaded_adapter_model(
                 if id(param) not in made:
                     made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"), False)
                 module._parameters[name] = made[id(param)]
+    for wrapper in [m for m in peft_model.modules() if is_peft_wrapper(m) and not plain_lora(m)]:
+        for module in wrapped_base(wrapper).modules():
+            load_for_good(module)
     logger.info("loading adapter %s with set_peft_model_state_dict", adapter)
     loaded: Any = load_adapter_weights(peft_model, adapter, hub)
     if loaded.unexpected_keys:
         raise ValueError(f"adapter tensors that match no adapter layer: {', '.join(loaded.unexpected_keys[:6])}")
-    for wrapper in [m for m in peft_model.modules() if is_peft_wrapper(m) and not plain_lora(m)]:
-        for module in wrapped_base(wrapper).modules():
-            load_for_good(module)
     # The adapter file's tensors (with PEFT's saved embedding layers, each as big as the embedding) are held by
     # reference cycles until a collection: free them before the analysis allocates its own.
     del loaded
@@ -200,8 +200,8 @@ def load_adapter_weights(peft_model: Any, adapter: str, hub: Hub = Hub()) -> Any
     """Load the adapter's tensors into `peft_model` as `set_peft_model_state_dict` does, without holding the file.
 
     A base layer's weight that PEFT saved whole in the adapter (`save_embedding_layers`: each as big as the embedding)
-    is copied into the parameter of that name a block of rows at a time, as PEFT's `load_state_dict` would copy it
-    (an offloaded one, on meta, is left as PEFT leaves it); the adapter's own tensors go through PEFT.
+    replaces the base's, as PEFT's `load_state_dict` does: its module is loaded for good if it was offloaded, and the
+    adapter's copy is copied in a block of rows at a time. The adapter's own tensors go through PEFT.
     """
     import peft
 
@@ -227,8 +227,10 @@ def load_adapter_weights(peft_model: Any, adapter: str, hub: Hub = Hub()) -> Any
                 f"size mismatch for {name}: copying a param with shape {shapes[name]} from the adapter, the shape "
                 f"in current model is {tuple(param.shape)}"
             )
-        if param.is_meta:
-            continue
+        if param.is_meta:  # offloaded: the adapter's copy must replace the checkpoint's, so it is held
+            owner = peft_model.get_submodule(name.rpartition(".")[0])
+            load_for_good(owner)
+            param = getattr(owner, name.rpartition(".")[2])
         with torch.no_grad():
             for start, stop, rows in read_blocks(path, name):
                 (param[start:stop] if param.dim() else param).copy_(rows)

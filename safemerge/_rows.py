@@ -20,7 +20,11 @@ BLOCK = 1 << 22
 
 @dataclass(frozen=True, eq=False)
 class Rows:
-    """A tensor whose rows are computed a block at a time, on demand, and never held whole unless materialised."""
+    """A tensor whose rows are computed a block at a time, on demand, and never held whole unless materialised.
+
+    A live view: each block is computed from the tensors `compute` reads as they are then (the base weight, the
+    adapter's factors), so those must not change while the value is in use.
+    """
 
     shape: torch.Size
     dtype: torch.dtype
@@ -86,6 +90,8 @@ def value_key(value: Value) -> tuple[object, ...]:
     """Identity of what holds a value: the storage a tensor views, or the Rows object itself."""
     if isinstance(value, Rows):
         return ("rows", id(value))
+    if value.is_meta:  # no storage: the tensor object is its identity
+        return ("meta", id(value))
     return (value.untyped_storage().data_ptr(), int(value.storage_offset()), tuple(value.shape), value.stride())
 
 
@@ -160,6 +166,12 @@ SAFETENSORS_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "C64": torch.complex64,
     "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }

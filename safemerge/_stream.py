@@ -4,6 +4,7 @@ on disk and the merged model written a block of rows at a time (`_engines/low_me
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def merge_low_memory(
                 check=lambda name, tensor: _outcome.refuse_non_finite("merged model", [(name, tensor)]),
             ),
         )
+        gc.collect()  # what the write let go of, held in reference cycles (PEFT's layers), before the reload
         if verify:
             assert verification is not None
             verification = _verify.check_written(

@@ -216,29 +216,30 @@ def test_a_streamed_shard_is_what_safetensors_reads(
 
 
 @needs_low_memory
+@pytest.mark.parametrize("arch", ["llama", "llama-untied"])
 def test_base_weights_saved_in_the_adapter_are_loaded_as_peft_loads_them(
-    base_dirs: dict[str, Path], tmp_path: Path
+    base_dirs: dict[str, Path], tmp_path: Path, arch: str
 ) -> None:
     """PEFT saves an adapted embedding's base weight in the adapter (save_embedding_layers) and loads it over the
-    base's: the low-memory engine copies it in a block of rows at a time, with the same outcome."""
-    arch = ARCHS["llama"]
-    model = load_base(arch, base_dirs["llama"])
-    with torch.no_grad():  # fine-tuned on a base whose embedding differs from the checkpoint's
+    base's: the low-memory engine copies it in a block of rows at a time (loading an offloaded module for it), with
+    the same outcome."""
+    model = load_base(ARCHS[arch], base_dirs[arch])
+    with torch.no_grad():  # fine-tuned on a base whose embeddings differ from the checkpoint's
         model.get_input_embeddings().weight.mul_(50.0)
-    trained = peft.get_peft_model(model, ADAPTERS["lora-both"](arch))
+        if not ARCHS[arch].tied:
+            model.get_output_embeddings().weight.mul_(50.0)
+    trained = peft.get_peft_model(model, ADAPTERS["lora-both"](ARCHS[arch]))
     perturb(trained)
     trained.save_pretrained(tmp_path / "adapter")
-    base, adapter = str(base_dirs["llama"]), str(tmp_path / "adapter")
+    base, adapter = str(base_dirs[arch]), str(tmp_path / "adapter")
     safemerge.merge_pretrained(base, adapter, tmp_path / "in-memory", policy="untie")
     safemerge.merge_pretrained(base, adapter, tmp_path / "low", policy="untie", low_memory=True)
-    want, got = (
-        load_file(str(tmp_path / "in-memory" / "model.safetensors")),
-        load_file(str(tmp_path / "low" / "model.safetensors")),
-    )
+    want, got = (load_file(str(tmp_path / out / "model.safetensors")) for out in ("in-memory", "low"))
     assert set(got) == set(want) and all(torch.equal(got[name], want[name]) for name in want)
-    original = load_file(str(base_dirs["llama"] / "model.safetensors"))["model.embed_tokens.weight"]
-    merged = got["model.embed_tokens.weight"]
-    assert (merged - 50 * original).abs().max() < (merged - original).abs().max(), "built on the adapter's copy"
+    original = load_file(str(base_dirs[arch] / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        merged, weight = got[name], original.get(name, original["model.embed_tokens.weight"])
+        assert (merged - 50 * weight).abs().max() < (merged - weight).abs().max(), f"{name}: the adapter's copy"
 
 
 @pytest.mark.skipif(_compat.low_memory_unsupported() is None, reason="accelerate is recent enough: nothing to refuse")

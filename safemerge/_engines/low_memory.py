@@ -51,15 +51,20 @@ class Placeholders(in_memory.Values):
     at a time, where they are Rows) when they are written: no tied tensor is held whole."""
 
     def __init__(self) -> None:
-        self.values: dict[int, Value] = {}  # by the placeholder's id
+        # By the placeholder's id, with the placeholder itself: kept alive, its id cannot be another's.
+        self.values: dict[int, tuple[torch.nn.Parameter, Value]] = {}
 
     def parameter(self, value: Value, *, copy: bool) -> torch.nn.Parameter:
         placeholder = torch.nn.Parameter(torch.empty(value.shape, dtype=value.dtype, device="meta"), False)
-        self.values[id(placeholder)] = value  # written under its own name: a copy costs nothing here
+        self.values[id(placeholder)] = placeholder, value  # written under its own name: a copy costs nothing here
         return placeholder
 
     def value(self, param: torch.Tensor) -> Value:
-        return self.values.get(id(param), param.detach())
+        return self.values[id(param)][1] if id(param) in self.values else param.detach()
+
+    def pop(self, param: torch.Tensor) -> Value | None:
+        """The value of `param` if it is a placeholder, let go of."""
+        return self.values.pop(id(param))[1] if id(param) in self.values else None
 
 
 @dataclass
@@ -144,9 +149,11 @@ def write(
         split.filename_to_tensors.items(), desc="Writing merged shards", disable=not progress_bars()
     )
     for filename, tensor_names in shards:
+        # Widest elements first, as safetensors lays them out: every tensor's data stays aligned to its element.
+        ordered = sorted(tensor_names, key=lambda name: -saved[name].element_size())
         with (staging / filename).open("wb") as file:
-            file.write(_header({name: saved[name] for name in tensor_names}))
-            for name in tensor_names:
+            file.write(_header({name: saved[name] for name in ordered}))
+            for name in ordered:
                 with _computed(streamed, name, state[name]) as value:
                     written[name] = _stream_tensor(file, name, value, saved[name].dtype, check)
     if split.is_sharded:
@@ -184,6 +191,8 @@ def _header(tensors: Mapping[str, torch.Tensor]) -> bytes:
     """The start of a safetensors file holding `tensors` in this order (https://github.com/huggingface/safetensors,
     "Format"): the header's length (u64, little-endian), then the JSON header padded to 8 bytes. Written by hand
     because safetensors' writers take whole tensors; safetensors' reader checks every file when it is read back."""
+    if sys.byteorder != "little":
+        raise OSError("safetensors files are little-endian; the low-memory merge writes native bytes")
     names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -208,8 +217,8 @@ def _computed(streamed: Streamed, name: str, param: torch.Tensor) -> Iterator[Va
         layer, name_in_layer = streamed.layers.pop(name)
         with weights_loaded(layer):
             yield merged_parameters(layer)[name_in_layer]
-    elif id(param) in streamed.values.values:
-        yield streamed.values.values.pop(id(param))
+    elif (value := streamed.values.pop(param)) is not None:
+        yield value
     elif not param.is_meta:
         yield param.detach()
     else:
