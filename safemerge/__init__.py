@@ -38,6 +38,7 @@ from safemerge.errors import (
     SafeMergeWarning,
     TiedWeightsError,
     UnsupportedAdapterError,
+    UploadError,
     VerificationError,
 )
 
@@ -100,6 +101,7 @@ __all__ = [
     "TiedWeightsError",
     "TrainingCheck",
     "UnsupportedAdapterError",
+    "UploadError",
     "Verification",
     "VerificationError",
     "__version__",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,10 @@ class Analysis:
 
     def plan(self, policy: TiePolicy) -> MergePlan:
         return self.inspection.plan(policy)
+
+    def drop_values(self) -> None:
+        """Let go of the tied tensors and values the analysis holds (the figures stay)."""
+        self.tied = dataclasses.replace(self.tied, params=(), effective={}, untied_changes={})
 
     def serving_notes(self, plan: MergePlan) -> tuple[str, ...]:
         """Where the result of `plan` may not run, and what to do instead."""

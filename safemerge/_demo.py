@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -58,8 +59,8 @@ def run_demo(say: Callable[[str], None], *, keep: Path | None = None) -> int:
                 "empty directory."
             )
         keep.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="safemerge-demo-") as tmp:
-        work = keep if keep is not None else Path(tmp)
+    with contextlib.nullcontext(keep) if keep is not None else tempfile.TemporaryDirectory(prefix="safemerge-") as tmp:
+        work = Path(tmp)
         say("Building a tiny Llama with tied embeddings and a LoRA adapter on embed_tokens + lm_head (offline).")
         model = _tiny_adapter_model(work / "base", work / "adapter")
         with torch.no_grad():
@@ -92,5 +93,6 @@ def run_demo(say: Callable[[str], None], *, keep: Path | None = None) -> int:
             failures += not report.ok
         say("\nTied weights stay correct only when the policy is explicit. See 'Choose a tie policy' in the docs.")
         if keep is not None:
-            say(f"Kept in {keep}: base/, adapter/ (the tutorial's next steps use them), plain/, merged-untie/.")
+            kept = ", ".join(sorted(f"{p.name}/" for p in keep.iterdir() if p.is_dir()))
+            say(f"Kept in {keep}: {kept} (the tutorial's next steps use base/ and adapter/).")
     return 1 if failures else 0

@@ -214,8 +214,9 @@ def load_adapter_weights(peft_model: Any, adapter: str, hub: Hub = Hub()) -> Any
 
     # In the order load_state_dict visits them (the later of two tied keys wins).
     params = dict(peft_model.named_parameters(remove_duplicate=False))
+    order = {name: i for i, name in enumerate(params)}
     with safe_open(path, framework="pt") as file:
-        direct = sorted((name for name in file.keys() if name in params), key=list(params).index)  # noqa: SIM118
+        direct = sorted((name for name in file.keys() if name in params), key=order.__getitem__)  # noqa: SIM118
         state = {name: file.get_tensor(name) for name in file.keys() if name not in params}  # noqa: SIM118
         shapes = {name: tuple(file.get_slice(name).get_shape()) for name in direct}
     loaded = peft.set_peft_model_state_dict(peft_model, state)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -10,7 +9,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import peft
 import torch
 
 from safemerge import _inputs, _outcome, _output, _plan, _policy, _probe, _ship, _undo, _verify
@@ -104,10 +102,7 @@ def merge_peft_model(
     peft_model = require_peft_model(model)
     target = _output.resolved(save_directory)
     _output.check_target(target, overwrite=overwrite)
-    # save_embedding_layers=False: the adapter's own tensors, without peft's hub lookup for a resized vocabulary.
-    _outcome.refuse_non_finite(
-        "adapter", peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()
-    )
+    _outcome.refuse_non_finite_adapter(peft_model)
     with _output.claim(target, overwrite=overwrite) as held:
         logger.info("inspecting tied weights and probing the adapter model")
         analysis = analyse(peft_model, probe_inputs)
@@ -137,7 +132,7 @@ def merge_peft_model(
     if snapshot is not None and not in_place:
         _put_back(snapshot)
     return _outcome.merge_report(
-        plan, str(save_directory), analysis, merged, actions, verification, restored=not in_place
+        plan, str(save_directory), analysis, merged, actions, verification, with_model=in_place
     )
 
 
@@ -172,49 +167,37 @@ def _merge_and_save(
     """
     merged, actions = in_memory.execute(peft_model, plan, analysis.tied)
     _outcome.refuse_non_finite("merged model", merged.named_parameters())
-    if not verify:
-        actions += _cast(merged, out_dtype)
-        _output.save_model(merged, held, max_shard_size=max_shard_size)
-        actions += _ship.write_extras(held.staging, extras, plan, actions, None, analysis.serving_notes(plan))
-        held.commit()
-        return merged, actions, None
-    logger.info("checking the merged model's tied weights, ties and flags against the plan")
-    expected = _plan.expected_values(plan, analysis.tied)
-    verification = _verify.check_in_memory(merged, analysis, plan, expected, tolerance, saved_dtype=out_dtype)
-    del expected  # it holds the merged model's tied tensors
-    if not verification.ok:
-        _outcome.fail(verification, plan, analysis, merged, actions, owned=owned)
-    actions += _cast(merged, out_dtype)
-    saved = _verify.Saved.of(merged)
+    verification = None
+    if verify:
+        logger.info("checking the merged model's tied weights, ties and flags against the plan")
+        expected = _plan.expected_values(plan, analysis.tied)
+        verification = _verify.check_in_memory(merged, analysis, plan, expected, tolerance, saved_dtype=out_dtype)
+        del expected  # it holds the merged model's tied tensors
+        if not verification.ok:
+            _outcome.fail(verification, plan, analysis, merged, actions, owned=owned)
+    if out_dtype is not None and (computed := _probe.model_dtype(merged)) != out_dtype:
+        merged.to(out_dtype)  # ties kept: parameters are converted in place
+        actions.append(_outcome.cast_dtype(merged.config, computed, out_dtype))
+    saved = _verify.Saved.of(merged) if verify else None
     logger.info("saving to %s", held.staging)
     _output.save_model(merged, held, max_shard_size=max_shard_size)
-    if owned:  # nobody else holds it: free it before the saved model is loaded
-        _release(peft_model, analysis)
-        merged = None
-    verification, reloaded, retie = _verify.check_reload(held.staging, saved, analysis, verification)
-    if merged is not None:
-        actions += in_memory.retie_like(merged, retie)
-    result = merged if merged is not None else reloaded
-    if not verification.ok:
-        _outcome.fail(verification, plan, analysis, result, actions, owned=owned, held=held)
-    actions += _ship.write_extras(held.staging, extras, plan, actions, verification, analysis.serving_notes(plan))
-    held.commit()
-    logger.info("verified; the merged model is in place")
-    return result, actions, verification
-
-
-def _cast(merged: Any, out_dtype: torch.dtype | None) -> list[Action]:
-    """Cast the checked merged model to the dtype it is saved in (ties kept: parameters are converted in place)."""
-    if out_dtype is None or _probe.model_dtype(merged) == out_dtype:
-        return []
-    computed = _probe.model_dtype(merged)
-    merged.to(out_dtype)
-    merged.config.dtype = out_dtype
-    return [Action("cast-dtype", (), f"cast the merged model from {computed} to {out_dtype}, the dtype it is saved in")]
+    if saved is not None and verification is not None:
+        if owned:  # nobody else holds it: free it before the saved model is loaded
+            _release(peft_model, analysis)
+            merged = None
+        verification, reloaded, retie = _verify.check_reload(held.staging, saved, analysis, verification)
+        if merged is not None:
+            actions += in_memory.retie_like(merged, retie)
+        merged = merged if merged is not None else reloaded
+        if not verification.ok:
+            _outcome.fail(verification, plan, analysis, merged, actions, owned=owned, held=held)
+    actions += _outcome.commit(held, extras, plan, actions, verification, analysis)
+    logger.info("%s; the merged model is in place", "verified" if verification is not None else "not verified")
+    return merged, actions, verification
 
 
 def _release(peft_model: Any, analysis: Analysis) -> None:
     """Drop every reference this merge holds to the merged model's tensors (the caller's PEFT model is emptied)."""
     peft_model.base_model.model = torch.nn.Module()
-    analysis.tied = dataclasses.replace(analysis.tied, params=(), effective={}, untied_changes={})
+    analysis.drop_values()
     gc.collect()

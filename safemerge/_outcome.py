@@ -8,10 +8,10 @@ from typing import Any, NoReturn
 
 import torch
 
-from safemerge import _compat
+from safemerge import _compat, _ship
 from safemerge._analysis import Analysis
 from safemerge._modules import tie_groups
-from safemerge._output import FAILED_MARKER
+from safemerge._output import FAILED_MARKER, Claim, write_staging
 from safemerge._report import Action, MergePlan, MergeReport, Verification
 from safemerge._verify import failure_message
 from safemerge.errors import NonFiniteWeightsError, VerificationError
@@ -39,6 +39,36 @@ def refuse_non_finite(what: str, tensors: Iterable[tuple[str, torch.Tensor]]) ->
     )
 
 
+def refuse_non_finite_adapter(peft_model: Any) -> None:
+    """refuse_non_finite on the adapter's own tensors (save_embedding_layers=False: without PEFT's saved base layers
+    and its hub lookup for a resized vocabulary)."""
+    import peft
+
+    refuse_non_finite("adapter", peft.get_peft_model_state_dict(peft_model, save_embedding_layers=False).items())
+
+
+def cast_dtype(config: Any, computed: torch.dtype, saved: torch.dtype) -> Action:
+    """Record in `config` the dtype the merged model is saved in; the action that says so."""
+    config.dtype = saved
+    return Action("cast-dtype", (), f"cast the merged model from {computed} to {saved}, the dtype it is saved in")
+
+
+def commit(
+    held: Claim,
+    extras: _ship.Extras,
+    plan: MergePlan,
+    actions: list[Action],
+    verification: Verification | None,
+    analysis: Analysis,
+) -> list[Action]:
+    """Write the tokenizer and the model card beside the checked weights (a failure is an OutputWriteError and
+    nothing is left at the output), then put the output in place. The actions taken."""
+    notes = analysis.serving_notes(plan)
+    done = write_staging(held, lambda staging: _ship.write_extras(staging, extras, plan, actions, verification, notes))
+    held.commit()
+    return done
+
+
 def merge_report(
     plan: MergePlan,
     save_directory: str | None,
@@ -47,9 +77,10 @@ def merge_report(
     actions: list[Action],
     verification: Verification | None,
     *,
-    restored: bool = False,
+    with_model: bool = True,
 ) -> MergeReport:
-    """The report; with `restored` (a failed merge: the PEFT model is put back) it holds no model."""
+    """The report; without `with_model` it holds no model (a failed merge: the PEFT model is put back; a low-memory
+    merge: none was built)."""
     return MergeReport(
         policy=plan.policy,
         save_directory=save_directory,
@@ -60,7 +91,7 @@ def merge_report(
         verification=verification,
         versions=_compat.versions(),
         serving_notes=analysis.serving_notes(plan),
-        model=None if restored else merged,
+        model=merged if with_model else None,
     )
 
 
@@ -84,5 +115,5 @@ def fail(
         where = (
             f"The saved files were moved to '{failed}' (marked {FAILED_MARKER}); the output directory was not written."
         )
-    report = merge_report(plan, save_directory, analysis, merged, actions, verification, restored=True)
+    report = merge_report(plan, save_directory, analysis, merged, actions, verification, with_model=False)
     raise VerificationError(failure_message(verification, where=where, owned=owned), report=report)

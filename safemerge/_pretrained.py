@@ -18,7 +18,7 @@ from safemerge._engines.low_memory import default_shard_size
 from safemerge._merge import merge_peft_model
 from safemerge._report import MergeReport, TiePolicy
 from safemerge._stream import merge_low_memory
-from safemerge.errors import AdapterMismatchError
+from safemerge.errors import AdapterMismatchError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +93,18 @@ def merge_pretrained(
     """
     tie_policy = _policy.parse_policy(policy)
     _inputs.check_tolerance(logits_tolerance)
+    compute_dtype, requested = _load.parse_dtype(dtype), _load.parse_dtype(out_dtype)
     if low_memory and (why := _compat.low_memory_unsupported()):
-        raise ValueError(why)
+        raise InputError(why)
     if low_memory and device_map is not None:
-        raise ValueError(
+        raise InputError(
             "low_memory keeps the base's weights on disk and merges on the CPU, so it takes no device_map; nothing "
             "was loaded. Fix: drop device_map (CLI: --device-map), or merge in memory with it (without low_memory)."
         )
     if push_to_hub and not verify:
-        raise ValueError(
-            "push_to_hub uploads only a verified merge; it cannot be combined with verify=False (CLI: --no-verify)."
+        raise InputError(
+            "push_to_hub uploads only a verified merge; it cannot be combined with verify=False (CLI: --no-verify). "
+            "Nothing was loaded. Fix: drop verify=False, or drop push_to_hub and upload the directory yourself."
         )
     inputs = _inputs.named_inputs(
         [("base model", _inputs.local_path(base, "base model")), ("adapter", _inputs.local_path(adapter, "adapter"))]
@@ -132,25 +134,23 @@ def merge_pretrained(
         )
     tokenizer, source = _ship.find_tokenizer([(adapter, hub.adapter), (base, hub.base)])
     extras = _ship.Extras(tokenizer=tokenizer, tokenizer_source=source, base=base, adapter=adapter)
-    requested = _load.parse_dtype(out_dtype)
     saved_dtype = requested if isinstance(requested, torch.dtype) else _load.checkpoint_dtype(base, hub)
     if low_memory:
         report = merge_low_memory(
-            base,
-            adapter,
             target,
             policy=tie_policy,
-            dtype=_load.parse_dtype(dtype),
+            load_model=lambda offload_folder: load_inputs(
+                base, adapter, dtype=compute_dtype, hub=hub, offload_folder=offload_folder
+            ),
             verify=verify,
             overwrite=overwrite,
             tolerance=logits_tolerance,
             max_shard_size=max_shard_size or default_shard_size(),
             extras=extras,
             out_dtype=saved_dtype,
-            hub=hub,
         )
     else:
-        model = load_inputs(base, adapter, dtype=dtype, device_map=device_map, hub=hub)
+        model = load_inputs(base, adapter, dtype=compute_dtype, device_map=device_map, hub=hub)
         report = merge_peft_model(
             model,
             save_directory,
@@ -166,7 +166,7 @@ def merge_pretrained(
             out_dtype=saved_dtype,
         )
     if push_to_hub and report.ok:
-        pushed = _ship.push(target, push_to_hub, private=private, plan=report.plan)
+        pushed = _ship.push(target, push_to_hub, private=private, token=token, report=report)
         report = dataclasses.replace(report, actions=(*report.actions, pushed))
     return report
 
@@ -198,12 +198,17 @@ def load_inputs(
     dtype: torch.dtype | str | None = None,
     device_map: Any = None,
     hub: _load.Hub | None = None,
+    offload_folder: str | None = None,
 ) -> Any:
-    """The adapter model; a load that fails is an InputError that names the inputs and the loader's reason."""
+    """The adapter model (with `offload_folder`, its base's weights offloaded there and to the checkpoint: the
+    low-memory merge's); a load that fails is an InputError that names the inputs and the loader's reason."""
     with _inputs.load_failures_as_input_errors(
         f"Could not load the base '{base}' with the adapter '{adapter}'",
         "Nothing was written. Fix: check that both are complete and belong together (safemerge doctor BASE ADAPTER "
         "explains most mismatches).",
     ):
-        load = _load.load_adapter_model
-        return load(base, adapter, dtype=_load.parse_dtype(dtype), device_map=device_map, hub=hub or _load.Hub())
+        hub, dtype = hub or _load.Hub(), _load.parse_dtype(dtype)
+        if offload_folder is not None:
+            load = _load.load_offloaded_adapter_model
+            return load(base, adapter, offload_folder=offload_folder, dtype=dtype, hub=hub)
+        return _load.load_adapter_model(base, adapter, dtype=dtype, device_map=device_map, hub=hub)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge._inputs import load_failures_as_input_errors
-from safemerge._report import Action, MergePlan, Verification
+from safemerge._report import Action, MergePlan, MergeReport, Verification
 
 logger = logging.getLogger(__name__)
 
@@ -163,26 +163,28 @@ def _verification_lines(verification: Verification | None) -> str:
     )
 
 
-def push(directory: Path, repo_id: str, *, private: bool, plan: MergePlan) -> Action:
+def push(directory: Path, repo_id: str, *, private: bool, token: str | None, report: MergeReport) -> Action:
     """Upload the verified merged directory to the hub: huggingface_hub's create_repo (if missing) and upload_folder,
-    with huggingface_hub's token (HF_TOKEN, or `hf auth login`)."""
+    with `token` (None: huggingface_hub's, HF_TOKEN or `hf auth login`). A failure is an UploadError that carries the
+    verified merge's report."""
     from huggingface_hub import HfApi
 
-    from safemerge.errors import OutputWriteError
+    from safemerge.errors import UploadError
 
-    api = HfApi()
+    api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(
             repo_id=repo_id,
             folder_path=str(directory),
             repo_type="model",
-            commit_message=f"safemerge: verified merge (tie policy {plan.policy})",
+            commit_message=f"safemerge: verified merge (tie policy {report.policy})",
         )
     except Exception as exc:  # network, authentication, quota: the hub's errors
-        raise OutputWriteError(
+        raise UploadError(
             f"The merged model is verified and saved in '{directory}', but uploading it to the hub repository "
             f"'{repo_id}' failed ({type(exc).__name__}: {str(exc).strip()[:300]}). Fix: check the token (HF_TOKEN or "
-            f"`hf auth login`) and the network, then upload the directory as it is: `hf upload {repo_id} {directory}`."
+            f"`hf auth login`) and the network, then upload the directory as it is: `hf upload {repo_id} {directory}`.",
+            report=report,
         ) from exc
     return Action("push-to-hub", (), f"uploaded the verified merge to {url}")

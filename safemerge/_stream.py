@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import peft
 import torch
 
-from safemerge import _inputs, _load, _outcome, _output, _plan, _ship, _verify
+from safemerge import _outcome, _output, _plan, _ship, _verify
 from safemerge._analysis import analyse
 from safemerge._engines import low_memory as low_memory_engine
 from safemerge._reload import LoadSpec
@@ -21,34 +22,25 @@ logger = logging.getLogger(__name__)
 
 
 def merge_low_memory(
-    base: str,
-    adapter: str,
     target: Path,
     *,
     policy: TiePolicy,
-    dtype: torch.dtype | str | None,
+    load_model: Callable[[str], Any],
     verify: bool,
     overwrite: bool,
     tolerance: float | None,
     max_shard_size: str | int,
     extras: _ship.Extras,
     out_dtype: torch.dtype | None,
-    hub: _load.Hub,
 ) -> MergeReport:
-    """merge_pretrained(low_memory=True): the same analysis and plan, executed a block of rows at a time from disk."""
+    """merge_pretrained(low_memory=True): the same analysis and plan, executed a block of rows at a time from disk.
+
+    `load_model(offload_folder)` loads the adapter model with the base's weights offloaded
+    (`_pretrained.load_inputs`)."""
     low_memory_engine.return_freed_memory()
     with _output.claim(target, overwrite=overwrite) as held:
-        offload = held.offload
-        with _inputs.load_failures_as_input_errors(
-            f"Could not load the base '{base}' with the adapter '{adapter}'",
-            "Nothing was written. Fix: check that both are complete and belong together (safemerge doctor BASE "
-            "ADAPTER explains most mismatches).",
-        ):
-            load_model = _load.load_offloaded_adapter_model
-            model = load_model(base, adapter, offload_folder=str(offload), dtype=dtype, hub=hub)
-        _outcome.refuse_non_finite(
-            "adapter", peft.get_peft_model_state_dict(model, save_embedding_layers=False).items()
-        )
+        model = load_model(str(held.offload))
+        _outcome.refuse_non_finite_adapter(model)
         logger.info("inspecting tied weights and probing the adapter model (weights offloaded)")
         analysis = analyse(model, None)
         plan = analysis.plan_or_refuse(policy)
@@ -64,15 +56,11 @@ def merge_low_memory(
             del expected
             if not verification.ok:
                 _outcome.fail(verification, plan, analysis, merged, actions, owned=True)
-        # The analysis's values are not needed any more: the planned values hold what is written.
-        analysis.tied = dataclasses.replace(analysis.tied, params=(), effective={}, untied_changes={})
+        analysis.drop_values()  # the planned values hold what is written
         load = LoadSpec.like(merged)
-        if out_dtype is not None and out_dtype != load.dtype:
-            computed, load = load.dtype, dataclasses.replace(load, dtype=out_dtype)
-            merged.config.dtype = out_dtype
-            actions.append(
-                Action("cast-dtype", (), f"cast every tensor from {computed} to {out_dtype} as it was written")
-            )
+        if out_dtype is not None and out_dtype != load.dtype:  # each tensor is cast as it is written
+            actions.append(_outcome.cast_dtype(merged.config, load.dtype, out_dtype))
+            load = dataclasses.replace(load, dtype=out_dtype)
         logger.info("writing to %s", held.staging)
         written = _output.write_staging(
             held,
@@ -96,11 +84,10 @@ def merge_low_memory(
                 verification,
                 config=merged.config,
                 load=load,
-                offload_folder=offload,
+                offload_folder=held.offload,
             )
             if not verification.ok:
                 _outcome.fail(verification, plan, analysis, merged, actions, owned=True, held=held)
-        actions += _ship.write_extras(held.staging, extras, plan, actions, verification, analysis.serving_notes(plan))
-        held.commit()
+        actions += _outcome.commit(held, extras, plan, actions, verification, analysis)
     actions.append(Action("save", (), f"saved to {target} as safetensors shards, a block of rows at a time"))
-    return _outcome.merge_report(plan, str(target), analysis, merged, actions, verification, restored=True)
+    return _outcome.merge_report(plan, str(target), analysis, merged, actions, verification, with_model=False)

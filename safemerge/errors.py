@@ -11,6 +11,7 @@ The tree::
     ├── OutputExistsError             save_directory is not empty and overwrite=False (also a FileExistsError)
     │   └── OutputBusyError           another safemerge run is writing save_directory right now
     ├── OutputWriteError              the merged model could not be written (disk full, no permission; an OSError)
+    ├── UploadError                   the verified merge is in place, but --push-to-hub failed (an OSError)
     └── VerificationError             the merged or reloaded model does not compute what the adapter model did
 
 The command line exits with 2 for InputError, OutputExistsError and bad arguments, and with 1 for the others.
@@ -36,6 +37,7 @@ __all__ = [
     "SafeMergeWarning",
     "TiedWeightsError",
     "UnsupportedAdapterError",
+    "UploadError",
     "VerificationError",
 ]
 
@@ -159,12 +161,30 @@ class OutputWriteError(SafeMergeError, OSError):
     """
 
 
+class UploadError(SafeMergeError, OSError):
+    """The merge is verified and in place at `save_directory`, but uploading it to the hub failed.
+
+    `report` is the verified merge's report.
+
+    Example message::
+
+        The merged model is verified and saved in 'out/merged', but uploading it to the hub repository 'me/merged'
+        failed (HfHubHTTPError: 401 Unauthorized). Fix: check the token (HF_TOKEN or `hf auth login`) and the
+        network, then upload the directory as it is: `hf upload me/merged out/merged`.
+    """
+
+    def __init__(self, message: str, *, report: MergeReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 #: The `outcome` of a merge that raised, by the error's class (any other error: "error").
 _OUTCOMES: tuple[tuple[type[Exception], str], ...] = (
     (TiedWeightsError, "refused"),
     (UnsupportedAdapterError, "refused"),
     (VerificationError, "not-faithful"),
     (AdapterMismatchError, "doctor-failed"),
+    (UploadError, "upload-failed"),
 )
 
 

@@ -199,7 +199,7 @@ def test_main_puts_logging_and_warning_filters_back(base_dirs: dict[str, Path], 
     library = logging.getLogger("safemerge")
     before = (library.handlers[:], library.level, library.propagate, warnings.filters[:], hf_logging.get_verbosity())
     for _ in range(2):
-        assert main(["doctor", str(base_dirs["llama"]), str(base_dirs["llama"]), "-q"]) in (0, 1, 2)
+        assert main(["doctor", str(base_dirs["llama"]), str(base_dirs["llama"]), "-q"]) == 1  # not an adapter
     after = (library.handlers[:], library.level, library.propagate, warnings.filters[:], hf_logging.get_verbosity())
     assert after == before
 
@@ -238,16 +238,31 @@ def test_every_option_of_every_command_is_in_the_cli_reference() -> None:
     assert not missing, f"options missing from docs/reference/cli.md: {missing}"
 
 
-def test_merge_options_reach_the_merge(dirs: dict[str, Path]) -> None:
+def test_merge_options_reach_the_merge(dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """The flags of `merge` as a user types them: low-memory shards of the given size, the saved dtype, the hub
-    options (a local directory has no revisions: transformers and PEFT accept and ignore them), a device map."""
+    options (a local directory has no revisions: transformers and PEFT accept and ignore them, so what reaches
+    merge_pretrained is recorded), a device map."""
+    from safemerge import _pretrained
+
+    received: list[dict[str, object]] = []
+    real = _pretrained.merge_pretrained
+    monkeypatch.setattr(_pretrained, "merge_pretrained", lambda *a, **kw: received.append(kw) or real(*a, **kw))
     out = dirs["tmp"] / "low"
     argv = ["merge", dirs["base"], dirs["adapter"], out, "--policy", "untie", "-q", "--dtype", "float32"]
-    hub = ["--revision", "main", "--adapter-revision", "main", "--token", "hf_unused"]
+    hub = ["--revision", "main", "--adapter-revision", "r1", "--token", "hf_unused"]
     low = ["--low-memory", "--max-shard-size", "20KB", "--out-dtype", "bfloat16"]
     if _compat.low_memory_unsupported() is None:
         assert run(*argv, *hub, *low) == 0
         assert len(list(out.glob("model-*.safetensors"))) > 1
         assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    else:  # accelerate too old: refused before anything loads
+        assert run(*argv, *hub, *low) == 2 and not out.exists()
+    wanted = {"revision": "main", "adapter_revision": "r1", "token": "hf_unused", "dtype": "float32"}
+    assert {k: received[0][k] for k in wanted} == wanted
+    assert (received[0]["low_memory"], received[0]["max_shard_size"], received[0]["out_dtype"]) == (
+        True,
+        "20KB",
+        "bfloat16",
+    )
     assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "mapped", "--policy", "untie", "-q",
                "--device-map", "auto") == 0  # fmt: skip

@@ -19,6 +19,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import safemerge
+from safemerge import _verify
 from safemerge._engines import in_memory
 from safemerge.cli import main
 from tests.models import ARCHS, load_base, needs_low_memory, perturb
@@ -196,6 +197,8 @@ class FakeHub:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, object]]] = []
+        #: What upload_folder raises (None: it succeeds).
+        self.upload_fails: Exception | None = None
 
     def create_repo(self, repo_id: str, **kwargs: object) -> str:
         self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
@@ -204,6 +207,8 @@ class FakeHub:
     def upload_folder(self, **kwargs: object) -> None:
         files = sorted(p.name for p in Path(str(kwargs["folder_path"])).iterdir())
         self.calls.append(("upload_folder", {**kwargs, "files": files}))
+        if self.upload_fails is not None:
+            raise self.upload_fails
 
 
 @pytest.fixture
@@ -212,7 +217,9 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> FakeHub:
 
     fake = FakeHub()
     monkeypatch.setattr(
-        huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: fake.create_repo(repo_id, **kw)
+        huggingface_hub.HfApi,
+        "create_repo",
+        lambda self, repo_id, **kw: fake.create_repo(repo_id, token=self.token, **kw),
     )
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: fake.upload_folder(**kw))
     return fake
@@ -230,6 +237,25 @@ def test_push_to_hub_uploads_the_verified_directory_with_its_card(
     assert upload == "upload_folder" and uploaded["repo_id"] == "me/merged"
     assert Path(str(uploaded["folder_path"])) == out.resolve()
     assert {"README.md", "config.json", "model.safetensors", "tokenizer_config.json"} <= set(uploaded["files"])  # type: ignore[arg-type]
+
+
+def test_a_failed_upload_keeps_the_verified_merge_and_its_report(
+    base_and_adapter: tuple[Path, Path], tmp_path: Path, hub: FakeHub
+) -> None:
+    """The merge is in place and verified before the upload: a failed upload says so, with the fix, and carries the
+    merge's report; the token given is the one the upload uses."""
+    base, adapter = base_and_adapter
+    hub.upload_fails = ConnectionError("the hub cannot be reached")
+    out = tmp_path / "merged"
+    with pytest.raises(safemerge.UploadError, match=r"verified and saved in .*Fix: .*hf upload me/merged") as failed:
+        safemerge.merge_pretrained(
+            str(base), str(adapter), out, policy="untie", push_to_hub="me/merged", token="hf_given"
+        )
+    assert failed.value.report.ok and failed.value.report.verified
+    assert (out / "config.json").is_file() and (out / "README.md").is_file()
+    assert hub.calls[0][1]["token"] == "hf_given"
+    report = safemerge.errors.failure_report(failed.value)
+    assert report["outcome"] == "upload-failed" and report["ok"] is True
 
 
 def test_nothing_is_pushed_unless_verified(
@@ -255,7 +281,10 @@ class TinyCustomConfig(LlamaConfig):
 
 
 def test_a_base_with_its_own_code_needs_trust_remote_code(
-    base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
+    base_dirs: dict[str, Path],
+    saved_adapter: Callable[[str, str], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A repository's own code runs only when asked (--trust-remote-code): the doctor cannot read the base without."""
     base = tmp_path / "custom"
@@ -267,6 +296,7 @@ def test_a_base_with_its_own_code_needs_trust_remote_code(
     adapter = str(saved_adapter("llama", "lora-attention"))
     argv = ["merge", str(base), adapter, str(tmp_path / "merged"), "--policy", "keep", "-q"]
     assert main(argv) == 2  # the doctor: base-not-found (a usage error): its config class is the repository's code
+    assert "CLI: --trust-remote-code" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
     assert main([*argv, "--trust-remote-code"]) == 0
 
@@ -313,18 +343,26 @@ def test_a_hub_bases_tensor_names_come_from_its_safetensors_headers(monkeypatch:
 
 
 def test_the_device_map_is_honoured_for_the_merge_and_the_reload(
-    base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
+    base_dirs: dict[str, Path],
+    saved_adapter: Callable[[str, str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """--device-map loads the base through accelerate, and the verification's reload is spread the same way (what
     transformers records of the map: transformers 4 keeps it as hf_device_map; transformers 5 on one device does not).
     """
     adapter, device_map = str(saved_adapter("llama", "lora-both")), {"model": "cpu", "lm_head": "cpu"}
+    reloaded_with: list[object] = []
+    real_reload = _verify.reload
+    monkeypatch.setattr(_verify, "reload", lambda *a, **kw: reloaded_with.append(kw["like"]) or real_reload(*a, **kw))
     report = safemerge.merge_pretrained(
         str(base_dirs["llama"]), adapter, tmp_path / "merged", policy="untie", device_map=device_map
     )
     assert report.ok and report.verified
     loaded = transformers.AutoModelForCausalLM.from_pretrained(base_dirs["llama"], device_map=device_map)
     assert getattr(report.model, "hf_device_map", None) == getattr(loaded, "hf_device_map", None)
+    (spec,) = reloaded_with  # the verification's reload: spread as transformers recorded the merge's map
+    assert getattr(spec, "device_map", None) == getattr(loaded, "hf_device_map", None)
 
 
 def test_a_hub_adapter_without_a_tokenizer_falls_back_to_the_base(base_and_adapter: tuple[Path, Path]) -> None:
@@ -340,3 +378,19 @@ def test_a_hub_adapter_without_a_tokenizer_falls_back_to_the_base(base_and_adapt
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code, str(base)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("option", ["dtype", "out_dtype"])
+def test_a_bad_dtype_is_refused_before_anything_runs(
+    base_and_adapter: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: str
+) -> None:
+    from safemerge import _pretrained
+
+    def doctor_ran(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the doctor ran before the dtype was checked")
+
+    monkeypatch.setattr(_pretrained, "doctor", doctor_ran)
+    base, adapter = base_and_adapter
+    with pytest.raises(ValueError, match=r"'int8' is not a floating-point torch dtype. Use one of: float32"):
+        safemerge.merge_pretrained(str(base), str(adapter), tmp_path / "m", policy="untie", **{option: "int8"})
+    assert not (tmp_path / "m").exists()
