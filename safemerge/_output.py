@@ -25,7 +25,7 @@ import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from safemerge.errors import InputError, OutputBusyError, OutputExistsError, OutputWriteError, SafeMergeError
 
@@ -62,7 +62,7 @@ def sibling_stem(target: Path) -> str:
         return name
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:_HASH_DIGITS]
     short = name
-    while len(os.fsencode(short)) + 1 + _HASH_DIGITS > budget:
+    while short and len(os.fsencode(short)) + 1 + _HASH_DIGITS > budget:
         short = short[:-1]  # whole characters: the shortened name stays valid UTF-8
     return f"{short}~{digest}"
 
@@ -106,11 +106,11 @@ def _refuse_enclosing(target: Path) -> None:
             _refuse(target, "your home directory")
 
 
-def _refuse(target: Path, what: str) -> None:
+def _refuse(target: Path, what: str) -> NoReturn:
     raise InputError(
-        f"save_directory '{target}' is {what}; safemerge replaces OUT as a whole with the merged model, so every "
-        "other file in it would be gone. Nothing was merged. Fix: choose a new directory for the merged model (for "
-        "example './merged')."
+        f"save_directory '{target}' is {what}; safemerge replaces the whole directory with the merged model, so "
+        "every other file in it would be gone. Nothing was merged. Fix: choose a new directory for the merged model "
+        "(for example './merged')."
     )
 
 

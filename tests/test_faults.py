@@ -311,7 +311,7 @@ def test_output_that_is_the_current_directory_an_ancestor_or_home(  # type: igno
     before = hashes(work)
     code, err = run(here, capsys, "merge", "../../base", "../../adapter", target, "--policy", "untie", "--overwrite")
     assert code == 2 and "InputError" in err, err
-    assert "safemerge replaces OUT as a whole" in err and "Fix: choose a new directory" in err
+    assert "safemerge replaces the whole directory" in err and "Fix: choose a new directory" in err
     assert hashes(work) == before and leftovers(here) == [] and leftovers(work) == []
 
 
