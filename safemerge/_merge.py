@@ -58,7 +58,9 @@ def safe_merge(
         TypeError: `model` is not a PeftModel.
         TiedWeightsError: the policy forbids this merge (nothing was changed).
         UnsupportedAdapterError: no merged model can compute what this adapter model computes.
+        InputError: `save_directory` is the current directory, one above it, home or `/`, or its name is too long.
         OutputExistsError: `save_directory` is not empty and overwrite is False.
+        OutputWriteError: the model could not be written or put in place (`save_directory` is as it was).
         VerificationError: the merge or its reload does not match the adapter model (`.report` has the figures).
     """
     return merge_peft_model(

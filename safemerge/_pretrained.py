@@ -84,10 +84,12 @@ def merge_pretrained(
 
     Raises:
         AdapterMismatchError: the doctor found that the adapter does not fit the base (nothing was loaded).
-        InputError: an input is missing, damaged or does not load.
+        InputError: an input is missing, damaged or does not load; `save_directory` is the current directory, one
+            above it, home or `/`, or its name is too long.
         TiedWeightsError: the policy forbids this merge (nothing was written).
         UnsupportedAdapterError: no merged model can compute what this adapter model computes.
         OutputExistsError: `save_directory` is not empty and overwrite is False.
+        OutputWriteError: the model could not be written or put in place (`save_directory` is as it was).
         VerificationError: the merged or the saved model does not match the adapter model (files quarantined).
         ValueError: unknown policy or dtype; `device_map` with `low_memory`.
     """

@@ -152,7 +152,8 @@ class OutputBusyError(OutputExistsError):
 
 
 class OutputWriteError(SafeMergeError, OSError):
-    """The merged model could not be written; nothing was written at `save_directory`, the temporary files are gone.
+    """The merged model could not be written or put in place; `save_directory` is as it was (the message says where
+    the old directory is if it could not be put back), the temporary files are gone.
 
     Example message::
 

@@ -7,6 +7,7 @@ fail half-way (EFBIG, as a full disk would), a location the kernel refuses (/pro
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -24,6 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from safemerge import _output
+from safemerge._output import work_directory
 from safemerge.cli import main
 from tests.models import ARCHS, save_adapter
 
@@ -247,11 +250,69 @@ def test_output_not_empty_without_overwrite(work: Path, capsys) -> None:  # type
     assert (work / "out" / "keep.txt").read_text() == "mine" and leftovers(work) == []
 
 
-def test_output_name_too_long_for_the_sibling(work: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    name = "m" * 250  # legal here (255 bytes), but not with safemerge's sibling names
+@pytest.mark.parametrize("length", [250, 255])
+def test_output_name_as_long_as_the_filesystem_allows(work: Path, capsys, length: int) -> None:  # type: ignore[no-untyped-def]
+    """safemerge's siblings of a long OUT get a shortened name with a hash of OUT's (NAME_MAX is 255 here)."""
+    name = "m" * length
     code, err = run(work, capsys, "merge", "base", "adapter", name, "--policy", "untie")
-    assert code == 2 and "choose a name of at most 239 bytes" in err
-    assert leftovers(work) == [] and not (work / name).exists()
+    assert code == 0, err
+    assert (work / name / "config.json").exists() and leftovers(work) == []
+
+
+def test_output_name_longer_than_the_filesystem_allows(work: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    name = "m" * 256
+    code, err = run(work, capsys, "merge", "base", "adapter", name, "--policy", "untie")
+    assert code == 2 and "InputError" in err and "Fix: choose a name of at most 255 bytes" in err
+    assert leftovers(work) == [] and not any(p.name.startswith("m") for p in work.iterdir())
+
+
+def test_leftovers_of_a_killed_run_into_a_long_output_are_found(work: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    name = "m" * 255
+    sibling = work_directory(work / name)
+    assert len(sibling.name) <= 255 and sibling.name.endswith(".safemerge")
+    (sibling / "model").mkdir(parents=True)
+    (sibling / "lock").write_text('{"pid": 999999}')
+    code, err = run(work, capsys, "merge", "base", "adapter", name, "--policy", "untie")
+    assert code == 0 and "removed what a killed safemerge run left" in err
+    assert (work / name / "config.json").exists() and leftovers(work) == []
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_refused_merge_leaves_no_parent_directory(work: Path, capsys, low_memory: bool) -> None:  # type: ignore[no-untyped-def]
+    """`keep` refuses LoRA on the tied lm_head after the output is claimed: the parents it created go too."""
+    before = hashes(work)
+    extra = ["--low-memory"] if low_memory else []
+    code, err = run(work, capsys, "merge", "base", "adapter", "a/b/out", "--policy", "keep", *extra)
+    assert code == 1 and "TiedWeightsError" in err
+    assert not (work / "a").exists()
+    assert_untouched(work, before)
+
+
+def test_refused_merge_keeps_existing_parents(work: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    (work / "a").mkdir()
+    code, err = run(work, capsys, "merge", "base", "adapter", "a/b/out", "--policy", "keep")
+    assert code == 1 and "TiedWeightsError" in err
+    assert (work / "a").is_dir() and not (work / "a" / "b").exists()
+
+
+@pytest.mark.parametrize("out", [".", "..", "home"])
+def test_output_that_is_the_current_directory_an_ancestor_or_home(  # type: ignore[no-untyped-def]
+    work: Path, capsys, monkeypatch: pytest.MonkeyPatch, out: str
+) -> None:
+    """`--overwrite` would replace the directory the user stands in (or home) by the merged model. (`/` holds the
+    inputs: refused as containing them.)"""
+    here = work / "up" / "here"
+    here.mkdir(parents=True)
+    (here / "mine.txt").write_text("mine")
+    (work / "home").mkdir()
+    (work / "home" / "notes.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(work / "home"))
+    target = str(work / "home") if out == "home" else out
+    before = hashes(work)
+    code, err = run(here, capsys, "merge", "../../base", "../../adapter", target, "--policy", "untie", "--overwrite")
+    assert code == 2 and "InputError" in err, err
+    assert "safemerge replaces the whole directory" in err and "Fix: choose a new directory" in err
+    assert hashes(work) == before and leftovers(here) == [] and leftovers(work) == []
 
 
 def test_output_where_the_kernel_refuses_to_write(work: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -337,6 +398,28 @@ def test_an_interrupted_swap_is_put_back(work: Path, capsys) -> None:  # type: i
     code, err = run(work, capsys, *merge())
     assert code == 2 and "put back" in err and "not empty" in err
     assert (work / "out" / "old.txt").read_text() == "old model" and leftovers(work) == []
+
+
+def test_failed_rename_without_atomic_swap_exits_1_with_the_old_output_back(  # type: ignore[no-untyped-def]
+    work: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No renameat2 exchange (network filesystem, macOS), and the rename of the new model onto OUT fails."""
+    (work / "out").mkdir()
+    (work / "out" / "old.txt").write_text("old model")
+    before = hashes(work)
+    real = os.rename
+
+    def rename(src, dst, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(src).name == "model" and Path(dst).name == "out":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src), None, str(dst))
+        real(src, dst, **kwargs)
+
+    monkeypatch.setattr(_output, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(os, "rename", rename)
+    code, err = run(work, capsys, *merge("--overwrite"))
+    assert code == 1 and "OutputWriteError: Could not put the merged model at" in err and "Traceback" not in err
+    assert "put back" in err and (work / "out" / "old.txt").read_text() == "old model"
+    assert hashes(work) == before and leftovers(work) == []
 
 
 def _cli(work: Path, *args: str, limit_bytes: int | None = None) -> subprocess.Popen[str]:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 import safemerge
-from safemerge import _reload, _verify
+from safemerge import _output, _reload, _verify
 from safemerge._engines import in_memory
-from safemerge._output import FAILED_MARKER
+from safemerge._output import FAILED_MARKER, work_directory
 from tests.models import ARCHS, adapter_model, logits, sample_ids
 
 
@@ -99,3 +102,132 @@ def test_verify_false_saves_without_reload(model, tmp_path: Path) -> None:  # ty
     report = safemerge.safe_merge(model, tmp_path / "out", policy="untie", verify=False)
     assert report.verification is None and not report.verified and report.ok
     assert (tmp_path / "out" / "config.json").exists()
+
+
+# --- nothing created before the merge is known to proceed (issue 22) -------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["in-memory", "reloaded"])
+def test_refused_merge_leaves_no_parent_directory(build, tmp_path: Path, variant: str) -> None:  # type: ignore[no-untyped-def]
+    model = build("llama", "lora-head", variant)
+    with pytest.raises(safemerge.TiedWeightsError, match=r"policy='keep' does not merge.*Fix: use policy='untie'"):
+        safemerge.safe_merge(model, tmp_path / "a" / "b" / "out", policy="keep")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_merge_leaves_no_parent_directory(model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_verify, "check_reload", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        safemerge.safe_merge(model, tmp_path / "a" / "b" / "out", policy="untie")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+# --- long output names (issue 22) ------------------------------------------------------------------------------------
+
+
+def test_siblings_of_long_names_fit_and_differ(tmp_path: Path) -> None:
+    first, second = tmp_path / ("m" * 254 + "1"), tmp_path / ("m" * 254 + "2")
+    assert work_directory(first) != work_directory(second)
+    assert work_directory(first) == work_directory(tmp_path / ("m" * 254 + "1")), "the next run finds it"
+    assert len(work_directory(first).name) <= 255 and work_directory(first).name.startswith(".mmm")
+    assert work_directory(tmp_path / "out").name == ".out.safemerge"
+
+
+def test_failed_merge_into_a_long_name_is_quarantined_beside_it(model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / ("é" * 127)  # 254 bytes: the byte limit, not the character count, decides
+    with pytest.raises(safemerge.VerificationError, match=r"reloaded logits differ.*\.failed-") as info:
+        safemerge.safe_merge(model, out, policy="untie", logits_tolerance=1e-30)
+    failed = Path(info.value.report.save_directory)
+    assert failed.parent == tmp_path and len(os.fsencode(failed.name)) <= 255 and failed.name.startswith("éé")
+    assert (failed / FAILED_MARKER).exists() and not out.exists()
+
+
+# --- directories that overwrite=True must never replace (issue 22) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["cwd", "ancestor", "home", "root"])
+def test_overwrite_never_replaces_the_current_directory_home_or_root(  # type: ignore[no-untyped-def]
+    model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    here = tmp_path / "up" / "here"
+    here.mkdir(parents=True)
+    (here / "mine.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("HOME", str(tmp_path / "up"))
+    target = {"cwd": Path("."), "ancestor": tmp_path, "home": Path("~").expanduser(), "root": Path("/")}[where]
+    refused = r"safemerge replaces the whole directory.*Fix: choose a new directory"
+    with pytest.raises(safemerge.InputError, match=refused):
+        safemerge.safe_merge(model, target, policy="untie", overwrite=True)
+    assert (here / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in here.iterdir()) == ["mine.txt"]
+
+
+# --- putting the model in place without an atomic swap (issue 22) ----------------------------------------------------
+
+
+def _old_output(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old model")
+    return out
+
+
+def _failing_rename(monkeypatch: pytest.MonkeyPatch, fails: Callable[[Path, Path], bool]) -> None:
+    """os.rename that fails (EIO) for the renames `fails` picks, and renames as usual otherwise."""
+    real = os.rename
+
+    def rename(src, dst, **kwargs):  # type: ignore[no-untyped-def]
+        if fails(Path(src), Path(dst)):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src), None, str(dst))
+        real(src, dst, **kwargs)
+
+    monkeypatch.setattr(_output, "_exchange", lambda a, b: False)  # a filesystem without renameat2's exchange
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def test_failed_rename_without_atomic_swap_puts_the_old_output_back(  # type: ignore[no-untyped-def]
+    model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = _old_output(tmp_path)
+    _failing_rename(monkeypatch, lambda src, dst: src.name == "model" and dst == out)
+    with pytest.raises(
+        safemerge.OutputWriteError, match=r"Could not put the merged model at .*put back.*unchanged.*Fix:"
+    ):
+        safemerge.safe_merge(model, out, policy="untie", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and (out / "old.txt").read_text() == "old model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"]
+
+
+def test_old_output_that_cannot_be_put_back_is_kept_for_the_next_run(  # type: ignore[no-untyped-def]
+    model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = _old_output(tmp_path)
+    _failing_rename(monkeypatch, lambda src, dst: dst == out and src.name in ("model", "previous"))
+    with pytest.raises(safemerge.OutputWriteError, match=r"old model is kept at '.*previous'.*Fix: run safemerge"):
+        safemerge.safe_merge(model, out, policy="untie", overwrite=True)
+    assert (work_directory(out) / "previous" / "old.txt").read_text() == "old model"
+    monkeypatch.undo()
+    with pytest.raises(safemerge.OutputExistsError, match="not empty"):  # the next run puts it back first
+        safemerge.safe_merge(model, out, policy="untie")
+    assert (out / "old.txt").read_text() == "old model" and not work_directory(out).exists()
+
+
+def test_failed_swap_or_rename_is_an_output_write_error(  # type: ignore[no-untyped-def]
+    model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = _old_output(tmp_path)
+
+    def exchange_fails(a: Path, b: Path) -> bool:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(a), None, str(b))
+
+    monkeypatch.setattr(_output, "_exchange", exchange_fails)
+    with pytest.raises(safemerge.OutputWriteError, match=r"Could not put the merged model at .*unchanged.*Fix:"):
+        safemerge.safe_merge(model, out, policy="untie", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    _failing_rename(monkeypatch, lambda src, dst: src.name == "model" and dst.name == "new")
+    with pytest.raises(safemerge.OutputWriteError, match=r"Could not put the merged model at .*new.*Fix:"):
+        safemerge.safe_merge(model, tmp_path / "new", policy="untie")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"]
