@@ -37,8 +37,16 @@ def tests(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def matrix(session: nox.Session) -> None:
     """Run every merge case of the matrix (in memory and reloaded, and the low-memory engine against the in-memory
-    one), the pre-training check on every case, and every fault, on the current releases."""
-    tests = ("tests/test_merge.py", "tests/test_low_memory.py", "tests/test_training.py", "tests/test_faults.py")
+    one), the pre-training check on every case, every fault, the doctor on every case and every corpus merge, on the
+    current releases."""
+    tests = (
+        "tests/test_merge.py",
+        "tests/test_low_memory.py",
+        "tests/test_training.py",
+        "tests/test_faults.py",
+        "tests/test_doctor.py",
+        "tests/test_corpus.py",
+    )
     _test(session, args=(*tests, "--full-matrix"))
 
 

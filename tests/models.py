@@ -81,6 +81,10 @@ def _gemma3() -> Any:
     )
 
 
+#: The architectures of the default run's matrices: a tied and an untied decoder, GPT-2's Conv1D head, and T5 (a
+#: seq2seq model whose `shared` module and head rescale differ by stack). `--full-matrix` (CI, both stacks) runs all.
+QUICK_ARCHS = ("llama", "llama-untied", "gpt2", "t5")
+
 ARCHS = {
     a.name: a
     for a in [

@@ -19,6 +19,7 @@ from safemerge.cli import main
 from tests.models import (
     ADAPTERS,
     ARCHS,
+    QUICK_ARCHS,
     VOCAB,
     Arch,
     adapter_model,
@@ -67,7 +68,10 @@ def finding(report: safemerge.DoctorReport, code: str) -> safemerge.Finding:
     return next(f for f in report.findings if f.code == code)
 
 
-@pytest.mark.parametrize(("arch", "kind"), [(a, k) for a in ARCHS for k in ADAPTERS])
+@pytest.mark.parametrize(
+    ("arch", "kind"),
+    [pytest.param(a, k, marks=() if a in QUICK_ARCHS else pytest.mark.full_matrix) for a in ARCHS for k in ADAPTERS],
+)
 def test_correct_adapters_are_clean(base_dirs: dict[str, Path], tmp_path: Path, arch: str, kind: str) -> None:
     """Clean exactly when PEFT's own reload computes what the trained adapter model computed.
 
