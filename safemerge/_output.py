@@ -212,13 +212,14 @@ def write_staging(held: Claim, write: Callable[[Path], T]) -> T:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` as JSON to `path` through a temporary file in the same directory (mode from the umask)."""
+    """Write `data` as JSON to `path` through a temporary file in the same directory (mode from the umask). A NaN or
+    infinite float raises ValueError: strict parsers refuse them (reports pass through `to_jsonable` first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
+            json.dump(data, handle, indent=2, sort_keys=False, allow_nan=False)
             handle.write("\n")
         os.replace(tmp, path)
     except BaseException:

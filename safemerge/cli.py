@@ -108,7 +108,7 @@ def _merge(args: argparse.Namespace) -> int:
         if args.report is not None:
             write_json_atomic(args.report, failed)
         if args.json:
-            print(json.dumps(failed, indent=2))
+            print(json.dumps(failed, indent=2, allow_nan=False))
         raise
     if args.report is not None:
         write_json_atomic(args.report, report.to_dict())
@@ -289,7 +289,7 @@ def _verdict(args: argparse.Namespace, v: Verification) -> list[str]:
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(data, indent=2, allow_nan=False))
     else:
         print("\n".join(lines))
 

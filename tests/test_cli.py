@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -266,3 +267,26 @@ def test_merge_options_reach_the_merge(dirs: dict[str, Path], monkeypatch: pytes
     )
     assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "mapped", "--policy", "untie", "-q",
                "--device-map", "auto") == 0  # fmt: skip
+
+
+def strict_json(text: str) -> Any:
+    """JSON as a strict parser reads it: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_verify_whose_probe_fails_prints_strict_json(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A merged model with a smaller vocabulary fails on the probe batch: its figures are infinite, printed as null."""
+    import transformers
+
+    small = transformers.AutoModelForCausalLM.from_pretrained(dirs["plain"])
+    small.resize_token_embeddings(16)
+    small.save_pretrained(dirs["tmp"] / "small")
+    argv = ["verify", dirs["tmp"] / "small", "--base", dirs["base"], "--adapter", dirs["adapter"], "--json"]
+    assert run(*argv) == 1
+    data = strict_json(capsys.readouterr().out)
+    assert data["ok"] is False and data["max_abs_logits_diff"] is None
+    assert any("failed on the probe batch" in problem for problem in data["problems"])
