@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import logging
 import re
 import shlex
@@ -12,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from safemerge import _compat
+from safemerge._engines import in_memory
 from safemerge.cli import main
 from tests.models import ARCHS, adapter_model
 
@@ -290,3 +294,60 @@ def test_a_verify_whose_probe_fails_prints_strict_json(dirs: dict[str, Path], ca
     data = strict_json(capsys.readouterr().out)
     assert data["ok"] is False and data["max_abs_logits_diff"] is None
     assert any("failed on the probe batch" in problem for problem in data["problems"])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError()],
+    ids=["cuda", "cpu"],
+)
+def test_out_of_memory_is_a_resource_failure_with_the_fixes(
+    dirs: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    def run_out_of_memory(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(in_memory, "execute", run_out_of_memory)
+    report = dirs["tmp"] / "report.json"
+    out = dirs["tmp"] / "out"
+    assert run("merge", dirs["base"], dirs["adapter"], out, "--policy", "untie", "--report", report) == 1
+    err = capsys.readouterr().err
+    assert f"safemerge: out of memory ({type(error).__name__}" in err
+    assert "Fix: run with --low-memory" in err and "--device-map auto" in err and "--dtype bfloat16" in err
+    assert "bug" not in err and "Traceback" not in err
+    assert not out.exists()
+    assert strict_json(report.read_text())["error"]["kind"] == type(error).__name__
+
+
+def test_a_failed_rename_into_place_is_a_write_failure_not_a_usage_error(
+    dirs: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge is verified, then the rename that puts it in place fails (EIO): exit 1, and no advice on paths."""
+    out = dirs["tmp"] / "out"
+    rename = os.rename
+
+    def failing_rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(dst) == out:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src), None, str(dst))
+        rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    assert run("merge", dirs["base"], dirs["adapter"], out, "--policy", "untie", "-q") == 1
+    err = capsys.readouterr().err
+    assert "Input/output error" in err and "check the paths" not in err and "bug" not in err
+    assert "Fix:" in err
+    assert not out.exists()
+
+
+def test_a_hub_id_that_names_nothing_is_a_usage_error(
+    dirs: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub's refusal of an id (HFValidationError, RepositoryNotFoundError) reaching the command: exit 2."""
+    from huggingface_hub.utils import validate_repo_id
+
+    from safemerge import _load
+
+    monkeypatch.setattr(_load, "checkpoint_dtype", lambda *args, **kwargs: validate_repo_id("org/bad name!"))
+    assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "out", "--policy", "untie", "-q") == 2
+    err = capsys.readouterr().err
+    assert "safemerge: error: HFValidationError" in err and "Fix: check the paths or hub ids" in err
