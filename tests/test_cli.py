@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -40,7 +41,7 @@ def test_demo_shows_the_bug_and_the_policies(capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "silently wrong" in out
     assert "policy='keep'" in out and "refused (TiedWeightsError)" in out
-    assert "verified: True" in out
+    assert re.search(r"after reload: \S+ \(tolerance \S+\); verified\n", out)
 
 
 def test_merge_untie_writes_model_and_report(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -351,3 +352,22 @@ def test_a_hub_id_that_names_nothing_is_a_usage_error(
     assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "out", "--policy", "untie", "-q") == 2
     err = capsys.readouterr().err
     assert "safemerge: error: HFValidationError" in err and "Fix: check the paths or hub ids" in err
+
+
+def test_the_demo_fails_loudly_when_a_verification_fails(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a TiedWeightsError is the demo's expected refusal; a failed verification stops it with exit 1."""
+    from safemerge import _verify
+
+    check_reload = _verify.check_reload
+
+    def failing_check(*args: Any, **kwargs: Any) -> Any:
+        verification, reloaded, retie = check_reload(*args, **kwargs)
+        return dataclasses.replace(verification, problems=("lm_head.weight: planted problem",)), reloaded, retie
+
+    monkeypatch.setattr(_verify, "check_reload", failing_check)
+    assert main(["demo"]) == 1
+    captured = capsys.readouterr()
+    assert "safemerge: VerificationError: Verification failed: lm_head.weight: planted problem" in captured.err
+    assert "policy='untie'" in captured.out and "merged; actions" not in captured.out
