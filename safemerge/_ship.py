@@ -3,9 +3,9 @@ processor (with its chat template) and a model card."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,9 +169,9 @@ def card_name(source: str | None, *, config_file: str | None = None) -> tuple[st
 
 
 def _is_hub_id(text: str) -> bool:
-    """"org/name" or "name" as the hub spells repository ids, not a path ("./x", "/x", "a/b/c")."""
+    """ "org/name" or "name" as the hub spells repository ids, not a path ("./x", "/x", "a/b/c")."""
     from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, not in __all__
 
     if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1:
         return False
@@ -185,7 +185,7 @@ def _is_hub_id(text: str) -> bool:
 def _cached_repo_id(path: Path) -> str | None:
     """The repository of a snapshot directory in huggingface_hub's cache layout (`models--{org}--{name}`)."""
     parts = path.absolute().parts
-    for folder, snapshots in zip(parts, parts[1:], strict=False):
+    for folder, snapshots in itertools.pairwise(parts):
         if folder.startswith("models--") and snapshots == "snapshots":
             org, _, name = folder.removeprefix("models--").partition("--")
             return f"{org}/{name}" if name else org

@@ -81,9 +81,7 @@ def _explain(error: Exception) -> tuple[int, str]:
             f"error: {what}. Nothing was written at the output and no input was changed.\nFix: check free space, "
             "permissions and the network for the file named above, then run again."
         )
-    return EXIT_FAILED, (
-        f"unexpected {what}\nThis is a bug in safemerge: run again with -v and report the traceback."
-    )
+    return EXIT_FAILED, (f"unexpected {what}\nThis is a bug in safemerge: run again with -v and report the traceback.")
 
 
 def _hub_lookup_failed(error: Exception) -> bool:

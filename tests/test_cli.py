@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import os
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -283,7 +283,9 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
-def test_a_verify_whose_probe_fails_prints_strict_json(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_verify_whose_probe_fails_prints_strict_json(
+    dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     """A merged model with a smaller vocabulary fails on the probe batch: its figures are infinite, printed as null."""
     import transformers
 
