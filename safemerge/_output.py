@@ -132,10 +132,16 @@ class Claim:
 def claim(target: Path, *, overwrite: bool) -> Iterator[Claim]:
     """Own `target` for the duration: lock its temporary sibling, clean what a killed run left, release at the end."""
     check_target(target, overwrite=overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
     work = work_directory(target)
-    work.mkdir(exist_ok=True)
-    fd = os.open(work / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work.mkdir(exist_ok=True)
+        fd = os.open(work / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:  # before any work: the place chosen cannot be written, a usage error
+        raise InputError(
+            f"Cannot write beside save_directory '{target}' ({type(exc).__name__}: {exc}); nothing was merged. Fix: "
+            "choose a directory on a filesystem you can write to."
+        ) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
