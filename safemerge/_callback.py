@@ -20,8 +20,9 @@ from safemerge.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-#: File name of the report, written into the merged model's directory.
-REPORT_NAME = "safemerge-report.json"
+#: Added to the merged directory's name for the report's file, beside it: `merged` -> `merged.safemerge-report.json`.
+#: Not inside: the merged directory may be pushed to the hub as it is, and the report names local paths.
+REPORT_SUFFIX = ".safemerge-report.json"
 #: Where a failed merge leaves the trained adapter, inside the trainer's output_dir.
 KEPT_ADAPTER = "adapter-before-failed-merge"
 
@@ -32,11 +33,13 @@ class SafeMergeCallback(TrainerCallback):
     `on_train_begin` runs `safemerge.check_before_training` on the trainer's PEFT model: a run the policy would
     refuse to merge stops there, before the first optimizer step, with the policy's `TiedWeightsError` and its fix.
     `on_train_end`, on the main process only, runs `safe_merge(model, output_dir, policy=..., in_place=False,
-    **merge_options)`: the merged model is saved and verified, the report is written into it as
-    `safemerge-report.json`, the verification figures go into the trainer's log history (`trainer.state.log_history`,
-    saved in `trainer_state.json`) and the `safemerge` logger, and the trainer's model is the PEFT model again
-    (so `trainer.save_model()` still saves the adapter). A merge that fails raises, after putting the PEFT model
-    back and saving the trained adapter to `<trainer output_dir>/adapter-before-failed-merge`.
+    **merge_options)`: the merged model is saved and verified, the report is written beside it as
+    `<output_dir>.safemerge-report.json` (`report_path`; not inside, where it would be pushed to the hub with the
+    model and publish local paths), the verification figures go into the trainer's log history
+    (`trainer.state.log_history`, saved in `trainer_state.json`) and the `safemerge` logger, and the trainer's model
+    is the PEFT model again (so `trainer.save_model()` still saves the adapter). A merge that fails raises, after
+    putting the PEFT model back and saving the trained adapter to
+    `<trainer output_dir>/adapter-before-failed-merge`.
 
     Checked before the first step too: the options (a name safe_merge does not take, a bad tolerance), an occupied
     `output_dir` (unless `overwrite=True`), and FSDP / DeepSpeed ZeRO-3 runs (sharded weights cannot be merged by one
@@ -51,6 +54,9 @@ class SafeMergeCallback(TrainerCallback):
 
     def __init__(self, output_dir: str | os.PathLike[str], *, policy: TiePolicy | str, **merge_options: Any) -> None:
         self.output_dir = Path(output_dir)
+        #: Where on_train_end writes the merge's report: beside the merged directory, not inside it.
+        merged = Path(os.path.abspath(self.output_dir))
+        self.report_path = merged.with_name(merged.name + REPORT_SUFFIX)
         self.policy = parse_policy(policy)
         _check_options(merge_options)
         self.merge_options = merge_options
@@ -83,7 +89,7 @@ class SafeMergeCallback(TrainerCallback):
         except Exception as exc:  # the run's result must survive a failed merge
             _undo.say_first(exc, _keep_adapter(model, Path(args.output_dir or ".") / KEPT_ADAPTER))
             raise
-        write_json_atomic(self.output_dir / REPORT_NAME, self.report.to_dict())
+        write_json_atomic(self.report_path, self.report.to_dict())
         figures = _figures(self.report)
         state.log_history.append({**figures, "step": state.global_step})
         logger.info(

@@ -36,7 +36,7 @@ def local_path(name: str | os.PathLike[str], role: str) -> Path | None:
 
 def check_tolerance(value: float | None) -> None:
     if value is not None and not (math.isfinite(value) and value >= 0):
-        raise ValueError(
+        raise InputError(
             f"logits_tolerance must be a finite number >= 0, got {value!r}; nothing was loaded. Fix: leave it unset "
             "(the default follows the dtype) or pass e.g. 1e-3."
         )

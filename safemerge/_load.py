@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import transformers
 
+from safemerge.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 #: PEFT task types and the transformers Auto class that builds the matching model.
@@ -62,12 +64,13 @@ def checkpoint_dtype(path: str, hub: Hub = Hub()) -> torch.dtype | None:
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
-    """A torch dtype from its name ("bfloat16", "torch.float16", "auto"); ValueError listing examples otherwise."""
+    """A torch dtype from its name ("bfloat16", "torch.float16", "auto"); InputError (a ValueError) listing the
+    valid names otherwise."""
     if name is None or isinstance(name, torch.dtype) or name == "auto":
         return name
     dtype = getattr(torch, str(name).removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype {name!r} is not a floating-point torch dtype. Use one of: float32, bfloat16, float16.")
+        raise InputError(f"dtype {name!r} is not a floating-point torch dtype. Use one of: float32, bfloat16, float16.")
     return dtype
 
 

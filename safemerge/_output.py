@@ -233,7 +233,10 @@ def claim(target: Path, *, overwrite: bool) -> Iterator[Claim]:
 
     Missing parent directories are created for the sibling, and removed again unless a model was put there."""
     check_target(target, overwrite=overwrite)
-    created = _make_parents(target.parent)
+    try:
+        created = _make_parents(target.parent)
+    except OSError as exc:
+        raise _unwritable(target, exc) from exc
     work = work_directory(target)
     try:
         fd = _lock(work, target)
@@ -260,6 +263,14 @@ def _make_parents(directory: Path) -> list[Path]:
     return missing
 
 
+def _unwritable(target: Path, exc: OSError) -> InputError:
+    """Before any work: the place chosen for the output cannot be written, a usage error."""
+    return InputError(
+        f"Cannot write beside save_directory '{target}' ({type(exc).__name__}: {exc}); nothing was merged. Fix: "
+        "choose a directory on a filesystem you can write to."
+    )
+
+
 def _remove_empty(directories: list[Path]) -> None:
     """Remove `directories` (deepest first) up to the first one that is not empty."""
     for directory in directories:
@@ -271,8 +282,11 @@ def _remove_empty(directories: list[Path]) -> None:
 
 def _lock(work: Path, target: Path) -> int:
     """Create `work` and lock it for this run: the lock's file descriptor (OutputBusyError if another run holds it)."""
-    work.mkdir(exist_ok=True)
-    fd = os.open(work / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        work.mkdir(exist_ok=True)
+        fd = os.open(work / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise _unwritable(target, exc) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -343,13 +357,14 @@ def write_staging(held: Claim, write: Callable[[Path], T]) -> T:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` as JSON to `path` through a temporary file in the same directory (mode from the umask)."""
+    """Write `data` as JSON to `path` through a temporary file in the same directory (mode from the umask). A NaN or
+    infinite float raises ValueError: strict parsers refuse them (reports pass through `to_jsonable` first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
+            json.dump(data, handle, indent=2, sort_keys=False, allow_nan=False)
             handle.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from safemerge._report import GroupState, MergePlan, TieDecision, TieGroup, TiePolicy
+from safemerge.errors import InputError
 
 _MAX_LISTED = 6
 
@@ -46,12 +47,12 @@ _REFUSED_BECAUSE = {
 
 
 def parse_policy(policy: object) -> TiePolicy:
-    """The TiePolicy named by `policy`; ValueError listing the valid values otherwise."""
+    """The TiePolicy named by `policy`; InputError (a ValueError) listing the valid values otherwise."""
     try:
         return TiePolicy(policy)
     except ValueError:
         valid = ", ".join(repr(p.value) for p in TiePolicy)
-        raise ValueError(
+        raise InputError(
             f"Unknown tie policy {policy!r}. Valid values: {valid}. "
             "'keep' keeps tied weights shared (refuses if the adapter changes tied members differently), "
             "'untie' gives tied members their own tensors where the adapter makes them differ, "

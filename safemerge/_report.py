@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -326,16 +327,16 @@ class DoctorReport:
 
 
 def to_jsonable(value: Any) -> Any:
-    """`value` (dataclasses, enums, tuples, paths) as JSON-safe data."""
+    """`value` (dataclasses, enums, tuples, paths) as JSON-safe data; a NaN or infinite float (a probe or reload that
+    failed) is None, since NaN and Infinity are not JSON."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "model"
-        } | _properties(value)
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.name != "model"}
+        return {name: to_jsonable(item) for name, item in (fields | _properties(value)).items()}
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, tuple | list):
         return [to_jsonable(v) for v in value]
-    if isinstance(value, float) and value != value:  # NaN is not JSON
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 

@@ -3,8 +3,9 @@ processor (with its chat template) and a model card."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,10 @@ def write_extras(
 ) -> list[Action]:
     """Save the tokenizer (if any) and the model card into `directory`; the actions taken."""
     done = []
+    source, _ = card_name(extras.tokenizer_source)  # the card lists the actions: no local path in them
     if extras.tokenizer is not None:
-        done.append(save_tokenizer(extras.tokenizer, directory, extras.tokenizer_source))
-    described = (
-        f"from {extras.tokenizer_source}" if extras.tokenizer is not None and extras.tokenizer_source else "saved"
-    )
+        done.append(save_tokenizer(extras.tokenizer, directory, source))
+    described = f"from {source}" if extras.tokenizer is not None and source else "saved"
     tokenizer = described if extras.tokenizer is not None else "none was found or given; add one before serving"
     card = write_card(
         directory,
@@ -118,14 +118,15 @@ def write_card(
 
     from safemerge._version import __version__
 
-    hub_base = base if base and not os.path.exists(base) else None
+    base_name, hub_base = card_name(base, config_file="config.json")
+    adapter_name, _ = card_name(adapter)
     data = ModelCardData(base_model=hub_base, library_name="transformers", tags=["safemerge", "peft", "merge"])
     lines = [
         "---",
         data.to_yaml(),
         "---",
         "",
-        f"# {Path(adapter).name if adapter else 'Adapter'} merged into {base or 'its base model'}",
+        f"# {adapter_name or 'Adapter'} merged into {base_name or 'its base model'}",
         "",
         f"Merged with safemerge {__version__} under the tie policy `{plan.policy}`: {plan.reason}.",
         "",
@@ -148,6 +149,56 @@ def write_card(
     ]
     ModelCard("\n".join(lines)).save(str(directory / "README.md"))
     return Action("write-card", (), "wrote the model card README.md (hub metadata, tie decisions, verification)")
+
+
+def card_name(source: str | None, *, config_file: str | None = None) -> tuple[str | None, str | None]:
+    """The name a model card gives a base or an adapter, and its hub id (None where it has none). A card is published
+    with the model: it names no local path, only a hub id or a directory's name.
+
+    A hub id is `source` itself when it is one, the repository of a snapshot in huggingface_hub's cache
+    (`.../models--org--name/snapshots/<commit>/`), or the `_name_or_path` an older transformers wrote in `config_file`.
+    """
+    if not source:
+        return None, None
+    path = Path(source)
+    if not path.exists():
+        hub_id = source if _is_hub_id(source) else None
+        return hub_id or path.name, hub_id
+    hub_id = _cached_repo_id(path) or (_recorded_hub_id(path / config_file) if config_file else None)
+    return hub_id or path.absolute().name, hub_id
+
+
+def _is_hub_id(text: str) -> bool:
+    """ "org/name" or "name" as the hub spells repository ids, not a path ("./x", "/x", "a/b/c")."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # public, not in __all__
+
+    if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _cached_repo_id(path: Path) -> str | None:
+    """The repository of a snapshot directory in huggingface_hub's cache layout (`models--{org}--{name}`)."""
+    parts = path.absolute().parts
+    for folder, snapshots in itertools.pairwise(parts):
+        if folder.startswith("models--") and snapshots == "snapshots":
+            org, _, name = folder.removeprefix("models--").partition("--")
+            return f"{org}/{name}" if name else org
+    return None
+
+
+def _recorded_hub_id(config: Path) -> str | None:
+    """The hub id recorded as `_name_or_path` in a config.json (transformers before 4.3x wrote it), if it is one."""
+    try:
+        recorded = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):  # no readable JSON object: the name is the directory's
+        return None
+    return recorded if isinstance(recorded, str) and _is_hub_id(recorded) else None
 
 
 def _verification_lines(verification: Verification | None) -> str:

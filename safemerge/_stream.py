@@ -37,8 +37,7 @@ def merge_low_memory(
 
     `load_model(offload_folder)` loads the adapter model with the base's weights offloaded
     (`_pretrained.load_inputs`)."""
-    low_memory_engine.return_freed_memory()
-    with _output.claim(target, overwrite=overwrite) as held:
+    with low_memory_engine.freed_memory_returned(), _output.claim(target, overwrite=overwrite) as held:
         model = load_model(str(held.offload))
         _outcome.refuse_non_finite_adapter(model)
         logger.info("inspecting tied weights and probing the adapter model (weights offloaded)")

@@ -1,7 +1,8 @@
 """The `safemerge` command: thin over the library, the only module that prints.
 
-Exit codes: 0 success; 1 refused, not faithful, or not written; 2 usage error (bad arguments, an input that is missing,
-damaged or overlaps the output, an occupied output); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Whatever
+Exit codes: 0 success; 1 refused, not faithful, not written, out of memory, a system error or a bug; 2 usage error
+(bad arguments, a hub id that names nothing, an input that is missing, damaged or overlaps the output, an occupied
+output); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Whatever
 the code, nothing is left half-written and no input is changed.
 """
 
@@ -45,12 +46,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"safemerge: {type(error).__name__}: {error}", file=sys.stderr)
         usage = isinstance(error, OutputExistsError | InputError) or _unreadable_input(error)
         return EXIT_USAGE if usage else EXIT_FAILED
-    except (OSError, ValueError) as error:  # unknown hub id, bad dtype ...
-        if args.verbose:
-            raise
-        print(f"safemerge: error: {error}", file=sys.stderr)
-        print("Fix: check the paths or hub ids and the options (safemerge COMMAND --help).", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("safemerge: interrupted; nothing was written at the output and no input was changed.", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -58,12 +53,52 @@ def _run(args: argparse.Namespace) -> int:
         if stop.code == EXIT_TERMINATED:
             print("safemerge: terminated; nothing was written at the output and no input was changed.", file=sys.stderr)
         raise
-    except Exception as error:  # a bug: say so, without a traceback unless -v
+    except Exception as error:
         if args.verbose:
             raise
-        print(f"safemerge: unexpected {type(error).__name__}: {error}", file=sys.stderr)
-        print("This is a bug in safemerge: run again with -v and report the traceback.", file=sys.stderr)
-        return EXIT_FAILED
+        code, explanation = _explain(error)
+        print(f"safemerge: {explanation}", file=sys.stderr)
+        return code
+
+
+def _explain(error: Exception) -> tuple[int, str]:
+    """The exit code and message of an error that is not safemerge's own: a hub id that names nothing (usage), a
+    lack of memory or a system error (the run failed), or else a bug."""
+    what = f"{type(error).__name__}: {error}"
+    if _hub_lookup_failed(error):
+        return EXIT_USAGE, (
+            f"error: {what}\nFix: check the paths or hub ids (a hub id has the form 'organisation/name'; "
+            "--revision must name a branch, tag or commit of it; a private or gated repository needs HF_TOKEN)."
+        )
+    if _out_of_memory(error):
+        return EXIT_FAILED, (
+            f"out of memory ({what}). Nothing was written at the output and no input was changed.\nFix: run with "
+            "--low-memory (merge: the base's weights stay on disk), spread the model over the devices with "
+            "--device-map auto, or load and compute in a smaller dtype (--dtype bfloat16)."
+        )
+    if isinstance(error, OSError):  # the disk, a permission, the network: not the arguments
+        return EXIT_FAILED, (
+            f"error: {what}. Nothing was written at the output and no input was changed.\nFix: check free space, "
+            "permissions and the network for the file named above, then run again."
+        )
+    return EXIT_FAILED, (f"unexpected {what}\nThis is a bug in safemerge: run again with -v and report the traceback.")
+
+
+def _hub_lookup_failed(error: Exception) -> bool:
+    """A hub id or revision that names nothing (or is not a valid id): the arguments are wrong."""
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    return isinstance(error, RepositoryNotFoundError | RevisionNotFoundError | HFValidationError)
+
+
+def _out_of_memory(error: Exception) -> bool:
+    """CUDA's or the CPU's allocator gave up: a resource problem (torch's CPU allocator raises a RuntimeError)."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # not imported: no tensor was allocated, so no allocator failed
+    if torch is None or not isinstance(error, RuntimeError):
+        return False
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
 def _unreadable_input(error: SafeMergeError) -> bool:
@@ -103,17 +138,17 @@ def _merge(args: argparse.Namespace) -> int:
             token=args.token,
             trust_remote_code=args.trust_remote_code,
         )
-    except (SafeMergeError, OSError, ValueError) as error:  # every outcome has its report (main prints the message)
+    except Exception as error:  # every outcome has its report (main prints the message)
         failed = failure_report(error)
         if args.report is not None:
             write_json_atomic(args.report, failed)
         if args.json:
-            print(json.dumps(failed, indent=2))
+            print(json.dumps(failed, indent=2, allow_nan=False))
         raise
     if args.report is not None:
         write_json_atomic(args.report, report.to_dict())
     _emit(args, report.to_dict(), _merge_summary(args, report))
-    return EXIT_OK if report.ok else EXIT_FAILED
+    return EXIT_OK  # merge_pretrained returns only a verified (or unverified, --no-verify) merge; failures raise
 
 
 def _hub(args: argparse.Namespace) -> Any:
@@ -289,7 +324,7 @@ def _verdict(args: argparse.Namespace, v: Verification) -> list[str]:
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(data, indent=2, allow_nan=False))
     else:
         print("\n".join(lines))
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import logging
+import os
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from safemerge import _compat
+from safemerge._engines import in_memory
 from safemerge.cli import main
 from tests.models import ARCHS, adapter_model
 
@@ -35,7 +41,7 @@ def test_demo_shows_the_bug_and_the_policies(capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "silently wrong" in out
     assert "policy='keep'" in out and "refused (TiedWeightsError)" in out
-    assert "verified: True" in out
+    assert re.search(r"after reload: \S+ \(tolerance \S+\); verified\n", out)
 
 
 def test_merge_untie_writes_model_and_report(dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -266,3 +272,104 @@ def test_merge_options_reach_the_merge(dirs: dict[str, Path], monkeypatch: pytes
     )
     assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "mapped", "--policy", "untie", "-q",
                "--device-map", "auto") == 0  # fmt: skip
+
+
+def strict_json(text: str) -> Any:
+    """JSON as a strict parser reads it: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_verify_whose_probe_fails_prints_strict_json(
+    dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A merged model with a smaller vocabulary fails on the probe batch: its figures are infinite, printed as null."""
+    import transformers
+
+    small = transformers.AutoModelForCausalLM.from_pretrained(dirs["plain"])
+    small.resize_token_embeddings(16)
+    small.save_pretrained(dirs["tmp"] / "small")
+    argv = ["verify", dirs["tmp"] / "small", "--base", dirs["base"], "--adapter", dirs["adapter"], "--json"]
+    assert run(*argv) == 1
+    data = strict_json(capsys.readouterr().out)
+    assert data["ok"] is False and data["max_abs_logits_diff"] is None
+    assert any("failed on the probe batch" in problem for problem in data["problems"])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError()],
+    ids=["cuda", "cpu"],
+)
+def test_out_of_memory_is_a_resource_failure_with_the_fixes(
+    dirs: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    def run_out_of_memory(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(in_memory, "execute", run_out_of_memory)
+    report = dirs["tmp"] / "report.json"
+    out = dirs["tmp"] / "out"
+    assert run("merge", dirs["base"], dirs["adapter"], out, "--policy", "untie", "--report", report) == 1
+    err = capsys.readouterr().err
+    assert f"safemerge: out of memory ({type(error).__name__}" in err
+    assert "Fix: run with --low-memory" in err and "--device-map auto" in err and "--dtype bfloat16" in err
+    assert "bug" not in err and "Traceback" not in err
+    assert not out.exists()
+    assert strict_json(report.read_text())["error"]["kind"] == type(error).__name__
+
+
+def test_a_failed_rename_into_place_is_a_write_failure_not_a_usage_error(
+    dirs: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge is verified, then the rename that puts it in place fails (EIO): exit 1, and no advice on paths."""
+    out = dirs["tmp"] / "out"
+    rename = os.rename
+
+    def failing_rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(dst) == out:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src), None, str(dst))
+        rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    assert run("merge", dirs["base"], dirs["adapter"], out, "--policy", "untie", "-q") == 1
+    err = capsys.readouterr().err
+    assert "Input/output error" in err and "check the paths" not in err and "bug" not in err
+    assert "Fix:" in err
+    assert not out.exists()
+
+
+def test_a_hub_id_that_names_nothing_is_a_usage_error(
+    dirs: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub's refusal of an id (HFValidationError, RepositoryNotFoundError) reaching the command: exit 2."""
+    from huggingface_hub.utils import validate_repo_id
+
+    from safemerge import _load
+
+    monkeypatch.setattr(_load, "checkpoint_dtype", lambda *args, **kwargs: validate_repo_id("org/bad name!"))
+    assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "out", "--policy", "untie", "-q") == 2
+    err = capsys.readouterr().err
+    assert "safemerge: error: HFValidationError" in err and "Fix: check the paths or hub ids" in err
+
+
+def test_the_demo_fails_loudly_when_a_verification_fails(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a TiedWeightsError is the demo's expected refusal; a failed verification stops it with exit 1."""
+    from safemerge import _verify
+
+    check_reload = _verify.check_reload
+
+    def failing_check(*args: Any, **kwargs: Any) -> Any:
+        verification, reloaded, retie = check_reload(*args, **kwargs)
+        return dataclasses.replace(verification, problems=("lm_head.weight: planted problem",)), reloaded, retie
+
+    monkeypatch.setattr(_verify, "check_reload", failing_check)
+    assert main(["demo"]) == 1
+    captured = capsys.readouterr()
+    assert "safemerge: VerificationError: Verification failed: lm_head.weight: planted problem" in captured.err
+    assert "policy='untie'" in captured.out and "merged; actions" not in captured.out

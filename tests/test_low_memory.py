@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import safemerge
-from safemerge import _compat, _rows
+from safemerge import _compat, _pretrained, _rows
 from safemerge._engines import low_memory
 from safemerge._modules import tie_flags
 from safemerge._reload import fingerprint
@@ -272,3 +272,49 @@ def test_an_accelerate_too_old_for_low_memory_is_refused_before_loading(
             low_memory=True,
         )
     assert not (tmp_path / "m").exists()
+
+
+def test_the_mmap_threshold_is_put_back_when_the_context_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mallopt has no getter: the calls made through our one wrapper are what changes glibc's setting."""
+    calls: list[int] = []
+    monkeypatch.setattr(low_memory, "_set_mmap_threshold", calls.append)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    with pytest.raises(KeyError), low_memory.freed_memory_returned():
+        assert calls == [1 << 20]
+        raise KeyError("a merge that fails")
+    assert calls == [1 << 20, 128 * 1024], "glibc's default, also after a failure"
+    calls.clear()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0:glibc.malloc.mmap_threshold=0x40000")
+    with low_memory.freed_memory_returned():
+        pass
+    assert calls == [1 << 20, 0x40000], "the value the process started with"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    with low_memory.freed_memory_returned():
+        pass
+    assert calls[-1] == 65536
+
+
+@needs_low_memory
+@pytest.mark.parametrize("policy", ["untie", "keep"])
+def test_a_low_memory_merge_sets_the_threshold_only_while_it_runs(
+    base_dirs: dict[str, Path],
+    saved_adapter: Callable[[str, str], Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    policy: str,
+) -> None:
+    """Set before the model is loaded, put back when the merge ends, whether it merged or was refused."""
+    calls: list[object] = []
+    monkeypatch.setattr(low_memory, "_set_mmap_threshold", calls.append)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    load = _pretrained.load_inputs
+    monkeypatch.setattr(_pretrained, "load_inputs", lambda *a, **k: calls.append("load") or load(*a, **k))
+    arguments = (str(base_dirs["llama"]), str(saved_adapter("llama", "lora-both")), tmp_path / "merged")
+    if policy == "keep":
+        with pytest.raises(safemerge.TiedWeightsError, match="Fix: use policy='untie'"):
+            safemerge.merge_pretrained(*arguments, policy=policy, low_memory=True)
+    else:
+        safemerge.merge_pretrained(*arguments, policy=policy, low_memory=True)
+    assert calls == [1 << 20, "load", 128 * 1024]

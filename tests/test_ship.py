@@ -394,3 +394,59 @@ def test_a_bad_dtype_is_refused_before_anything_runs(
     with pytest.raises(ValueError, match=r"'int8' is not a floating-point torch dtype. Use one of: float32"):
         safemerge.merge_pretrained(str(base), str(adapter), tmp_path / "m", policy="untie", **{option: "int8"})
     assert not (tmp_path / "m").exists()
+
+
+def hub_cache_snapshot(source: Path, cache: Path, repo_id: str) -> Path:
+    """A copy of `source` where huggingface_hub's cache keeps a snapshot of `repo_id`."""
+    snapshot = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0123abcd" * 5)
+    shutil.copytree(source, snapshot)
+    return snapshot
+
+
+def card_of(out: Path) -> tuple[str, str | None]:
+    """The card's text and its base_model metadata."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    return card.content, card.data.base_model
+
+
+@pytest.mark.parametrize("low_memory", ENGINES, ids=["in-memory", "low-memory"])
+def test_the_card_names_hub_snapshots_by_their_id_and_no_local_path(
+    base_and_adapter: tuple[Path, Path], tmp_path: Path, low_memory: bool
+) -> None:
+    base, adapter = base_and_adapter
+    cache = tmp_path / "hf-cache" / "hub"
+    base, adapter = hub_cache_snapshot(base, cache, "org/tiny-llama"), hub_cache_snapshot(adapter, cache, "me/tuned")
+    out = tmp_path / "merged"
+    safemerge.merge_pretrained(str(base), str(adapter), out, policy="untie", low_memory=low_memory)
+    text, base_model = card_of(out)
+    assert base_model == "org/tiny-llama"
+    assert "# me/tuned merged into org/tiny-llama" in text
+    assert str(tmp_path) not in text, "the card publishes no local directory"
+
+
+def test_the_card_names_a_local_base_by_its_directory_or_its_recorded_hub_id(
+    base_and_adapter: tuple[Path, Path], tmp_path: Path
+) -> None:
+    base, adapter = base_and_adapter
+    safemerge.merge_pretrained(str(base), str(adapter), tmp_path / "plain", policy="untie")
+    text, base_model = card_of(tmp_path / "plain")
+    assert base_model is None and "# adapter merged into base" in text and str(tmp_path) not in text
+    # A checkpoint saved by an older transformers records the hub id it came from.
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": "org/tiny-llama"}))
+    safemerge.merge_pretrained(str(base), str(adapter), tmp_path / "recorded", policy="untie")
+    text, base_model = card_of(tmp_path / "recorded")
+    assert base_model == "org/tiny-llama" and "# adapter merged into org/tiny-llama" in text
+    assert str(tmp_path) not in text
+
+
+def test_safe_merge_cards_name_the_base_peft_recorded_without_its_path(
+    make_adapter_model: Callable[[str, str], object], base_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = make_adapter_model("llama", "lora-both")
+    safemerge.safe_merge(model, tmp_path / "merged", policy="untie")
+    text, base_model = card_of(tmp_path / "merged")
+    assert base_model is None and "# Adapter merged into llama" in text
+    assert str(base_dirs["llama"]) not in text and str(tmp_path) not in text

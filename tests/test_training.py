@@ -125,8 +125,12 @@ def test_untie_ends_the_run_with_a_verified_merge(base_dirs: dict[str, Path], tm
     trained = trained_logits(run, base_dirs, tmp_path / "adapter")
     merged = load_base(ARCHS["llama"], tmp_path / "merged")
     torch.testing.assert_close(logits(merged, sample_ids()), trained, rtol=1e-4, atol=1e-4)
-    report = json.loads((tmp_path / "merged" / "safemerge-report.json").read_text())
+    # Beside the merged directory, not in it: that directory may be pushed as it is, and the report names local paths.
+    assert callback.report_path == tmp_path / "merged.safemerge-report.json"
+    report = json.loads(callback.report_path.read_text())
     assert report["ok"] is True and report["plan"]["policy"] == "untie"
+    assert report["save_directory"] == str(tmp_path / "merged")
+    assert "safemerge-report.json" not in {p.name for p in (tmp_path / "merged").iterdir()}
     logged = next(entry for entry in run.state.log_history if "safemerge/ok" in entry)
     assert (
         logged["safemerge/ok"] is True

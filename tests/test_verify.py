@@ -80,3 +80,33 @@ def test_progress_bars_on_a_terminal_unless_quiet(
     captured = capsys.readouterr()
     assert json.loads(captured.out)["ok"] is True
     assert ("Fingerprinting tensors" in captured.err) is shown
+
+
+def test_infinite_and_nan_figures_are_written_as_null(tmp_path: Path) -> None:
+    """A probe or reload that failed leaves inf figures: reports stay JSON (null), and a non-finite float that
+    escapes to_jsonable raises instead of writing Infinity."""
+    from safemerge._output import write_json_atomic
+    from safemerge._report import MemberCheck, Verification
+
+    verification = Verification(
+        probe_tokens=8,
+        logits_tolerance=1e-3,
+        max_abs_logits_diff_in_memory=float("nan"),
+        max_abs_logits_diff_reloaded=float("inf"),
+        members=(MemberCheck("lm_head.weight", float("-inf"), None),),
+        reloaded_tensors_compared=0,
+        tensors_not_identical=(),
+        ties_after_reload=None,
+        problems=("the reloaded model failed on the probe batch (IndexError: index out of range)",),
+    )
+    write_json_atomic(tmp_path / "report.json", verification.to_dict())
+    data = json.loads((tmp_path / "report.json").read_text(), parse_constant=_refuse_constant)
+    assert data["max_abs_logits_diff_in_memory"] is None and data["max_abs_logits_diff_reloaded"] is None
+    assert data["max_abs_logits_diff"] is None and data["members"][0]["max_abs_diff_vs_adapter"] is None
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        write_json_atomic(tmp_path / "bad.json", {"figure": float("inf")})
+    assert not list(tmp_path.glob("*bad*")), "nothing half-written"
+
+
+def _refuse_constant(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")

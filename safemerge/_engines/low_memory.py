@@ -14,6 +14,7 @@ import ctypes.util
 import hashlib
 import inspect
 import json
+import os
 import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -162,21 +163,59 @@ def write(
     return written
 
 
-def return_freed_memory() -> None:
-    """Have glibc's malloc give every block of 1 MiB or more back to the operating system when it is freed
-    (`mallopt(M_MMAP_THRESHOLD)`, for the rest of the process; elsewhere than glibc, nothing).
+@contextmanager
+def freed_memory_returned() -> Iterator[None]:
+    """While the context runs, have glibc's malloc give every block of 1 MiB or more back to the operating system
+    when it is freed (`mallopt(M_MMAP_THRESHOLD)`; elsewhere than glibc, nothing); then put the threshold back.
 
     By default glibc keeps freed blocks of the sizes a merge allocates over and over (a layer's weights, a block of
     rows) in its heaps, and the process's memory grows with every layer although nothing is held: 2.0 GB in place of
     1.0 GB on the benchmark's 1.24B model. The price is a page fault per page of each large allocation.
+
+    glibc has no getter: the threshold put back is the one the process started with (`MALLOC_MMAP_THRESHOLD_` or
+    `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=N`), else glibc's default, 128 KiB. What stays different without
+    those: setting the threshold turns off glibc's dynamic threshold for good (no call turns it back on), so it stays
+    at 128 KiB instead of rising towards 32 MiB with the blocks the program frees, and blocks of 128 KiB or more are
+    still given back to the system when freed.
     """
+    restore = _starting_mmap_threshold()
+    _set_mmap_threshold(1 << 20)
+    try:
+        yield
+    finally:
+        _set_mmap_threshold(restore)
+
+
+#: glibc's default M_MMAP_THRESHOLD (malloc.h: DEFAULT_MMAP_THRESHOLD_MIN, 128 KiB).
+_GLIBC_DEFAULT_MMAP_THRESHOLD = 128 * 1024
+
+
+def _starting_mmap_threshold() -> int:
+    """The threshold glibc took from the environment at start-up (the later setting wins), or its default."""
+    value = _GLIBC_DEFAULT_MMAP_THRESHOLD
+    for tunable in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, number = tunable.partition("=")
+        if name == "glibc.malloc.mmap_threshold":
+            value = _parse_size(number, value)
+    return _parse_size(os.environ.get("MALLOC_MMAP_THRESHOLD_", ""), value)
+
+
+def _parse_size(text: str, default: int) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:  # unset, or a value glibc would ignore too
+        return default
+
+
+def _set_mmap_threshold(value: int) -> None:
+    """mallopt(M_MMAP_THRESHOLD, value) on Linux with glibc; nothing elsewhere. The one call that changes it."""
     if sys.platform != "linux":
         return
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
         return
-    mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    mallopt(_M_MMAP_THRESHOLD, value)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
