@@ -80,8 +80,8 @@ def analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> Anal
     declared = _compat.declared_ties(root)
     found = adapted_weights(root)
     probe = dict(probe_inputs) if probe_inputs is not None else _probe.make_probe(root, found.changed_rows())
-    # One forward pass: the adapter model's logits, and which tied members' PEFT layers it calls.
-    logits, called = _run(model, probe, found.wrappers)
+    # One forward pass: the adapter model's logits, and which tied members' modules (PEFT layers or not) it calls.
+    logits, called = _run(model, probe, found.member_modules)
     tied = find_tied_weights(root, found, called, declared, _compat.ties_kept_whatever_the_flag(root))
     facts = model_facts(root, declared)
     inspection = TieInspection(

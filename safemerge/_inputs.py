@@ -163,3 +163,45 @@ def load_failures_as_input_errors(what: str, fix: str) -> Iterator[None]:
         raise
     except Exception as exc:
         raise InputError(f"{what} ({type(exc).__name__}: {str(exc).strip()[:400]}). {fix}") from exc
+
+
+_OFFLOAD_FIX = (
+    "Fix: merge with the low-memory engine, made for models bigger than memory (merge_pretrained(..., "
+    "low_memory=True); CLI: --low-memory, without --device-map), or give a device map that puts every module on a "
+    "device with room for it (device_map='cuda', or {'': 'cpu'})."
+)
+
+
+def check_device_map(device_map: Any) -> None:
+    """Refuse, before anything is loaded, a device map that offloads weights: the in-memory merge cannot use it."""
+    if not isinstance(device_map, dict):
+        return  # "auto" and the like: known once loaded (check_not_offloaded)
+    places = {str(place) for place in device_map.values()}
+    # "cpu" is where the weights stay unless accelerate also runs layers elsewhere: then it offloads them there
+    on_accelerator = bool(places - {"cpu", "disk"})
+    offloaded = sorted(
+        name for name, place in device_map.items() if str(place) == "disk" or (str(place) == "cpu" and on_accelerator)
+    )
+    if offloaded:
+        shown = ", ".join(repr(n) for n in offloaded[:3]) + (
+            f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else ""
+        )
+        raise InputError(
+            f"The device map offloads {shown} ('disk', or 'cpu' beside other devices): accelerate then keeps those "
+            "weights out of the model and loads them only while a layer runs, so the in-memory merge would compute "
+            f"its merged weights from empty placeholders. Nothing was loaded. {_OFFLOAD_FIX}"
+        )
+
+
+def check_not_offloaded(model: Any) -> None:
+    """Refuse a model whose weights accelerate offloaded (they sit on the `meta` device): the in-memory merge reads
+    and writes every weight in the model."""
+    offloaded = [name for name, param in model.named_parameters() if param.is_meta]
+    if offloaded:
+        shown = ", ".join(offloaded[:3]) + (f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else "")
+        raise InputError(
+            f"{len(offloaded)} weights of this model are offloaded by accelerate (on the meta device: {shown}), as a "
+            "device map with 'cpu'/'disk' entries or device_map='auto' on a model bigger than the devices leaves them; "
+            "the in-memory merge would compute its merged weights from empty placeholders. Nothing was changed. "
+            + _OFFLOAD_FIX
+        )

@@ -61,7 +61,7 @@ def _lora_weight(layer: LoraLinear | LoraEmbedding, weight: torch.Tensor) -> Row
                 block += delta(start, stop)
             return block.to(weight.dtype)
 
-    return Rows(weight.shape, weight.dtype, rows)
+    return Rows(weight.shape, weight.dtype, rows, weight.device)
 
 
 def _lora_delta(layer: LoraLinear | LoraEmbedding, adapter: str) -> Any:

@@ -56,6 +56,7 @@ def safe_merge(
     Raises:
         ValueError: unknown policy.
         TypeError: `model` is not a PeftModel.
+        InputError: accelerate offloaded some of the model's weights (merge with merge_pretrained(low_memory=True)).
         TiedWeightsError: the policy forbids this merge (nothing was changed).
         UnsupportedAdapterError: no merged model can compute what this adapter model computes.
         InputError: `save_directory` is the current directory, one above it, home or `/`, or its name is too long.
@@ -102,6 +103,7 @@ def merge_peft_model(
     snapshotted for a restore, and it is freed before the saved model is loaded: one model in memory at a time."""
     _inputs.check_tolerance(tolerance)
     peft_model = require_peft_model(model)
+    _inputs.check_not_offloaded(peft_model)
     target = _output.resolved(save_directory)
     _output.check_target(target, overwrite=overwrite)
     _outcome.refuse_non_finite_adapter(peft_model)

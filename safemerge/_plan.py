@@ -75,7 +75,7 @@ def _before_peft_merge(tied: TiedWeights) -> list[Action]:
         )
         for g in tied.groups
         for m in g.members
-        if m.inert
+        if m.inert and m.peft_layer  # an inert member without a PEFT layer has nothing to drop
     ]
     if tied.untied_changes:
         changed = tuple(tied.untied_changes)

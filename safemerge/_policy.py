@@ -97,7 +97,8 @@ def describe(group: TieGroup, *, figures: bool = True) -> str:
     parts = []
     for m in group.members:
         if m.inert:
-            parts.append(f"{m.name}: {m.peft_layer}, never called by the forward, so it follows the other members")
+            layer = f"{m.peft_layer}, " if m.peft_layer else ""
+            parts.append(f"{m.name}: {layer}never called by the forward, so it follows the other members")
         elif m.changed:
             by = f" by up to {m.max_abs_change:.3g}" if figures else " by training"
             parts.append(f"{m.name}: {m.peft_layer}, changed{by}")

@@ -67,7 +67,8 @@ def merge_pretrained(
         dtype: the dtype to load and compute in (default "auto": the checkpoint's own).
         out_dtype: the dtype to save in (default: the checkpoint's own, whatever `dtype` is: merging in float32 saves
             a bfloat16 checkpoint in bfloat16, rounded once).
-        device_map: accelerate device map for the in-memory merge (not with `low_memory`).
+        device_map: accelerate device map for the in-memory merge (not with `low_memory`); one that offloads weights
+            ("disk", or "cpu" beside a GPU) is refused: use `low_memory` for those.
         verify: check the merged and the saved model against the adapter model.
         overwrite: replace a non-empty `save_directory` once the new model is verified.
         logits_tolerance: max |logits difference| accepted (default: relative to the dtype and the logits' scale).
@@ -84,8 +85,8 @@ def merge_pretrained(
 
     Raises:
         AdapterMismatchError: the doctor found that the adapter does not fit the base (nothing was loaded).
-        InputError: an input is missing, damaged or does not load; `save_directory` is the current directory, one
-            above it, home or `/`, or its name is too long.
+        InputError: an input is missing, damaged or does not load; `device_map` offloads weights; `save_directory`
+            is the current directory, one above it, home or `/`, or its name is too long.
         TiedWeightsError: the policy forbids this merge (nothing was written).
         UnsupportedAdapterError: no merged model can compute what this adapter model computes.
         OutputExistsError: `save_directory` is not empty and overwrite is False.
@@ -103,6 +104,7 @@ def merge_pretrained(
             "low_memory keeps the base's weights on disk and merges on the CPU, so it takes no device_map; nothing "
             "was loaded. Fix: drop device_map (CLI: --device-map), or merge in memory with it (without low_memory)."
         )
+    _inputs.check_device_map(device_map)
     if push_to_hub and not verify:
         raise InputError(
             "push_to_hub uploads only a verified merge; it cannot be combined with verify=False (CLI: --no-verify). "

@@ -30,7 +30,7 @@ class TieMember:
     name: str
     #: The PEFT layer standing in for this member's module ("lora.Linear", "modules_to_save", ...), or "".
     peft_layer: str
-    #: Whether the adapter model's forward calls that PEFT layer; an uncalled one changes nothing.
+    #: Whether the adapter model's forward calls this member's module (its PEFT layer where it has one).
     used_in_forward: bool
     #: max |effective weight - base weight| of this member in the adapter model.
     max_abs_change: float
@@ -39,8 +39,8 @@ class TieMember:
 
     @property
     def inert(self) -> bool:
-        """A PEFT layer the forward never calls: nothing reads this member, so it follows the other members."""
-        return bool(self.peft_layer) and not self.used_in_forward
+        """The forward never calls this member's module: nothing reads it, so it follows the other members."""
+        return not self.used_in_forward
 
 
 @dataclass(frozen=True)

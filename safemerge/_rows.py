@@ -30,6 +30,8 @@ class Rows:
     dtype: torch.dtype
     #: The rows [start, stop) of the tensor.
     compute: Callable[[int, int], torch.Tensor]
+    #: Where `compute` computes: the device of the weight it is computed from (a GPU for a model on one).
+    device: torch.device
 
     def detach(self) -> Rows:
         return self
@@ -37,8 +39,10 @@ class Rows:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def materialise(self) -> torch.Tensor:
-        whole = torch.empty(self.shape, dtype=self.dtype)
+    def materialise(self, device: torch.device | None = None) -> torch.Tensor:
+        """The whole tensor, on `device` (default: where it is computed, so it goes into the model where its base
+        weight is, without a copy through the CPU)."""
+        whole = torch.empty(self.shape, dtype=self.dtype, device=device or self.device)
         for start, stop in row_blocks(self):
             whole[start:stop] = self.compute(start, stop)
         return whole
@@ -65,15 +69,16 @@ def block(value: Value, start: int, stop: int) -> torch.Tensor:
     return value.detach()[start:stop] if value.dim() else value.detach()
 
 
-def materialise(value: Value) -> torch.Tensor:
-    """`value` as a tensor: computed whole if it is Rows."""
-    return value.materialise() if isinstance(value, Rows) else value
+def materialise(value: Value, device: torch.device | None = None) -> torch.Tensor:
+    """`value` as a tensor on `device` (default: where it is): computed whole if it is Rows."""
+    tensor = value.materialise(device) if isinstance(value, Rows) else value
+    return tensor if device is None else tensor.to(device)
 
 
 def scaled(value: Value, factor: float) -> Value:
     """`value * factor`, computed block by block where `value` is."""
     if isinstance(value, Rows):
-        return Rows(value.shape, value.dtype, lambda start, stop: value.compute(start, stop) * factor)
+        return Rows(value.shape, value.dtype, lambda start, stop: value.compute(start, stop) * factor, value.device)
     return value.detach() * factor
 
 
@@ -82,7 +87,7 @@ def in_dtype(value: Value, dtype: torch.dtype) -> Value:
     if isinstance(value, Rows):
         if value.dtype == dtype:
             return value
-        return Rows(value.shape, dtype, lambda start, stop: value.compute(start, stop).to(dtype))
+        return Rows(value.shape, dtype, lambda start, stop: value.compute(start, stop).to(dtype), value.device)
     return value.detach().to(dtype)
 
 
@@ -101,15 +106,24 @@ def equal(a: Value, b: Value) -> bool:
         return False
     if value_key(a) == value_key(b):
         return True
-    return all(torch.equal(block(a, *rows), block(b, *rows)) for rows in row_blocks(a))
+    return all(torch.equal(*_on_one_device(block(a, *rows), block(b, *rows))) for rows in row_blocks(a))
 
 
 def row_max_abs_diff(a: Value, b: Value) -> torch.Tensor:
     """max |a - b| of every row (every element of a 1-D tensor), in float32, a block of rows at a time."""
     if len(a.shape) < 2:
-        return (block(a, *next(row_blocks(a))).float() - block(b, *next(row_blocks(b))).float()).abs()
-    diffs = [(block(a, *rows).float() - block(b, *rows).float()).abs().flatten(1).amax(dim=1) for rows in row_blocks(a)]
+        first, second = _on_one_device(block(a, *next(row_blocks(a))), block(b, *next(row_blocks(b))))
+        return (first.float() - second.float()).abs()
+    diffs = []
+    for rows in row_blocks(a):
+        first, second = _on_one_device(block(a, *rows), block(b, *rows))
+        diffs.append((first.float() - second.float()).abs().flatten(1).amax(dim=1))
     return torch.cat(diffs)
+
+
+def _on_one_device(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`a`, and `b` where `a` is: a member on a GPU compared with a value computed elsewhere (a block at a time)."""
+    return a, b.to(a.device)
 
 
 def max_abs_diff(a: Value, b: Value) -> float:

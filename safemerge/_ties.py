@@ -63,14 +63,15 @@ class AdaptedWeights:
         """max |value - base| of every row; zero for the base tensor itself."""
         key = value_key(value)
         if key == value_key(base):
-            return torch.zeros(max(1, len(base) if base.dim() else 1))
+            return torch.zeros(max(1, len(base) if base.dim() else 1), device=base.device)
         if key not in self.row_changes:
             self.row_changes[key] = row_max_abs_diff(value, base)
         return self.row_changes[key]
 
     @property
-    def wrappers(self) -> list[torch.nn.Module]:
-        return [p.wrapper for group in self.groups for p in group if p.wrapper is not None]
+    def member_modules(self) -> list[torch.nn.Module]:
+        """The module the forward calls to read each tied member: its PEFT layer, or the base module holding it."""
+        return [member_module(p) for group in self.groups for p in group]
 
     def changed_rows(self, limit: int = 8) -> list[int]:
         """Token ids of the embedding rows the adapter changes most (trainable tokens, embedding LoRA)."""
@@ -100,14 +101,14 @@ def find_tied_weights(
 ) -> TiedWeights:
     """Tie groups of `root` (a PEFT model's base model) and each member's effective weight.
 
-    `called` holds the ids of the PEFT wrappers that the adapter model's forward called. A wrapper the forward never
-    calls (T5's `shared`) makes its member inert: nothing reads it, so it takes the weight the other members agree
-    on (the base weight when they disagree).
+    `called` holds the ids of the member modules (`member_module`) that the adapter model's forward called. A member
+    whose module the forward never calls (T5's and Marian's `shared`, with a PEFT layer or without) is inert:
+    nothing reads it, so it takes the weight the other members agree on (the base weight when they disagree).
     """
     groups, params, one_module = [], [], []
     effective: dict[str, Value] = {}
     for group, merged in zip(found.groups, found.adapted, strict=True):
-        inert = [p.wrapper is not None and id(p.wrapper) not in called for p in group]
+        inert = [id(member_module(p)) not in called for p in group]
         adapted = [None if dead else value for value, dead in zip(merged, inert, strict=True)]
         values, changed, uniform = _settle(group[0].tensor.detach(), adapted, inert)
         effective.update(zip((p.name for p in group), values, strict=True))
@@ -124,6 +125,11 @@ def find_tied_weights(
         untied_changes=dict(_untied_changes(params, found.merged_layers, called, tied_names)),
         adapter_ties=_adapter_ties(root, [set(g.names) for g in groups]),
     )
+
+
+def member_module(p: BaseParameter) -> torch.nn.Module:
+    """What the forward calls to read member `p`: its outermost PEFT layer, or the base module that holds it."""
+    return p.wrapper if p.wrapper is not None else p.owner
 
 
 def _settle(base: torch.Tensor, adapted: list[Value | None], inert: list[bool]) -> tuple[list[Value], list[bool], bool]:
@@ -160,7 +166,7 @@ def _tie_group(
         TieMember(
             name=p.name,
             peft_layer=describe_wrapper(p.wrapper),
-            used_in_forward=p.wrapper is not None and not dead,
+            used_in_forward=not dead,
             max_abs_change=amount,
             changed=change,
         )

@@ -160,7 +160,7 @@ def _member_checks(
         if have.dtype != want.dtype:
             problems.append(f"{label} {member.name}: {have.dtype} where the base model has {want.dtype}")
         # The engine puts the effective tensor itself in place where it can: the same storage needs no comparison.
-        diff = 0.0 if value_key(have) == value_key(want) else max_abs_diff(_on_cpu(have), _on_cpu(want))
+        diff = 0.0 if value_key(have) == value_key(want) else max_abs_diff(have, want)  # on have's device
         members.append(MemberCheck(member.name, diff, None))
         if diff > max(same_weight_tolerance(want), rounding_slack * member.max_abs_change):
             change = (
@@ -172,10 +172,6 @@ def _member_checks(
                 f"{label} {member.name}: differs from the weight the adapter model uses by {diff:.3g} ({change})"
             )
     return tuple(members), problems
-
-
-def _on_cpu(value: Value) -> Value:
-    return value.cpu() if isinstance(value, torch.Tensor) else value
 
 
 def check_reload(

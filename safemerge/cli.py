@@ -257,7 +257,7 @@ def inspection_table(inspection: TieInspection) -> list[str]:
         width = max(len(m.name) for m in group.members)
         lines.append(f"  {'member':<{width}}  {'PEFT layer':<24} {'called':<7} max |change|")
         for m in group.members:
-            called = "yes" if m.used_in_forward else ("no" if m.peft_layer else "-")
+            called = "yes" if m.used_in_forward else "no"
             lines.append(f"  {m.name:<{width}}  {m.peft_layer or '-':<24} {called:<7} {m.max_abs_change:.3g}")
         if group.inseparable:
             lines.append(

@@ -169,6 +169,95 @@ ARCHS = {
     ]
 }
 
+#: T5-style sizes (T5, mT5, UMT5, LongT5, SwitchTransformers).
+T5_SIZES = {"vocab_size": VOCAB, "d_model": HIDDEN, "d_ff": 64, "d_kv": 8, "num_layers": 1, "num_heads": 4}
+
+
+def _seq2seq(name: str, config: str, model: str, attention: tuple[str, ...], embed: str, **sizes: Any) -> Arch:
+    return Arch(name, lambda: getattr(tf, config)(**sizes), getattr(tf, model), embed, "lm_head", attention)
+
+
+def _bart_like(name: str, config: str, model: str, **extra: Any) -> Arch:
+    return _seq2seq(name, config, model, ("q_proj", "v_proj"), "embed_tokens", **{**ENCODER_DECODER, **extra})
+
+
+def _t5_like(name: str, config: str, model: str, **extra: Any) -> Arch:
+    return _seq2seq(name, config, model, ("q", "v"), "embed_tokens", **T5_SIZES, decoder_start_token_id=0, **extra)
+
+
+#: Encoder-decoders that keep a `shared` embedding module the forward never calls, tied to the encoder/decoder
+#: embeddings and lm_head (not in ARCHS: tests/test_merge.py's inert-member test builds them when it needs them).
+SEQ2SEQ = {
+    a.name: a
+    for a in [
+        # transformers 5: PEFT's trainable tokens leave Marian's `shared` without a PEFT layer (it wraps the others).
+        _bart_like("marian", "MarianConfig", "MarianMTModel", pad_token_id=VOCAB - 1, decoder_start_token_id=VOCAB - 1),
+        _bart_like("mbart", "MBartConfig", "MBartForConditionalGeneration"),
+        _bart_like("pegasus", "PegasusConfig", "PegasusForConditionalGeneration"),
+        _bart_like("blenderbot", "BlenderbotConfig", "BlenderbotForConditionalGeneration"),
+        _bart_like("blenderbot-small", "BlenderbotSmallConfig", "BlenderbotSmallForConditionalGeneration"),
+        _bart_like("m2m100", "M2M100Config", "M2M100ForConditionalGeneration"),
+        _bart_like("nllb-moe", "NllbMoeConfig", "NllbMoeForConditionalGeneration", num_experts=2, expert_capacity=8),
+        _bart_like("plbart", "PLBartConfig", "PLBartForConditionalGeneration"),
+        _bart_like(
+            "bigbird-pegasus",
+            "BigBirdPegasusConfig",
+            "BigBirdPegasusForConditionalGeneration",
+            attention_type="original_full",
+        ),
+        _seq2seq(
+            "pegasus-x",
+            "PegasusXConfig",
+            "PegasusXForConditionalGeneration",
+            ("q_proj", "v_proj"),
+            "embed_tokens",
+            **{k: v for k, v in ENCODER_DECODER.items() if not k.endswith("_attention_heads")},
+            num_attention_heads=4,
+            block_size=8,
+            num_global_tokens=4,
+        ),
+        _seq2seq(
+            "led",
+            "LEDConfig",
+            "LEDForConditionalGeneration",
+            ("q_proj", "v_proj"),
+            "embed_tokens",
+            **{k: v for k, v in ENCODER_DECODER.items() if k != "max_position_embeddings"},
+            max_encoder_position_embeddings=64,
+            max_decoder_position_embeddings=64,
+            attention_window=4,
+        ),
+        _seq2seq(
+            "prophetnet",
+            "ProphetNetConfig",
+            "ProphetNetForConditionalGeneration",
+            ("query_proj", "value_proj"),
+            "word_embeddings",
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+            num_encoder_attention_heads=4,
+            num_decoder_attention_heads=4,
+            max_position_embeddings=64,
+            ngram=2,
+        ),
+        _t5_like("mt5", "MT5Config", "MT5ForConditionalGeneration"),
+        _t5_like("umt5", "UMT5Config", "UMT5ForConditionalGeneration"),
+        _t5_like("longt5", "LongT5Config", "LongT5ForConditionalGeneration", local_radius=4),
+        _t5_like(
+            "switch-transformers",
+            "SwitchTransformersConfig",
+            "SwitchTransformersForConditionalGeneration",
+            num_experts=2,
+            num_sparse_encoder_layers=1,
+            num_sparse_decoder_layers=1,
+        ),
+    ]
+}
+
 TOKENS = [3, 17, VOCAB - 4]
 
 

@@ -189,7 +189,7 @@ def test_no_tied_weight_is_held_whole(
     category, _ = expected("llama", kind, "reloaded")
     policy = next(policy for policy in ("keep", "untie") if merges(category, policy))
 
-    def whole(rows: Rows) -> torch.Tensor:
+    def whole(rows: Rows, device: torch.device | None = None) -> torch.Tensor:
         raise AssertionError(f"a {tuple(rows.shape)} value was computed whole")
 
     monkeypatch.setattr(Rows, "materialise", whole)

@@ -13,7 +13,18 @@ import torch
 import safemerge
 from safemerge import _compat
 from safemerge.testing import assert_reload_identical
-from tests.models import ADAPTERS, ARCHS, QUICK_ARCHS, load_base, logits, lora_tied_by_peft, sample_ids
+from tests.models import (
+    ADAPTERS,
+    ARCHS,
+    QUICK_ARCHS,
+    SEQ2SEQ,
+    load_base,
+    logits,
+    lora_tied_by_peft,
+    sample_ids,
+    save_base,
+    trained_and_reloaded,
+)
 
 STACK = "transformers4" if _compat.TRANSFORMERS_MAJOR < 5 else "transformers5"
 POLICIES = ("keep", "untie", "refuse")
@@ -412,3 +423,47 @@ def test_other_declared_ties_survive_untie(make_adapter_model, tmp_path: Path): 
     assert any(a.code == "separate-declared-tie" for a in report.actions)
     bias = load_base(ARCHS["bert"], tmp_path / "m").cls.predictions.decoder.bias
     torch.testing.assert_close(bias, report.model.cls.predictions.bias, rtol=0, atol=0)
+
+
+#: The member that holds the shared embedding but that the forward never calls, by architecture.
+_NEVER_CALLED = {
+    "led": "led.shared.weight",
+    "prophetnet": "prophetnet.word_embeddings.weight",
+    **dict.fromkeys(["mt5", "umt5", "longt5", "switch-transformers"], "shared.weight"),
+}
+
+
+@pytest.fixture(scope="module")
+def seq2seq_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The base models of tests.models.SEQ2SEQ, saved when a test first needs one."""
+    return {}
+
+
+@pytest.mark.parametrize("policy", ["keep", "untie"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "arch", ["marian", *(pytest.param(name, marks=pytest.mark.full_matrix) for name in SEQ2SEQ if name != "marian")]
+)
+def test_a_member_the_forward_never_calls_follows_the_others(
+    seq2seq_bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, arch: str, variant: str, policy: str
+) -> None:
+    """trainable_token_indices on an encoder-decoder that keeps a `shared` module its forward never calls: that member
+    is inert with a PEFT layer (BART-like on transformers 5) or without one (Marian on transformers 5), so every
+    live member changes the same way and `keep` merges; faithful on reload."""
+    if arch not in seq2seq_bases:
+        seq2seq_bases[arch] = save_base(SEQ2SEQ[arch], tmp_path_factory.mktemp(arch))
+    adapter_dir = tmp_path_factory.mktemp("adapter")
+    in_memory, reloaded = trained_and_reloaded(
+        SEQ2SEQ[arch], seq2seq_bases[arch], "trainable-token-indices", adapter_dir
+    )
+    model = in_memory if variant == "in-memory" else reloaded
+    (group,) = safemerge.inspect_ties(model).groups
+    assert [m.name for m in group.members if m.inert] == [_NEVER_CALLED.get(arch, "model.shared.weight")]
+    assert group.uniform
+    ids = sample_ids()
+    before = logits(model, ids)
+    out = tmp_path_factory.mktemp("merged") / "out"
+    report = safemerge.safe_merge(model, out, policy=policy)
+    assert report.ok and report.verified
+    assert frozenset(group.names) in {frozenset(names) for names in report.groups_after}, "the tie is kept"
+    torch.testing.assert_close(logits(load_base(SEQ2SEQ[arch], out), ids), before, rtol=0, atol=1e-5)

@@ -14,7 +14,7 @@ from safemerge._rows import Rows
 
 def lazy(tensor: torch.Tensor) -> Rows:
     """`tensor` as Rows, computed from it a block at a time."""
-    return Rows(tensor.shape, tensor.dtype, lambda start, stop: tensor[start:stop].clone())
+    return Rows(tensor.shape, tensor.dtype, lambda start, stop: tensor[start:stop].clone(), tensor.device)
 
 
 @pytest.fixture(autouse=True)

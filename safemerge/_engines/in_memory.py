@@ -20,9 +20,10 @@ class Values:
     demand (Rows) computed whole where it is put. The low-memory engine puts placeholders instead, and computes each
     value as it writes it."""
 
-    def parameter(self, value: Value, *, copy: bool) -> torch.nn.Parameter:
-        """A new parameter holding `value` (a copy with `copy`: another parameter holds that tensor already)."""
-        tensor = materialise(value)
+    def parameter(self, value: Value, *, copy: bool, device: torch.device | None = None) -> torch.nn.Parameter:
+        """A new parameter holding `value` on `device` (default: where it is; a copy with `copy`: another parameter
+        holds that tensor already)."""
+        tensor = materialise(value, device)
         return torch.nn.Parameter(tensor.clone() if copy and tensor is value else tensor.detach(), requires_grad=False)
 
     def value(self, param: torch.Tensor) -> Value:
@@ -80,7 +81,9 @@ class Step:
     values: Values
 
     def put(self, name: str, value: Value, *, copy: bool = False) -> None:
-        set_parameter(self.root, name, self.values.parameter(value, copy=copy))
+        """Put `value` at `name`, on the device of the parameter it replaces (a GPU for a model on one)."""
+        device = self.root.get_parameter(name).device
+        set_parameter(self.root, name, self.values.parameter(value, copy=copy, device=device))
 
 
 def _nothing(step: Step) -> None:
@@ -96,7 +99,8 @@ def _apply_shared_change(step: Step) -> None:
     """One new tensor for the whole group, holding the changed members' common weight."""
     group = next(g for g in step.tied.groups if g.names == step.action.members)
     source = next(m.name for m in group.members if m.changed)
-    shared = step.values.parameter(step.tied.effective[source], copy=False)
+    device = step.root.get_parameter(source).device  # tied members share one tensor: one device
+    shared = step.values.parameter(step.tied.effective[source], copy=False, device=device)
     for name in step.action.members:
         set_parameter(step.root, name, shared)
 

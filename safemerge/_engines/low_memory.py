@@ -55,7 +55,7 @@ class Placeholders(in_memory.Values):
         # By the placeholder's id, with the placeholder itself: kept alive, its id cannot be another's.
         self.values: dict[int, tuple[torch.nn.Parameter, Value]] = {}
 
-    def parameter(self, value: Value, *, copy: bool) -> torch.nn.Parameter:
+    def parameter(self, value: Value, *, copy: bool, device: torch.device | None = None) -> torch.nn.Parameter:
         placeholder = torch.nn.Parameter(torch.empty(value.shape, dtype=value.dtype, device="meta"), False)
         self.values[id(placeholder)] = placeholder, value  # written under its own name: a copy costs nothing here
         return placeholder
