@@ -56,6 +56,8 @@ def safe_merge(
     Raises:
         ValueError: unknown policy.
         TypeError: `model` is not a PeftModel.
+        InputError: its adapters are already merged, or its weights are on the meta device (no values; a model
+            offloaded by accelerate is fine); nothing was changed.
         TiedWeightsError: the policy forbids this merge (nothing was changed).
         UnsupportedAdapterError: no merged model can compute what this adapter model computes.
         OutputExistsError: `save_directory` is not empty and overwrite is False.
