@@ -10,11 +10,14 @@ from typing import Any
 import torch
 
 from safemerge import _compat, _policy, _probe, _serving
-from safemerge._modules import base_parameters, output_embedding_name, tie_flags
+from safemerge._modules import base_parameters, meta_parameters, output_embedding_name, tie_flags
 from safemerge._plan import ModelFacts, make_plan
 from safemerge._report import MergePlan, TieInspection, TiePolicy
 from safemerge._ties import TiedWeights, adapted_weights, find_tied_weights
 from safemerge.errors import InputError, TiedWeightsError, UnsupportedAdapterError
+
+#: Meta-device parameters named in the refusal; the rest are counted.
+_MAX_NAMED = 5
 
 
 @dataclass
@@ -57,6 +60,7 @@ def require_peft_model(model: Any) -> Any:
             f"safemerge expects a peft.PeftModel, got {type(model).__name__}. Fix: load the adapter onto its base "
             "first: PeftModel.from_pretrained(base_model, adapter_path)."
         )
+    _refuse_meta_weights(model)
     merged = sorted({type(m).__name__ for m in model.modules() if getattr(m, "merged", False) is True})
     if merged:
         raise InputError(
@@ -72,6 +76,22 @@ def require_peft_model(model: Any) -> Any:
             "using it as an adapter with PeftModel.from_pretrained()."
         )
     return model
+
+
+def _refuse_meta_weights(model: Any) -> None:
+    """Weights on the meta device have no values to merge, compare or probe (a model offloaded by accelerate is
+    fine: its hooks load them)."""
+    names = meta_parameters(model.get_base_model())
+    if not names:
+        return
+    shown = ", ".join(names[:_MAX_NAMED]) + (f" and {len(names) - _MAX_NAMED} more" if len(names) > _MAX_NAMED else "")
+    raise InputError(
+        f"The PEFT model has {len(names)} parameters on the meta device (no values): {shown}. A model built under "
+        "torch.device('meta') or accelerate's init_empty_weights(), or loaded with weights left on meta, has nothing "
+        "to merge or compare. Nothing was changed. Fix: load the real weights: from_pretrained(...) without "
+        "init_empty_weights (with low_cpu_mem_usage / device_map, every weight must be in the checkpoint), or "
+        "materialise the model with model.to_empty(device='cpu') and load its state dict, then load the adapter."
+    )
 
 
 def analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> Analysis:

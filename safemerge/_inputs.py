@@ -17,19 +17,56 @@ _MAX_HEADER = 100_000_000
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
 
-def local_path(name: str | os.PathLike[str], role: str) -> Path | None:
-    """The local directory `name` names, or None for a hub id. A name that looks like a path must exist here: it
-    is never looked up on the hub (that would only answer with a confusing repo-id error, after retries)."""
+#: The file that makes a directory a model's (transformers) or an adapter's (PEFT).
+MODEL_CONFIG, ADAPTER_CONFIG = "config.json", "adapter_config.json"
+#: What writes each kind of directory, by the file that marks it: named in the fix.
+_WRITERS = {MODEL_CONFIG: "model.save_pretrained(DIR)", ADAPTER_CONFIG: "peft_model.save_pretrained(DIR)"}
+
+
+def local_path(name: str | os.PathLike[str], role: str, *, holds: str) -> Path | None:
+    """The local directory `name` names, or None for a hub id. A name that looks like a path must be a directory
+    here that holds `holds` (config.json, adapter_config.json): it is never looked up on the hub (that would only
+    answer with a confusing repo-id error, after retries).
+
+    Raises:
+        InputError: `name` looks like a path and does not exist, is a file, or is a directory without `holds`.
+    """
+    problem = path_problem(name, role, holds=holds)
+    if problem is not None:
+        what, fix = problem
+        raise InputError(f"{what} Nothing was loaded or written. Fix: {fix[0].lower()}{fix[1:]}")
     path = Path(name).expanduser()
-    if path.exists():
-        return path
+    return path if path.exists() else None
+
+
+def path_problem(name: str | os.PathLike[str], role: str, *, holds: str) -> tuple[str, str] | None:
+    """Why `name` cannot be the directory of a `role` that holds `holds`, as (what is wrong, the fix); None for a
+    usable directory or a hub id. The doctor reports the same text as a finding."""
+    path = Path(name).expanduser()
     text = os.fspath(name)
-    # Hub ids are "name" or "organisation/name"; anything else can only be a local path.
-    looks_local = text.startswith(("/", ".", "~")) or text.endswith("/") or text.count("/") > 1 or "\\" in text
-    if looks_local:
-        raise InputError(
-            f"The {role} '{text}' does not exist (no such file or directory); nothing was loaded or written. Fix: "
-            "check the path (a hub id has the form 'organisation/name')."
+    if not path.exists():
+        # Hub ids are "name" or "organisation/name"; anything else can only be a local path.
+        looks_local = text.startswith(("/", ".", "~")) or text.endswith("/") or text.count("/") > 1 or "\\" in text
+        if not looks_local:
+            return None
+        return (
+            f"The {role} '{text}' does not exist (no such file or directory).",
+            "Check the path (a hub id has the form 'organisation/name').",
+        )
+    writer = _WRITERS.get(holds, "save_pretrained(DIR)")
+    if not path.is_dir():
+        folder = path.parent
+        where = f"'{folder}'" if (folder / holds).is_file() else f"that holds {holds}"
+        return (
+            f"The {role} '{text}' is a file, not a directory: {writer} writes a directory, with {holds} in it.",
+            f"Pass the directory {where}.",
+        )
+    if not (path / holds).is_file():
+        nested = sorted({p.parent for p in [*path.glob(f"*/{holds}"), *path.glob(f"*/*/{holds}")]})
+        inside = f" (sub-folders that have one: {', '.join(str(n) for n in nested[:4])})" if nested else ""
+        return (
+            f"The {role} '{text}' is a directory without {holds}: not what {writer} writes.",
+            f"Pass the directory that holds {holds}{inside}.",
         )
     return None
 
@@ -105,10 +142,13 @@ def _whole_pickle(path: Path) -> bool:
     return True
 
 
+#: The fix for a damaged input file (the doctor's finding says it too).
+DAMAGED_FIX = "Copy or download it again (an interrupted copy or a full disk leaves files like this)."
+
+
 def damaged(path: Path, problem: str) -> InputError:
     return InputError(
-        f"This file is damaged: {path} ({problem}). Nothing was loaded or written. Fix: copy or download it again "
-        "(an interrupted copy or a full disk leaves files like this)."
+        f"This file is damaged: {path} ({problem}). Nothing was loaded or written. Fix: c{DAMAGED_FIX[1:]}"
     )
 
 
@@ -152,6 +192,16 @@ def _tensor_problem(header: dict[str, Any], data_size: int) -> str | None:
 
 def named_inputs(pairs: Iterable[tuple[str, Path | None]]) -> dict[str, Path]:
     return {role: path for role, path in pairs if path is not None}
+
+
+def local_inputs(base: str | os.PathLike[str], adapter: str | os.PathLike[str]) -> dict[str, Path]:
+    """The local base and adapter directories by role (hub ids left out), each checked by local_path."""
+    return named_inputs(
+        [
+            ("base model", local_path(base, "base model", holds=MODEL_CONFIG)),
+            ("adapter", local_path(adapter, "adapter", holds=ADAPTER_CONFIG)),
+        ]
+    )
 
 
 @contextmanager

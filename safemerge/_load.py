@@ -303,7 +303,7 @@ def all_on_disk(cls: Any, path: str, hub: Hub = Hub()) -> dict[str, str]:
 
 def load_tie_groups(model: torch.nn.Module) -> None:
     """Load every module that holds a parameter several modules share (a tie group), the tie kept."""
-    from safemerge._modules import base_parameters
+    from safemerge._modules import base_parameters, offload_hook
 
     by_param: dict[int, list[Any]] = {}
     for p in base_parameters(model):
@@ -311,7 +311,7 @@ def load_tie_groups(model: torch.nn.Module) -> None:
     groups = [g for g in by_param.values() if len(g) > 1 and g[0].tensor.is_meta]
     # The map under the hooks, by full name, before the hooks go (transformers 4's T5 hooks one module, under
     # several names, with a prefix the checkpoint does not use).
-    checkpoint = next((h.weights_map.dataset for g in groups for p in g if (h := _offload_hook(p.owner))), None)
+    checkpoint = next((h.weights_map.dataset for g in groups for p in g if (h := offload_hook(p.owner))), None)
     for owner in {id(p.owner): p.owner for g in groups for p in g}.values():
         load_for_good(owner)
     for group in groups:
@@ -330,20 +330,15 @@ def load_tie_groups(model: torch.nn.Module) -> None:
 def load_for_good(module: torch.nn.Module) -> None:
     """Load a module's own offloaded weights into memory and take it off accelerate's offload hook. A weight its hook
     does not find (a tied alias the checkpoint holds under its source's name) stays on meta."""
-    hook = _offload_hook(module)
+    from safemerge._modules import offload_hook
+
+    hook = offload_hook(module)
     if hook is None:
         return
     for name, param in list(module._parameters.items()):
         if param is not None and param.is_meta and (value := _offloaded(hook.weights_map, name)) is not None:
             module._parameters[name] = torch.nn.Parameter(value.to(param.dtype), requires_grad=False)
     _remove_hook(module)
-
-
-def _offload_hook(module: torch.nn.Module) -> Any:
-    """accelerate's hook that loads `module`'s offloaded weights (one of a SequentialHook's), or None."""
-    hook = getattr(module, "_hf_hook", None)
-    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
-    return next((h for h in hooks if getattr(h, "weights_map", None) is not None), None)
 
 
 def _offloaded(weights: Any, name: str) -> torch.Tensor | None:

@@ -56,7 +56,8 @@ def safe_merge(
     Raises:
         ValueError: unknown policy.
         TypeError: `model` is not a PeftModel.
-        InputError: accelerate offloaded some of the model's weights (merge with merge_pretrained(low_memory=True)).
+        InputError: its adapters are already merged, or its weights are on the meta device (no values), or
+            accelerate offloaded some of them (merge with merge_pretrained(low_memory=True)); nothing was changed.
         TiedWeightsError: the policy forbids this merge (nothing was changed).
         UnsupportedAdapterError: no merged model can compute what this adapter model computes.
         InputError: `save_directory` is the current directory, one above it, home or `/`, or its name is too long.

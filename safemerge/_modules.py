@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -79,6 +80,29 @@ def base_parameters(
 
     walk(root, "", None, "")
     return found
+
+
+def offload_hook(module: torch.nn.Module) -> Any:
+    """accelerate's hook that loads `module`'s offloaded weights (one of a SequentialHook's), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    return next((h for h in hooks if getattr(h, "weights_map", None) is not None), None)
+
+
+def meta_parameters(model: torch.nn.Module) -> list[str]:
+    """The parameters on the meta device that hold no value: those no accelerate offload hook loads when their
+    module runs (an offloaded model keeps its weights on meta, their values on disk or in CPU memory)."""
+    loaded: set[int] = set()  # the modules whose meta tensors an offload hook fills in
+    for module in model.modules():
+        if (hook := offload_hook(module)) is not None:
+            loaded.update(id(m) for m in (module.modules() if getattr(hook, "place_submodules", False) else [module]))
+    return [
+        f"{path}.{name}" if path else name
+        for path, module in model.named_modules()
+        if id(module) not in loaded
+        for name, param in module.named_parameters(recurse=False)
+        if param.is_meta
+    ]
 
 
 def storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:

@@ -110,9 +110,7 @@ def merge_pretrained(
             "push_to_hub uploads only a verified merge; it cannot be combined with verify=False (CLI: --no-verify). "
             "Nothing was loaded. Fix: drop verify=False, or drop push_to_hub and upload the directory yourself."
         )
-    inputs = _inputs.named_inputs(
-        [("base model", _inputs.local_path(base, "base model")), ("adapter", _inputs.local_path(adapter, "adapter"))]
-    )
+    inputs = _inputs.local_inputs(base, adapter)
     target = _output.resolved(save_directory)
     _inputs.check_outputs({"output directory": Path(save_directory)}, inputs)
     _output.check_target(target, overwrite=overwrite)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from safemerge import _compat, _probe
+from safemerge import _compat, _inputs, _probe
 from safemerge._analysis import Analysis, analyse, require_peft_model
 from safemerge._modules import base_parameters, output_embedding_name, tie_flags, tie_groups
 from safemerge._reload import (
@@ -301,7 +301,12 @@ def verify_merged(
     Returns:
         A Verification: `ok` is True when the probe logits match within the tolerance and every tied member holds
         the weight the adapter model uses for it. `max_abs_logits_diff` is the figure of the model checked.
+
+    Raises:
+        InputError: `merged` looks like a local path and is no model directory, or `model`'s weights are on meta.
     """
+    if not isinstance(merged, torch.nn.Module):
+        _inputs.local_path(merged, "merged model", holds=_inputs.MODEL_CONFIG)
     peft_model = require_peft_model(model)
     analysis = analyse(peft_model, probe_inputs)
     root = peft_model.get_base_model()

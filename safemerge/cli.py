@@ -1,9 +1,9 @@
 """The `safemerge` command: thin over the library, the only module that prints.
 
 Exit codes: 0 success; 1 refused, not faithful, not written, out of memory, a system error or a bug; 2 usage error
-(bad arguments, a hub id that names nothing, an input that is missing, damaged or overlaps the output, an occupied
-output); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Whatever
-the code, nothing is left half-written and no input is changed.
+(bad arguments, a hub id that names nothing, an input that is missing, damaged, no model or adapter directory, or
+overlaps the output, an occupied output); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Whatever the code,
+nothing is left half-written and no input is changed.
 """
 
 from __future__ import annotations
@@ -25,8 +25,16 @@ from safemerge._report import MergeReport, TieInspection, Verification
 from safemerge.errors import InputError, OutputExistsError, SafeMergeError, failure_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-#: Doctor findings that mean an argument names nothing readable: a usage error, not a bad adapter.
-_UNREADABLE_INPUT = {"adapter-not-found", "base-not-found"}
+#: Doctor findings that mean an argument names nothing readable (no model or adapter directory, a damaged file): a
+#: usage error, as merge's own input check says, not an adapter that does not fit.
+_UNREADABLE_INPUT = {
+    "adapter-not-found",
+    "base-not-found",
+    "no-config",
+    "config-in-subfolder",
+    "bad-weights",
+    "damaged-base-file",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,12 +168,7 @@ def _hub(args: argparse.Namespace) -> Any:
 
 def _check_report_path(args: argparse.Namespace) -> None:
     """--report must not overwrite an input or land in OUT, and must be writable, before any work is done."""
-    inputs = _inputs.named_inputs(
-        [
-            ("base model", _inputs.local_path(args.base, "base model")),
-            ("adapter", _inputs.local_path(args.adapter, "adapter")),
-        ]
-    )
+    inputs = _inputs.local_inputs(args.base, args.adapter)
     _inputs.check_outputs({"report": Path(args.report), "output directory": Path(args.out)}, inputs)
     parent = Path(args.report).resolve().parent
     while not parent.exists():
@@ -193,9 +196,11 @@ def _merge_summary(args: argparse.Namespace, report: MergeReport) -> list[str]:
 
 
 def _checked_inputs(*pairs: tuple[str, str]) -> None:
-    """Local inputs exist and their safetensors files are whole, before anything is loaded."""
+    """Local inputs are model (or adapter) directories and their safetensors files are whole, before anything is
+    loaded."""
     for name, role in pairs:
-        path = _inputs.local_path(name, role)
+        holds = _inputs.ADAPTER_CONFIG if role == "adapter" else _inputs.MODEL_CONFIG
+        path = _inputs.local_path(name, role, holds=holds)
         if path is not None:
             _inputs.check_files(path)
 
@@ -297,12 +302,13 @@ def _doctor(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     lines = [str(f) for f in report.findings if args.verbose or f.severity != "info"]
-    verdict = "fits" if report.ok else "does NOT fit"
+    unreadable = any(f.code in _UNREADABLE_INPUT for f in report.findings)
+    verdict = "cannot be checked against" if unreadable else "fits" if report.ok else "does NOT fit"
     lines.append(
         f"{args.adapter} {verdict} {args.base}" + (" (-v shows the info findings)" if not args.verbose else "")
     )
     _emit(args, report.to_dict(), lines)
-    if any(f.code in _UNREADABLE_INPUT for f in report.findings):
+    if unreadable:
         return EXIT_USAGE
     return EXIT_OK if report.ok else EXIT_FAILED
 

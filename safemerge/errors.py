@@ -3,7 +3,7 @@
 The tree::
 
     SafeMergeError                    base of everything safemerge raises on purpose
-    ├── InputError                    an input or output path cannot be used, or a file is damaged (a ValueError)
+    ├── InputError                    a path cannot be used, a file is damaged, weights on meta (a ValueError)
     ├── AdapterMismatchError          the doctor found that the adapter does not fit the base (nothing loaded)
     ├── TiedWeightsError              the tie policy forbids this merge (nothing was changed)
     ├── UnsupportedAdapterError       the adapter model cannot be represented by a merged model
@@ -122,7 +122,9 @@ class VerificationError(SafeMergeError):
 
 
 class InputError(SafeMergeError, ValueError):
-    """An input or output path cannot be used as given, or an input file is damaged; nothing was loaded or written.
+    """An input or output path cannot be used as given (missing, a file where a model directory is expected, no
+    config.json), an input file is damaged, or a PEFT model's weights are on the meta device; nothing was loaded,
+    written or changed.
 
     Example message::
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from safemerge import _reload
+from safemerge import _inputs, _reload
 
 __all__ = ["assert_merge_faithful", "assert_reload_identical"]
 
@@ -31,8 +31,11 @@ def assert_reload_identical(save_directory: str | os.PathLike[str], model: Any) 
     Raises:
         AssertionError: listing every tensor that is missing, extra or not bit-identical, and every difference in
             which tensors share one storage (tied weights).
+        InputError: `save_directory` does not exist, is a file, or has no config.json: the test is wrong, not the
+            merge, so this is a usage error (a ValueError) and not an assertion.
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not this one
+    _inputs.local_path(save_directory, "saved model", holds=_inputs.MODEL_CONFIG)
     reloaded = _reload.reload(save_directory, like=model)
     compared, differences = _reload.compare_state(model, reloaded)
     problems = [f"{name}: {what}" for name, what in differences.items()] + _reload.compare_ties(model, reloaded)
@@ -61,6 +64,8 @@ def assert_merge_faithful(
 
     Raises:
         AssertionError: listing every difference, with the figures.
+        InputError: `merged` does not exist, is a file, or has no config.json, or `adapter_model`'s weights are on
+            the meta device: the test is wrong, not the merge (a usage error, a ValueError, not an assertion).
     """
     __tracebackhide__ = True
     from safemerge._verify import verify_merged

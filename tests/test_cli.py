@@ -205,7 +205,7 @@ def test_main_puts_logging_and_warning_filters_back(base_dirs: dict[str, Path], 
     library = logging.getLogger("safemerge")
     before = (library.handlers[:], library.level, library.propagate, warnings.filters[:], hf_logging.get_verbosity())
     for _ in range(2):
-        assert main(["doctor", str(base_dirs["llama"]), str(base_dirs["llama"]), "-q"]) == 1  # not an adapter
+        assert main(["doctor", str(base_dirs["llama"]), str(base_dirs["llama"]), "-q"]) == 2  # no adapter: usage
     after = (library.handlers[:], library.level, library.propagate, warnings.filters[:], hf_logging.get_verbosity())
     assert after == before
 

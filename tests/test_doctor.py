@@ -113,6 +113,42 @@ def test_no_config(good: dict[str, Path], tmp_path: Path) -> None:
     assert "no-config" in codes(safemerge.doctor(str(good["base"]), str(tmp_path / "empty")), "error")
 
 
+@pytest.mark.parametrize("which", ["base", "adapter"])
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_path_that_is_no_directory_is_never_looked_up_on_the_hub(
+    good: dict[str, Path], tmp_path: Path, which: str, kind: str
+) -> None:
+    """A missing path or a file: the finding says what it is (not huggingface_hub's "Repo id must ..."), and the
+    fix says what to pass."""
+    role, code = ("base model", "base-not-found") if which == "base" else ("adapter", "adapter-not-found")
+    if kind == "missing":
+        bad, what, fix = tmp_path / "no-such-dir", "does not exist (no such file or directory).", "Check the path"
+    else:
+        folder = good["base"] if which == "base" else good["lora-attention"]
+        bad = folder / ("config.json" if which == "base" else CONFIG)
+        what, fix = "is a file, not a directory", f"Pass the directory '{folder}'."
+    base, adapter = (bad, good["lora-attention"]) if which == "base" else (good["base"], bad)
+    report = safemerge.doctor(str(base), str(adapter))
+    assert finding(report, code).message.startswith(f"The {role} '{bad}' {what}") and not report.ok
+    assert finding(report, code).fix.startswith(fix) and "Repo id" not in str(report)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "index-not-json"])
+def test_a_damaged_base_file_is_a_finding(good: dict[str, Path], tmp_path: Path, damage: str) -> None:
+    """Read from the base's files, not raised from safetensors: the file is named, with the fix."""
+    base = tmp_path / "base"
+    shutil.copytree(good["base"], base)
+    damaged = base / ("model.safetensors" if damage == "truncated" else "model.safetensors.index.json")
+    if damage == "truncated":
+        damaged.write_bytes(damaged.read_bytes()[:1000])
+    else:
+        damaged.write_text("{not json")
+    report = safemerge.doctor(str(base), str(good["lora-attention"]))
+    found = finding(report, "damaged-base-file")
+    assert found.message.startswith(f"This file is damaged: {damaged if damage == 'truncated' else base}")
+    assert found.fix.startswith("Copy or download it again") and not report.ok
+
+
 def test_no_weights_file(good: dict[str, Path], tmp_path: Path) -> None:
     target = tampered(good["lora-attention"], tmp_path / "a")
     (target / WEIGHTS).unlink()

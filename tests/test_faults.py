@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -53,15 +54,16 @@ def hashes(root: Path) -> dict[str, str]:
     }
 
 
-def run(work: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    """`safemerge ARGS` in this process, from `work`; returns (exit code, stderr)."""
+def run(work: Path, capsys: pytest.CaptureFixture[str], *args: str, stdout: bool = False) -> tuple[int, str]:
+    """`safemerge ARGS` in this process, from `work`; returns (exit code, stderr), with stdout after it if asked."""
     cwd = Path.cwd()
     os.chdir(work)
     try:
         code = main(list(args))
     finally:
         os.chdir(cwd)
-    return code, capsys.readouterr().err
+    said = capsys.readouterr()
+    return code, said.err + said.out if stdout else said.err
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -145,16 +147,20 @@ DAMAGE = {
 }
 
 
+@pytest.mark.parametrize("command", ["merge", "doctor"])
 @pytest.mark.parametrize("which", ["base/model.safetensors", f"adapter/{WEIGHTS}"])
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_damaged_safetensors(work: Path, capsys, which: str, damage: str) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_safetensors(work: Path, capsys, which: str, damage: str, command: str) -> None:  # type: ignore[no-untyped-def]
+    """merge says so before anything is loaded; the doctor reports it as a finding (damaged-base-file, bad-weights),
+    a usage error too."""
     corrupt, detail = DAMAGE[damage]
     corrupt(work / which)
     before = hashes(work)
-    code, err = run(work, capsys, *merge())
+    code, said = run(work, capsys, *(merge() if command == "merge" else ["doctor", "base", "adapter"]), stdout=True)
     assert code == 2
-    assert f"This file is damaged: {work / which}" in err or f"This file is damaged: {which}" in err
-    assert detail in err and "Fix: copy or download it again" in err and "Traceback" not in err
+    assert f"This file is damaged: {work / which}" in said or f"This file is damaged: {which}" in said
+    assert detail in said and re.search("fix: copy or download it again", said, re.I) and "Traceback" not in said
+    assert "unexpected" not in said
     assert_untouched(work, before, work / "out")
 
 
@@ -234,6 +240,71 @@ def test_missing_local_path_never_goes_to_the_hub(work: Path, capsys, base: str,
     assert code == 2 and "does not exist" in err and "Repo id" not in err
     assert time.monotonic() - started < 10, "a local path must not be retried on the hub"
     assert not (work / "out").exists()
+
+
+# A path where a model directory is expected: what it is and the fix, exit 2, never a hub lookup ("Repo id ...").
+MISSING = "does not exist \\(no such file or directory\\).*Fix: check the path"
+NOT_A_DIRECTORY = {
+    "base/config.json": r"The base model 'base/config.json' is a file, not a directory.*Fix: pass the directory 'base'",
+    "adapter/adapter_config.json": r"The adapter 'adapter/adapter_config.json' is a file, not a directory.*Fix: pass "
+    r"the directory 'adapter'",
+    "empty-base": r"The base model 'empty' is a directory without config.json.*Fix: pass the directory that holds "
+    r"config.json",
+    "empty-adapter": r"The adapter 'empty' is a directory without adapter_config.json.*Fix: pass the directory that "
+    r"holds adapter_config.json",
+    "./nope-base": rf"The base model './nope' {MISSING}",
+    "./nope-adapter": rf"The adapter './nope' {MISSING}",
+}
+
+
+def _with(case: str) -> tuple[str, str]:
+    """(base, adapter) for a case of NOT_A_DIRECTORY: the bad one in its place, the good one in the other."""
+    name = case.removesuffix("-base").removesuffix("-adapter")
+    if case.endswith("-base") or case.startswith("base/"):
+        return name, "adapter"
+    return "base", name
+
+
+@pytest.mark.parametrize("command", ["merge", "inspect", "doctor"])
+@pytest.mark.parametrize("case", sorted(NOT_A_DIRECTORY))
+def test_input_that_is_no_model_directory(work: Path, capsys, command: str, case: str) -> None:  # type: ignore[no-untyped-def]
+    (work / "empty").mkdir()
+    base, adapter = _with(case)
+    before = hashes(work)
+    args = {"merge": merge(), "inspect": ["inspect", "base", "adapter"], "doctor": ["doctor", "base", "adapter"]}
+    argv = [base if a == "base" else adapter if a == "adapter" else a for a in args[command]]
+    code, said = run(work, capsys, *argv, stdout=True)
+    assert code == 2 and re.search(NOT_A_DIRECTORY[case], said, re.S | re.I), said
+    assert "Repo id" not in said and "Traceback" not in said
+    assert_untouched(work, before, work / "out")
+
+
+@pytest.mark.parametrize(
+    ("merged", "message"),
+    [
+        (
+            "adapter/adapter_model.safetensors",
+            r"The merged model 'adapter/adapter_model.safetensors' is a file, not a "
+            r"directory.*Fix: pass the directory that holds config.json",
+        ),
+        ("./nope", rf"The merged model './nope' {MISSING}"),
+        ("empty", r"The merged model 'empty' is a directory without config.json.*Fix: pass the directory that holds"),
+    ],
+)
+def test_verify_a_merged_model_that_is_no_model_directory(work: Path, capsys, merged: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    (work / "empty").mkdir()
+    code, err = run(work, capsys, "verify", merged, "--base", "base", "--adapter", "adapter")
+    assert code == 2 and re.search(message, err, re.S) and "Repo id" not in err, err
+
+
+def test_adapter_directory_of_checkpoints_names_them(work: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A training run's output directory: the adapters are in its checkpoint sub-folders, and the fix names them."""
+    shutil.copytree(work / "adapter", work / "run" / "checkpoint-500")
+    code, err = run(work, capsys, "merge", "base", "run", "out", "--policy", "untie")
+    assert code == 2 and "The adapter 'run' is a directory without adapter_config.json" in err
+    assert (
+        "Fix: pass the directory that holds adapter_config.json (sub-folders that have one: run/checkpoint-500)" in err
+    )
 
 
 def test_output_is_a_file(work: Path, capsys) -> None:  # type: ignore[no-untyped-def]

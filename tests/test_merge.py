@@ -467,3 +467,48 @@ def test_a_member_the_forward_never_calls_follows_the_others(
     assert report.ok and report.verified
     assert frozenset(group.names) in {frozenset(names) for names in report.groups_after}, "the tie is kept"
     torch.testing.assert_close(logits(load_base(SEQ2SEQ[arch], out), ids), before, rtol=0, atol=1e-5)
+
+
+def _meta_model(build: Any, how: str) -> Any:  # type: ignore[no-untyped-def]
+    """A PEFT model whose weights hold no values: moved to meta, or built under init_empty_weights."""
+    if how.endswith("moved-to-meta"):
+        return build("llama", "lora-attention", how.removesuffix("-moved-to-meta")).to("meta")
+    from accelerate import init_empty_weights
+
+    arch = ARCHS["llama"]
+    with init_empty_weights():
+        return peft.get_peft_model(arch.model_class(arch.make_config()), ADAPTERS["lora-attention"](arch))
+
+
+META = (
+    r"The PEFT model has \d+ parameters on the meta device \(no values\): model\.embed_tokens\.weight, .* and \d+ more"
+    r".*Nothing was changed\. Fix: load the real weights"
+)
+
+
+@pytest.mark.parametrize("how", ["in-memory-moved-to-meta", "reloaded-moved-to-meta", "init-empty-weights"])
+@pytest.mark.parametrize("entry", ["safe_merge", "check_before_training", "inspect_ties", "assert_merge_faithful"])
+def test_a_model_on_the_meta_device_is_refused(build, base_dirs, tmp_path: Path, how: str, entry: str) -> None:  # type: ignore[no-untyped-def]
+    from safemerge.testing import assert_merge_faithful
+
+    model = _meta_model(build, how)
+    call = {
+        "safe_merge": lambda: safemerge.safe_merge(model, tmp_path / "m", policy="untie"),
+        "check_before_training": lambda: safemerge.check_before_training(model, policy="untie"),
+        "inspect_ties": lambda: safemerge.inspect_ties(model),
+        "assert_merge_faithful": lambda: assert_merge_faithful(base_dirs["llama"], model),
+    }[entry]
+    with pytest.raises(safemerge.InputError, match=META):
+        call()
+    assert all(p.is_meta for p in model.parameters()) and not (tmp_path / "m").exists()
+
+
+def test_a_model_offloaded_by_accelerate_is_not_refused(base_dirs, saved_adapter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Weights on meta with accelerate's offload hook (as the low-memory engine loads them) have values on disk."""
+    from safemerge._load import load_offloaded_adapter_model
+
+    model = load_offloaded_adapter_model(
+        str(base_dirs["llama"]), str(saved_adapter("llama", "lora-attention")), offload_folder=str(tmp_path / "off")
+    )
+    assert any(p.is_meta for p in model.parameters())
+    assert safemerge.inspect_ties(model).plan("untie").merges

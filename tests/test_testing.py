@@ -58,3 +58,22 @@ def test_the_pytest_how_to_includes_the_file() -> None:
 def test_the_pytest_how_to_runs_as_written(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_merged_model=HOW_TO.read_text(encoding="utf-8"))
     pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+@pytest.mark.parametrize("path", ["missing-dir", "file", "empty-dir"])
+def test_a_path_that_is_no_model_directory_is_a_usage_error(build, tmp_path: Path, path: str) -> None:  # type: ignore[no-untyped-def]
+    """Not an assertion about a merge but a wrong argument: InputError (a ValueError), what the path is, and the fix;
+    never huggingface_hub's "Repo id must be in the form ..."."""
+    (tmp_path / "file").write_text("{}")
+    (tmp_path / "empty-dir").mkdir()
+    where = tmp_path / path
+    message = {
+        "missing-dir": r"does not exist \(no such file or directory\).*Fix: check the path",
+        "file": r"is a file, not a directory.*Fix: pass the directory that holds config.json",
+        "empty-dir": r"is a directory without config.json.*Fix: pass the directory that holds config.json",
+    }[path]
+    model = build("llama", "lora-attention", "reloaded")
+    with pytest.raises(safemerge.InputError, match=rf"The saved model '{where}' {message}"):
+        assert_reload_identical(where, model.get_base_model())
+    with pytest.raises(safemerge.InputError, match=rf"The merged model '{where}' {message}"):
+        assert_merge_faithful(where, model)

@@ -10,22 +10,25 @@ from typing import Any
 import torch
 
 from safemerge._doctor.checkup import Checkup, Shapes
+from safemerge._inputs import ADAPTER_CONFIG, DAMAGED_FIX, path_problem, safetensors_problem
 
-CONFIG_NAME = "adapter_config.json"
+CONFIG_NAME = ADAPTER_CONFIG
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def adapter_directory(adapter: str | Path, checkup: Checkup, hub: dict[str, Any] | None = None) -> Path | None:
-    """The local directory that holds adapter_config.json: `adapter` itself, its folder, or its hub download
-    (`hub`: revision and token)."""
-    path = Path(adapter)
-    if not path.exists():
-        return _hub_adapter(adapter, checkup, hub or {})
-    if path.is_file():
-        path = path.parent
-    if not (path / CONFIG_NAME).is_file():
+    """The local directory that holds adapter_config.json, or its hub download (`hub`: revision and token). A name
+    that looks like a path is never looked up on the hub, and a file is not taken for its folder: merge would not."""
+    path = Path(adapter).expanduser()
+    if path.is_dir() and not (path / CONFIG_NAME).is_file():
         _report_missing_config(path, checkup)
         return None
+    problem = path_problem(adapter, "adapter", holds=CONFIG_NAME)
+    if problem is not None:
+        checkup.add("adapter-not-found", "error", problem[0], fix=problem[1])
+        return None
+    if not path.exists():
+        return _hub_adapter(adapter, checkup, hub or {})
     return path
 
 
@@ -65,12 +68,13 @@ def _report_missing_config(path: Path, checkup: Checkup) -> None:
             fix=f"Pass one of those folders (for example '{nested[-1]}'), or pass subfolder= to from_pretrained.",
         )
         return
+    what, fix = path_problem(path, "adapter", holds=CONFIG_NAME) or ("", "")
     checkup.add(
         "no-config",
         "error",
-        f"'{path}' has no {CONFIG_NAME}: PEFT cannot tell which adapter type, rank and targets it has.",
+        f"{what} PEFT cannot tell which adapter type, rank and targets it has.",
         evidence=[f"files: {', '.join(sorted(p.name for p in path.iterdir())[:12]) or '(empty)'}"],
-        fix="Point at the directory written by peft_model.save_pretrained(), or save the adapter again there.",
+        fix=f"{fix[:-1]}, or save the adapter again there.",
     )
 
 
@@ -107,6 +111,10 @@ def read_weights(adapter_dir: Path, checkup: Checkup) -> Shapes | None:
 def _read_safetensors(path: Path, checkup: Checkup) -> Shapes | None:
     from safetensors import safe_open
 
+    problem = safetensors_problem(path)
+    if problem is not None:
+        checkup.add("bad-weights", "error", f"This file is damaged: {path} ({problem}).", fix=DAMAGED_FIX)
+        return None
     try:
         with safe_open(str(path), "pt") as handle:
             return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118

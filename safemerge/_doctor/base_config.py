@@ -11,6 +11,7 @@ import torch
 
 from safemerge._doctor.adapter_files import CONFIG_NAME
 from safemerge._doctor.checkup import Checkup, Shapes
+from safemerge._inputs import DAMAGED_FIX, MODEL_CONFIG, path_problem, safetensors_problem
 
 
 def read_base_config(base: Any, checkup: Checkup, hub: dict[str, Any] | None = None) -> tuple[Any, set[str] | None]:
@@ -20,6 +21,10 @@ def read_base_config(base: Any, checkup: Checkup, hub: dict[str, Any] | None = N
         return base.config, None
     import transformers
 
+    problem = path_problem(base, "base model", holds=MODEL_CONFIG)
+    if problem is not None:  # a path is never looked up on the hub: that answers with a repo-id error
+        checkup.add("base-not-found", "error", problem[0], fix=problem[1])
+        return None, None
     hub = hub or {}
     try:
         config = transformers.AutoConfig.from_pretrained(str(base), **hub)
@@ -34,9 +39,9 @@ def read_base_config(base: Any, checkup: Checkup, hub: dict[str, Any] | None = N
             "--trust-remote-code).",
         )
         return None, None
-    base_dir = Path(str(base))
+    base_dir = Path(str(base)).expanduser()
     if base_dir.is_dir():
-        return config, _checkpoint_keys(base_dir)
+        return config, _local_checkpoint_keys(base_dir, checkup)
     return config, hub_checkpoint_keys(str(base), revision=hub.get("revision"), token=hub.get("token"))
 
 
@@ -48,6 +53,27 @@ def hub_checkpoint_keys(repo_id: str, *, revision: str | None, token: str | None
     try:
         return set(get_safetensors_metadata(repo_id, revision=revision, token=token).weight_map)
     except Exception:  # no safetensors there, or the hub cannot be reached: the checks that need keys are skipped
+        return None
+
+
+def _local_checkpoint_keys(base_dir: Path, checkup: Checkup) -> set[str] | None:
+    """The tensor names of a local checkpoint; None, and a finding, where one of its files is damaged (merge stops
+    on it before loading: the doctor says so instead of failing on it)."""
+    for path in sorted(base_dir.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem is not None:
+            checkup.add("damaged-base-file", "error", f"This file is damaged: {path} ({problem}).", fix=DAMAGED_FIX)
+            return None
+    try:
+        return _checkpoint_keys(base_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # an index that is not JSON or has no weight_map
+        checkup.add(
+            "damaged-base-file",
+            "error",
+            f"This file is damaged: {base_dir} holds a checkpoint index that cannot be read ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}).",
+            fix=DAMAGED_FIX,
+        )
         return None
 
 

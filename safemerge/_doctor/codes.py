@@ -23,7 +23,11 @@ class FindingCode:
 
 #: Every code the doctor reports, in the order of the docs' table.
 CODES: tuple[FindingCode, ...] = (
-    FindingCode("adapter-not-found", ("error",), "neither a local directory nor a reachable hub repository"),
+    FindingCode(
+        "adapter-not-found",
+        ("error",),
+        "a path that does not exist or is a file (not the adapter's directory), or a hub id that cannot be reached",
+    ),
     FindingCode(
         "config-in-subfolder",
         ("error",),
@@ -54,7 +58,7 @@ CODES: tuple[FindingCode, ...] = (
         ("error",),
         "no `adapter_model.safetensors` / `.bin` (and whether a whole model is there instead)",
     ),
-    FindingCode("bad-weights", ("error",), "the safetensors file cannot be read"),
+    FindingCode("bad-weights", ("error",), "the adapter's safetensors file is damaged (truncated, unreadable header)"),
     FindingCode(
         "pickled-bin",
         ("error",),
@@ -124,7 +128,16 @@ CODES: tuple[FindingCode, ...] = (
         ("warning",),
         "the base checkpoint's names do not match the class, so the head check was skipped",
     ),
-    FindingCode("base-not-found", ("error",), "the base config cannot be read"),
+    FindingCode(
+        "base-not-found",
+        ("error",),
+        "a path that does not exist, is a file or has no `config.json`, or a base config that cannot be read",
+    ),
+    FindingCode(
+        "damaged-base-file",
+        ("error",),
+        "a file of the base checkpoint is damaged (truncated, unreadable header or index): it is named",
+    ),
     FindingCode("base-not-buildable", ("warning",), "the base model class cannot be built from the base config"),
     FindingCode(
         "scaling",
