@@ -222,8 +222,8 @@ _OFFLOAD_FIX = (
 )
 
 
-def check_device_map(device_map: Any) -> None:
-    """Refuse, before anything is loaded, a device map that offloads weights: the in-memory merge cannot use it."""
+def check_device_map(device_map: Any, *, nothing: str = "Nothing was loaded.") -> None:
+    """Refuse a device map that offloads weights: the in-memory merge cannot use it (`nothing`: what was not done)."""
     if not isinstance(device_map, dict):
         return  # "auto" and the like: known once loaded (check_not_offloaded)
     places = {str(place) for place in device_map.values()}
@@ -239,7 +239,7 @@ def check_device_map(device_map: Any) -> None:
         raise InputError(
             f"The device map offloads {shown} ('disk', or 'cpu' beside other devices): accelerate then keeps those "
             "weights out of the model and loads them only while a layer runs, so the in-memory merge would compute "
-            f"its merged weights from empty placeholders. Nothing was loaded. {_OFFLOAD_FIX}"
+            f"its merged weights from empty placeholders. {nothing} {_OFFLOAD_FIX}"
         )
 
 
@@ -255,3 +255,6 @@ def check_not_offloaded(model: Any) -> None:
             "the in-memory merge would compute its merged weights from empty placeholders. Nothing was changed. "
             + _OFFLOAD_FIX
         )
+    # transformers may keep such weights in place while loading, but the reload of the saved model (with the map the
+    # base was loaded with; PEFT's own map is {'base_model': device}) offloads them
+    check_device_map(getattr(model.get_base_model(), "hf_device_map", None), nothing="Nothing was changed.")
