@@ -13,6 +13,7 @@ from safemerge import _compat, _policy, _probe, _serving
 from safemerge._modules import base_parameters, meta_parameters, output_embedding_name, tie_flags
 from safemerge._plan import ModelFacts, make_plan
 from safemerge._report import MergePlan, TieInspection, TiePolicy
+from safemerge._text import listed
 from safemerge._ties import TiedWeights, adapted_weights, find_tied_weights
 from safemerge.errors import InputError, TiedWeightsError, UnsupportedAdapterError
 
@@ -84,7 +85,7 @@ def _refuse_meta_weights(model: Any) -> None:
     names = meta_parameters(model.get_base_model())
     if not names:
         return
-    shown = ", ".join(names[:_MAX_NAMED]) + (f" and {len(names) - _MAX_NAMED} more" if len(names) > _MAX_NAMED else "")
+    shown = listed(names, limit=_MAX_NAMED)
     raise InputError(
         f"The PEFT model has {len(names)} parameters on the meta device (no values): {shown}. A model built under "
         "torch.device('meta') or accelerate's init_empty_weights(), or loaded with weights left on meta, has nothing "

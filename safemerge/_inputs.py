@@ -10,11 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from safemerge._text import listed
 from safemerge.errors import InputError, SafeMergeError
 
 #: A safetensors header larger than this is not a header (the format's own readers cap it at 100 MB).
 _MAX_HEADER = 100_000_000
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
 
 #: The file that makes a directory a model's (transformers) or an adapter's (PEFT).
@@ -172,20 +172,23 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def _tensor_problem(header: dict[str, Any], data_size: int) -> str | None:
+    # Imported here, as torch with it: `--help` and argument errors answer before any heavy import.
+    from safemerge._safetensors import DTYPES
+
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             start, end = entry["data_offsets"]
             count = math.prod(entry["shape"])
-            width = _DTYPE_BYTES.get(str(entry.get("dtype")))
+            known = DTYPES.get(str(entry.get("dtype")))  # (torch dtype, bits); None: left to the reader
         except (TypeError, KeyError, ValueError, AttributeError):
             return f"tensor {name} has no valid data_offsets / shape"
         if not 0 <= start <= end:
             return f"tensor {name} has data offsets {start}..{end}"
         if end > data_size:
             return f"truncated: its header says the data ends at byte {end}, the file holds {data_size}"
-        if width is not None and end - start != count * width:
+        if known is not None and (end - start) * 8 != count * known[1]:
             return f"tensor {name} holds {end - start} bytes for shape {entry['shape']}"
     return None
 
@@ -233,9 +236,7 @@ def check_device_map(device_map: Any, *, nothing: str = "Nothing was loaded.") -
         name for name, place in device_map.items() if str(place) == "disk" or (str(place) == "cpu" and on_accelerator)
     )
     if offloaded:
-        shown = ", ".join(repr(n) for n in offloaded[:3]) + (
-            f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else ""
-        )
+        shown = listed([repr(n) for n in offloaded], limit=3)
         raise InputError(
             f"The device map offloads {shown} ('disk', or 'cpu' beside other devices): accelerate then keeps those "
             "weights out of the model and loads them only while a layer runs, so the in-memory merge would compute "
@@ -248,7 +249,7 @@ def check_not_offloaded(model: Any) -> None:
     and writes every weight in the model."""
     offloaded = [name for name, param in model.named_parameters() if param.is_meta]
     if offloaded:
-        shown = ", ".join(offloaded[:3]) + (f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else "")
+        shown = listed(offloaded, limit=3)
         raise InputError(
             f"{len(offloaded)} weights of this model are offloaded by accelerate (on the meta device: {shown}), as a "
             "device map with 'cpu'/'disk' entries or device_map='auto' on a model bigger than the devices leaves them; "

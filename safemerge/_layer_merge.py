@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Any, TypeGuard
+from typing import Any
 
 import torch
 from peft.tuners.lora import Embedding as LoraEmbedding
 from peft.tuners.lora import Linear as LoraLinear
 from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
-from safemerge._modules import bare_module, is_peft_wrapper, wrapped_base
+from safemerge._modules import bare_module, is_peft_wrapper, plain_lora, wrapped_base
 from safemerge._rows import Rows, Value
 
 
@@ -79,16 +79,6 @@ def _lora_delta(layer: LoraLinear | LoraEmbedding, adapter: str) -> Any:
     if by_columns:  # the weight's rows are the columns of B @ A
         return lambda start, stop: (b @ a[:, start:stop]).T * scale
     return lambda start, stop: (b[start:stop] @ a) * scale
-
-
-def plain_lora(layer: torch.nn.Module) -> TypeGuard[LoraLinear | LoraEmbedding]:
-    """LoRA whose merge adds get_delta_weight() to the weight and nothing else: PEFT's own classes (not torchao's or
-    INC's quantized subclasses), no variant (DoRA, aLoRA, KaSA, ... merge otherwise or not at all), no LoRA bias."""
-    if type(layer) not in (LoraLinear, LoraEmbedding):
-        return False
-    flags: list[dict[str, Any]] = [getattr(layer, name, {}) for name in ("use_dora", "lora_bias", "lora_variant")]
-    active: list[str] = getattr(layer, "active_adapters", [])
-    return not any(flag.get(adapter) for adapter in active for flag in flags)
 
 
 def merged_module(wrapper: torch.nn.Module) -> torch.nn.Module:

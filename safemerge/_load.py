@@ -162,8 +162,7 @@ def load_offloaded_adapter_model(
     """
     import peft
 
-    from safemerge._layer_merge import plain_lora
-    from safemerge._modules import base_parameters, is_peft_wrapper, wrapped_base
+    from safemerge._modules import base_parameters, is_peft_wrapper, plain_lora, wrapped_base
 
     config = peft.PeftConfig.from_pretrained(adapter, **hub.adapter)
     config.inference_mode = True
@@ -208,7 +207,7 @@ def load_adapter_weights(peft_model: Any, adapter: str, hub: Hub = Hub()) -> Any
     """
     import peft
 
-    from safemerge._rows import read_blocks
+    from safemerge._safetensors import read_blocks
 
     path = _adapter_weights_file(adapter, hub)
     if path is None:  # a .bin adapter: PEFT loads it whole

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
+from peft.tuners.lora import Embedding as LoraEmbedding
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from transformers import PretrainedConfig
@@ -30,6 +32,16 @@ def wrapped_base(module: torch.nn.Module) -> torch.nn.Module:
         layer: torch.nn.Module = module.get_base_layer()
         return layer
     return module
+
+
+def plain_lora(layer: torch.nn.Module) -> TypeGuard[LoraLinear | LoraEmbedding]:
+    """LoRA whose merge adds get_delta_weight() to the weight and nothing else: PEFT's own classes (not torchao's or
+    INC's quantized subclasses), no variant (DoRA, aLoRA, KaSA, ... merge otherwise or not at all), no LoRA bias."""
+    if type(layer) not in (LoraLinear, LoraEmbedding):
+        return False
+    flags: list[dict[str, Any]] = [getattr(layer, name, {}) for name in ("use_dora", "lora_bias", "lora_variant")]
+    active: list[str] = getattr(layer, "active_adapters", [])
+    return not any(flag.get(adapter) for adapter in active for flag in flags)
 
 
 def bare_module(module: torch.nn.Module) -> torch.nn.Module:
@@ -105,7 +117,14 @@ def meta_parameters(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+def storage_key(tensor: torch.Tensor) -> tuple[object, ...]:
+    """Identity of the memory `tensor` views: equal for two tensors that hold the same elements of one storage.
+
+    A meta tensor has no storage: the same tensor object is the same tensor (the low-memory engine's placeholders,
+    weights offloaded to disk).
+    """
+    if tensor.is_meta:
+        return ("meta", id(tensor))
     return (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
 
 
@@ -115,10 +134,7 @@ def storage_groups(params: list[BaseParameter]) -> list[list[BaseParameter]]:
     for p in params:
         if p.tensor.numel() == 0:
             continue  # no storage to compare: nothing can be said about sharing
-        # A meta tensor has no storage: the same tensor object is the same tensor (the low-memory engine's
-        # placeholders, weights offloaded to disk).
-        key = ("meta", id(p.tensor)) if p.tensor.is_meta else storage_key(p.tensor)
-        by_key.setdefault(key, []).append(p)
+        by_key.setdefault(storage_key(p.tensor), []).append(p)
     return [group for group in by_key.values() if len(group) > 1]
 
 

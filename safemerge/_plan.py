@@ -13,8 +13,11 @@ from safemerge import _policy
 from safemerge._modules import declares_tie
 from safemerge._policy import names
 from safemerge._report import Action, GroupPlan, MergePlan, TieDecision, TieGroup, TiePolicy
-from safemerge._rows import Value, scaled
 from safemerge._ties import TiedWeights
+
+# The tensor math lives in _ties: _merge and _stream still call it as _plan.expected_values until the one pipeline
+# (issue 23) calls _ties.expected_values; then this line goes.
+from safemerge._ties import expected_values as expected_values
 
 
 @dataclass(frozen=True)
@@ -175,9 +178,3 @@ def _rescale(head: str, factor: float) -> Action:
         f"multiplied {head} by d_model**-0.5 = {factor:.6g}: with tie_word_embeddings=False, transformers 4's T5 "
         "family no longer rescales the decoder output before it",
     )
-
-
-def expected_values(plan: MergePlan, tied: TiedWeights) -> dict[str, Value]:
-    """The weight every tied member must hold in the merged model under `plan` (its effective weight, rescaled)."""
-    scales = dict(plan.rescaled)
-    return {name: scaled(value, scales[name]) if name in scales else value for name, value in tied.effective.items()}

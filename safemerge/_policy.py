@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from safemerge._report import GroupState, MergePlan, TieDecision, TieGroup, TiePolicy
+from safemerge._text import listed
 from safemerge.errors import InputError
-
-_MAX_LISTED = 6
 
 _S, _D = GroupState, TieDecision
 
@@ -86,10 +85,8 @@ def reason(groups: Sequence[TieGroup], decisions: Sequence[TieDecision], *, figu
     return "the adapter changes no tied weight; ties stay as they are"
 
 
-def names(items: Sequence[str]) -> str:
-    """Names joined, capped to a few ("and 3 more")."""
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+#: Names joined for a sentence, capped to a few ("and 3 more"): the plan and the engines name tie members with it.
+names = listed
 
 
 def describe(group: TieGroup, *, figures: bool = True) -> str:

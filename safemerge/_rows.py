@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+
+from safemerge._modules import storage_key
 
 #: Elements per block (a 128256 x 2048 embedding is worked on in ~64 blocks).
 BLOCK = 1 << 22
@@ -93,11 +94,7 @@ def in_dtype(value: Value, dtype: torch.dtype) -> Value:
 
 def value_key(value: Value) -> tuple[object, ...]:
     """Identity of what holds a value: the storage a tensor views, or the Rows object itself."""
-    if isinstance(value, Rows):
-        return ("rows", id(value))
-    if value.is_meta:  # no storage: the tensor object is its identity
-        return ("meta", id(value))
-    return (value.untyped_storage().data_ptr(), int(value.storage_offset()), tuple(value.shape), value.stride())
+    return ("rows", id(value)) if isinstance(value, Rows) else storage_key(value)
 
 
 def equal(a: Value, b: Value) -> bool:
@@ -150,42 +147,3 @@ def same_weight_tolerance(reference: Value) -> float:
     """
     eps = torch.finfo(reference.dtype).eps if reference.dtype.is_floating_point else 0.0
     return 4 * eps * max_abs(reference) if eps else 0.0
-
-
-def read_blocks(path: str, name: str) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(start, stop, rows) of the tensor `name` in the safetensors file `path`, read a block of rows at a time. The
-    file is opened again for each block: a memory-mapped file's pages count as the process's memory while it is open.
-    """
-    with safe_open(path, framework="pt") as file:
-        layout = file.get_slice(name)
-        shape, dtype = layout.get_shape(), layout.get_dtype()
-    if len(shape) < 2:
-        with safe_open(path, framework="pt") as file:
-            yield 0, shape[0] if shape else 1, file.get_tensor(name)
-        return
-    for start, stop in row_blocks(torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")):
-        with safe_open(path, framework="pt") as file:
-            yield start, stop, file.get_slice(name)[start:stop]
-
-
-#: safetensors' dtype names.
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "C64": torch.complex64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-}

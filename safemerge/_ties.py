@@ -16,7 +16,7 @@ from safemerge._modules import (
     one_module_clusters,
     storage_groups,
 )
-from safemerge._report import TieGroup, TieMember
+from safemerge._report import MergePlan, TieGroup, TieMember
 from safemerge._rows import (
     Value,
     equal,
@@ -24,6 +24,7 @@ from safemerge._rows import (
     max_abs_diff,
     row_max_abs_diff,
     same_weight_tolerance,
+    scaled,
     value_key,
 )
 from safemerge.errors import UnsupportedAdapterError
@@ -125,6 +126,12 @@ def find_tied_weights(
         untied_changes=dict(_untied_changes(params, found.merged_layers, called, tied_names)),
         adapter_ties=_adapter_ties(root, [set(g.names) for g in groups]),
     )
+
+
+def expected_values(plan: MergePlan, tied: TiedWeights) -> dict[str, Value]:
+    """The weight every tied member must hold in the merged model under `plan` (its effective weight, rescaled)."""
+    scales = dict(plan.rescaled)
+    return {name: scaled(value, scales[name]) if name in scales else value for name, value in tied.effective.items()}
 
 
 def member_module(p: BaseParameter) -> torch.nn.Module:

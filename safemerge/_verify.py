@@ -26,6 +26,7 @@ from safemerge._reload import (
 )
 from safemerge._report import MemberCheck, MergePlan, Verification
 from safemerge._rows import Value, max_abs_diff, same_weight_tolerance, scaled, value_key
+from safemerge._text import listed
 from safemerge.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -272,15 +273,14 @@ def check_written(
 
 def failure_message(verification: Verification, *, where: str, owned: bool) -> str:
     """What failed, what it means, where the files are, what became of the model, and the fix."""
-    shown = "; ".join(verification.problems[:6])
-    more = f" and {len(verification.problems) - 6} more" if len(verification.problems) > 6 else ""
+    shown = listed(verification.problems, sep="; ")
     model = (
         "The model safemerge loaded for the merge was discarded; the base and adapter files are untouched."
         if owned
         else "Your PEFT model was put back as it was."
     )
     return (
-        f"Verification failed: {shown}{more}. The merged model does not compute what the adapter model computes, "
+        f"Verification failed: {shown}. The merged model does not compute what the adapter model computes, "
         f"so it must not be shipped. {where} {model} {FAILED_HINT}"
     )
 

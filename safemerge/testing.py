@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from safemerge import _inputs, _reload
+from safemerge._text import listed_lines
 
 __all__ = ["assert_merge_faithful", "assert_reload_identical"]
 
@@ -40,11 +41,9 @@ def assert_reload_identical(save_directory: str | os.PathLike[str], model: Any) 
     compared, differences = _reload.compare_state(model, reloaded)
     problems = [f"{name}: {what}" for name, what in differences.items()] + _reload.compare_ties(model, reloaded)
     if problems:
-        shown = problems[:_MAX_LISTED]
-        more = [f"... and {len(problems) - _MAX_LISTED} more"] if len(problems) > _MAX_LISTED else []
         raise AssertionError(
             f"{save_directory} does not reload to the model in memory ({len(problems)} difference(s) over "
-            f"{compared} tensors compared):\n  " + "\n  ".join(shown + more)
+            f"{compared} tensors compared):\n  " + "\n  ".join(listed_lines(problems, limit=_MAX_LISTED))
         )
 
 
@@ -72,11 +71,9 @@ def assert_merge_faithful(
 
     verification = verify_merged(merged, adapter_model, logits_tolerance=logits_tolerance, probe_inputs=probe_inputs)
     if not verification.ok:
-        shown = list(verification.problems[:_MAX_LISTED])
-        if len(verification.problems) > _MAX_LISTED:
-            shown.append(f"... and {len(verification.problems) - _MAX_LISTED} more")
+        problems = listed_lines(verification.problems, limit=_MAX_LISTED)
         raise AssertionError(
             f"{merged if not isinstance(merged, torch.nn.Module) else type(merged).__name__} does not compute what "
             f"the adapter model computes (max |logits difference| {verification.max_abs_logits_diff:.4g}, "
-            f"tolerance {verification.logits_tolerance:.3g}):\n  " + "\n  ".join(shown)
+            f"tolerance {verification.logits_tolerance:.3g}):\n  " + "\n  ".join(problems)
         )

@@ -164,6 +164,26 @@ def test_damaged_safetensors(work: Path, capsys, which: str, damage: str, comman
     assert_untouched(work, before, work / "out")
 
 
+@pytest.mark.parametrize("command", ["merge", "doctor"])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_cut_one_byte_tensor(work: Path, capsys, dtype: torch.dtype, command: str) -> None:  # type: ignore[no-untyped-def]
+    """A tensor of one byte an element (I8, U8, BOOL, F8) whose bytes fall short of its shape is found like any other:
+    the input check sizes every dtype the format names."""
+    path = work / "adapter" / WEIGHTS
+    save_file({**load_file(path), "extra": torch.zeros(4, 8, dtype=dtype)}, path, metadata={"format": "pt"})
+
+    def cut(header: dict) -> None:  # type: ignore[type-arg]
+        header["extra"]["shape"] = [8, 8]  # 64 elements in the 32 bytes the offsets give it
+
+    _rewrite_header(path, cut)
+    before = hashes(work)
+    code, said = run(work, capsys, *(merge() if command == "merge" else ["doctor", "base", "adapter"]), stdout=True)
+    assert code == 2, said
+    assert f"This file is damaged: adapter/{WEIGHTS} (tensor extra holds 32 bytes for shape [8, 8])" in said
+    assert re.search("fix: copy or download it again", said, re.I) and "Traceback" not in said
+    assert_untouched(work, before, work / "out")
+
+
 def test_tensor_shape_that_disagrees_with_the_config(work: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """A whole, readable file whose embedding has another shape than the config says."""
     tensors = load_file(work / "base" / "model.safetensors")

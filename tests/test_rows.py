@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safemerge import _rows
+from safemerge import _rows, _safetensors
 from safemerge._rows import Rows
 
 
@@ -51,6 +51,6 @@ def test_read_blocks_reads_a_saved_tensor_back(tmp_path: Path) -> None:
     tensors = {"matrix": torch.randn(50, 7).to(torch.bfloat16), "vector": torch.arange(9), "scalar": torch.tensor(2.5)}
     save_file(tensors, str(tmp_path / "t.safetensors"))
     for name, tensor in tensors.items():
-        blocks = list(_rows.read_blocks(str(tmp_path / "t.safetensors"), name))
+        blocks = list(_safetensors.read_blocks(str(tmp_path / "t.safetensors"), name))
         assert [(start, stop) for start, stop, _ in blocks] == list(_rows.row_blocks(tensor))
         assert torch.equal(torch.cat([rows.reshape(-1) for _, _, rows in blocks]), tensor.reshape(-1))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from safemerge._doctor.codes import BY_CODE
 from safemerge._report import SEVERITIES, DoctorReport, Finding, Severity
+from safemerge._text import listed_lines
 
 #: Tensor names and their shapes, as an adapter file holds them or PEFT would save them.
 Shapes = dict[str, tuple[int, ...]]
@@ -36,22 +37,10 @@ class Checkup:
                 f"Finding code {code!r} is registered as {' / '.join(registered.severities)}, not {severity}: "
                 "fix the check or the registry (safemerge/_doctor/codes.py)."
             )
-        self.findings.append(Finding(code, severity, message, tuple(capped(list(evidence))), fix))
+        capped = tuple(listed_lines(list(evidence), limit=MAX_LISTED))
+        self.findings.append(Finding(code, severity, message, capped, fix))
 
     def report(self) -> DoctorReport:
         """The findings so far, the worst first (checks keep their order within a severity)."""
         findings = sorted(self.findings, key=lambda f: SEVERITIES.index(f.severity))
         return DoctorReport(self.base_label, self.adapter_label, tuple(findings))
-
-
-def capped(items: list[str]) -> list[str]:
-    """The first MAX_LISTED items, and a line that counts the rest."""
-    if len(items) <= MAX_LISTED:
-        return items
-    return [*items[:MAX_LISTED], f"... and {len(items) - MAX_LISTED} more"]
-
-
-def listed(names: list[str]) -> str:
-    """The first MAX_LISTED names joined for a sentence, and how many more there are."""
-    shown = ", ".join(names[:MAX_LISTED])
-    return shown + (f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")

@@ -10,7 +10,8 @@ from packaging.version import InvalidVersion, Version
 
 from safemerge import _peft_settings
 from safemerge._doctor.adapter_files import CONFIG_NAME
-from safemerge._doctor.checkup import Checkup, listed
+from safemerge._doctor.checkup import MAX_LISTED, Checkup
+from safemerge._text import listed
 
 #: Values that leave a setting at its default: dropping the key changes nothing.
 _UNSET: tuple[object, ...] = (None, False, [], {}, "", 0)
@@ -79,10 +80,11 @@ def _report_newer_settings(used: dict[str, Any], added: dict[str, str], checkup:
     import peft
 
     release = max((added[k] for k in used), key=Version)
+    settings = listed(list(used), limit=MAX_LISTED)
     checkup.add(
         "newer-peft-setting",
         "silent",
-        f"{CONFIG_NAME} sets {listed(list(used))}, which peft {release} added and peft {peft.__version__} does "
+        f"{CONFIG_NAME} sets {settings}, which peft {release} added and peft {peft.__version__} does "
         "not know: PEFT drops it on load, so the adapter computes something else than it was trained to.",
         evidence=[f"{_shown(k, v)} (added in peft {added[k]})" for k, v in used.items()],
         fix=f"Upgrade peft: pip install -U 'peft>={release}'.",
@@ -94,13 +96,14 @@ def _report_newer_config(rest: dict[str, Any], newer: dict[str, Any], written_by
     import peft
 
     set_keys = [k for k in rest if k not in newer and rest[k] not in _UNSET]
+    shown = listed(set_keys, limit=MAX_LISTED)
     checkup.add(
         "newer-peft-config",
         "silent" if set_keys else "warning",
         f"{CONFIG_NAME} was written by peft {written_by}, newer than peft {peft.__version__}, and has keys this "
         "release does not know; PEFT drops them on load. "
         + (
-            f"{listed(set_keys)} {'is' if len(set_keys) == 1 else 'are'} set, so the adapter will compute "
+            f"{shown} {'is' if len(set_keys) == 1 else 'are'} set, so the adapter will compute "
             "something else if that is a setting of the newer release."
             if set_keys
             else "They are at their defaults, so that changes nothing."
@@ -114,10 +117,11 @@ def _report_unused_keys(rest: dict[str, Any], newer: dict[str, Any], checkup: Ch
     """Keys PEFT never had (or newer settings at their defaults): ignored on load, which changes nothing."""
     import peft
 
+    keys = listed(list(rest), limit=MAX_LISTED)
     checkup.add(
         "unused-config-keys",
         "info",
-        f"{CONFIG_NAME} has keys that peft {peft.__version__} does not use ({listed(list(rest))}); PEFT ignores them "
+        f"{CONFIG_NAME} has keys that peft {peft.__version__} does not use ({keys}); PEFT ignores them "
         "on load, which changes nothing"
         + (" (settings of newer releases left at their defaults)." if set(rest) <= set(newer) else "."),
         evidence=[_shown(k, v) for k, v in rest.items()],

@@ -33,7 +33,8 @@ from safemerge._load import load_for_good, weights_loaded
 from safemerge._modules import bare_module, base_parameters, module_of, progress_bars, set_parameter
 from safemerge._reload import Fingerprint
 from safemerge._report import Action, MergePlan
-from safemerge._rows import SAFETENSORS_DTYPES, Value, block, read_blocks, row_blocks
+from safemerge._rows import Value, block, row_blocks
+from safemerge._safetensors import dtype_name, read_blocks, torch_dtype
 from safemerge._ties import TiedWeights
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -232,13 +233,12 @@ def _header(tensors: Mapping[str, torch.Tensor]) -> bytes:
     because safetensors' writers take whole tensors; safetensors' reader checks every file when it is read back."""
     if sys.byteorder != "little":
         raise OSError("safetensors files are little-endian; the low-memory merge writes native bytes")
-    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, tensor in tensors.items():
         size = tensor.numel() * tensor.element_size()
         header[name] = {
-            "dtype": names[tensor.dtype],
+            "dtype": dtype_name(tensor.dtype),
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + size],
         }
@@ -299,7 +299,7 @@ def reread(staging: Path) -> dict[str, Fingerprint]:
     for path in sorted(staging.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as shard:
             slices = {name: shard.get_slice(name) for name in shard.keys()}  # noqa: SIM118 (not a mapping)
-            layout = {name: (tuple(s.get_shape()), SAFETENSORS_DTYPES[s.get_dtype()]) for name, s in slices.items()}
+            layout = {name: (tuple(s.get_shape()), torch_dtype(s.get_dtype())) for name, s in slices.items()}
         for name, (shape, dtype) in layout.items():
             digest = hashlib.sha1(usedforsecurity=False)
             for _, _, data in read_blocks(str(path), name):
