@@ -45,11 +45,9 @@ def merge_pretrained(
 ) -> MergeReport:
     """Load `base` and `adapter` (local directories or hub ids) and merge them as safe_merge() does.
 
-    The adapter doctor runs first (configs and tensor headers only): an `error` or `silent` finding stops with
-    AdapterMismatchError. Then the base is loaded with the class its config names (the head-adding Auto class for
-    classification adapters) and the adapter with `PeftModel.from_pretrained`. The loaded model is safemerge's own:
-    once merged, saved and fingerprinted it is freed, and `report.model` is the merged model as transformers loads
-    it back from `save_directory` (one model in memory at a time).
+    The adapter doctor runs first (configs and tensor headers only; an `error` or `silent` finding stops it), then
+    the base is loaded with the class its config names and the adapter with `PeftModel.from_pretrained`. Once merged,
+    saved and fingerprinted, that model is freed: `report.model` is the merged model loaded back from disk.
 
     With `low_memory`, the base's weights stay on disk: each merged tensor is computed from the base checkpoint and
     the adapter's tensors a block of rows at a time, streamed into safetensors shards and read back; the probe runs

@@ -92,7 +92,11 @@ class MergeRequest:
         _inputs.check_tolerance(options.get("logits_tolerance"))
         options["dtype"], out_dtype = parse_dtype(options.get("dtype")), parse_dtype(options.get("out_dtype"))
         options["out_dtype"] = out_dtype if isinstance(out_dtype, torch.dtype) else None  # "auto": the checkpoint's
-        hub = {name: options.pop(name) for name in ("revision", "adapter_revision", "token", "trust_remote_code")}
+        hub = {
+            name: options.pop(name)
+            for name in ("revision", "adapter_revision", "token", "trust_remote_code")
+            if name in options
+        }
         request = dataclasses.replace(request, adapter=adapter, source=Source(**hub), **options)
         request._check_loading()
         inputs = _inputs.local_inputs(base, adapter)
