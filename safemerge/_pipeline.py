@@ -61,10 +61,12 @@ class Engine(Protocol):
         """Write the merged model into `staging` (with `verify`, keep what the check of the saved model needs)."""
 
     def check_saved(
-        self, merged: Any, held: _output.Claim, analysis: Analysis, plan: MergePlan, verification: Verification
+        self, held: _output.Claim, analysis: Analysis, plan: MergePlan, verification: Verification
     ) -> tuple[Verification, Any, list[Action]]:
         """Check the written files against what was written: the verification, the merged model to report (the one
-        in memory, or the one loaded back) and the actions taken to match it to the loaded one."""
+        in memory, or the one loaded back) and the actions taken to match it to the loaded one. The engine holds the
+        merged model from `execute` on (the pipeline lets go of it first: an engine frees the model that is its own
+        before it loads the saved one)."""
 
 
 def run(request: MergeRequest, engine: Engine) -> MergeReport:
@@ -124,7 +126,8 @@ def _merge_and_save(
         ),
     )
     if verification is not None:
-        verification, merged, retied = engine.check_saved(merged, held, analysis, plan, verification)
+        del merged  # the engine holds it: one that is its own is freed before the saved model is loaded
+        verification, merged, retied = engine.check_saved(held, analysis, plan, verification)
         actions += retied
         if not verification.ok:
             _fail(verification, plan, analysis, merged, actions, owned=engine.owned, held=held)

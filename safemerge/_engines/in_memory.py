@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from safemerge import _verify
 from safemerge._finite import refuse_non_finite
 from safemerge._modules import bare_module, base_parameters, module_of, progress_bars, set_parameter, set_tie_flags
 from safemerge._policy import names
 from safemerge._report import Action, ActionCode, MergePlan
 from safemerge._rows import Value, materialise, scaled, value_key
 from safemerge._ties import TiedWeights
-from safemerge._verify import Saved, check_reload
 
 if TYPE_CHECKING:
     from safemerge._analysis import Analysis
@@ -206,15 +206,16 @@ class InMemory:
         saved model is loaded: one model in memory at a time."""
         self.owned = owned
         self._model = model
-        self._saved: Saved | None = None
+        self._saved: _verify.Saved | None = None
+        self._merged: Any = None
 
     def model(self, held: Claim) -> Any:
         return self._model
 
     def execute(self, model: Any, plan: MergePlan, tied: TiedWeights) -> tuple[Any, list[Action]]:
-        merged, actions = execute(model, plan, tied)
-        refuse_non_finite("merged model", merged.named_parameters())
-        return merged, actions
+        self._merged, actions = execute(model, plan, tied)
+        refuse_non_finite("merged model", self._merged.named_parameters())
+        return self._merged, actions
 
     def value_of(self, param: torch.Tensor) -> Value:
         return param.detach()
@@ -225,22 +226,22 @@ class InMemory:
     def write(
         self, merged: Any, staging: Path, analysis: Analysis, *, max_shard_size: str | int | None, verify: bool
     ) -> None:
-        self._saved = Saved.of(merged) if verify else None
+        self._saved = _verify.Saved.of(merged) if verify else None
         logger.info("saving to %s", staging)
         options = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
         merged.save_pretrained(str(staging), **options)
 
     def check_saved(
-        self, merged: Any, held: Claim, analysis: Analysis, plan: MergePlan, verification: Verification
+        self, held: Claim, analysis: Analysis, plan: MergePlan, verification: Verification
     ) -> tuple[Verification, Any, list[Action]]:
         """Reload the saved model and compare (`_verify.check_reload`); tie the merged model as the loader ties it."""
         assert self._saved is not None
         if self.owned:  # nobody else holds it: free it before the saved model is loaded
             self._model.base_model.model = torch.nn.Module()
             analysis.drop_values()
-            merged = None
+            self._merged = None
             gc.collect()
-        verification, reloaded, retie = check_reload(held.staging, self._saved, analysis, verification)
-        if merged is None:
+        verification, reloaded, retie = _verify.check_reload(held.staging, self._saved, analysis, verification)
+        if self._merged is None:
             return verification, reloaded, []
-        return verification, merged, retie_like(merged, retie)
+        return verification, self._merged, retie_like(self._merged, retie)

@@ -30,6 +30,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 
+from safemerge import _verify
 from safemerge._engines import in_memory
 from safemerge._finite import refuse_non_finite_merged as refuse_merged
 from safemerge._layer_merge import merged_parameters, unloaded
@@ -40,7 +41,6 @@ from safemerge._reload import Fingerprint, LoadSpec
 from safemerge._report import Action, MergePlan
 from safemerge._rows import SAFETENSORS_DTYPES, Value, block, read_blocks, row_blocks
 from safemerge._ties import TiedWeights
-from safemerge._verify import check_written
 
 if TYPE_CHECKING:
     from safemerge._analysis import Analysis
@@ -365,11 +365,12 @@ class LowMemory:
         gc.collect()  # what the write let go of, held in reference cycles (PEFT's layers), before the reload
 
     def check_saved(
-        self, merged: Any, held: Claim, analysis: Analysis, plan: MergePlan, verification: Verification
+        self, held: Claim, analysis: Analysis, plan: MergePlan, verification: Verification
     ) -> tuple[Verification, Any, list[Action]]:
         """Read the files back and probe the model loaded from them (`_verify.check_written`)."""
+        merged = self._streamed.model
         load = dataclasses.replace(LoadSpec.like(merged), dtype=self._dtype or model_dtype(merged))
-        checked = check_written(
+        checked = _verify.check_written(
             held.staging, self._written, reread, analysis, plan, verification, config=merged.config,
             load=load, offload_folder=held.offload,
         )  # fmt: skip
