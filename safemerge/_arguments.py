@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from safemerge._report import TiePolicy
 from safemerge._version import __version__
@@ -17,6 +18,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge a PEFT adapter into its base model without silent damage to tied weights, and prove it.",
     )
     parser.add_argument("--version", action="version", version=f"safemerge {__version__}")
+    common, hub, loading, tolerance = _shared_groups()
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo", parents=[common], help="the tied-weights bug and the three policies on a tiny model, offline"
+    )
+    demo.add_argument(
+        "--keep",
+        default=None,
+        metavar="DIR",
+        help="keep the tiny base, adapter and merged models in DIR (new or empty) for the tutorial's next steps",
+    )
+    _add_merge(commands, [common, loading, tolerance])
+    _add_inspect(commands, [common, loading])
+    doctor = commands.add_parser(
+        "doctor", parents=[common, hub], help="explain why ADAPTER would fail or load wrong on BASE; loads no weights"
+    )
+    doctor.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
+    doctor.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter: local directory or hub id")
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
+    verify = commands.add_parser(
+        "verify",
+        parents=[common, loading, tolerance],
+        help="check a merged model made by any tool against the adapter model",
+    )
+    verify.add_argument("merged", metavar="MERGED", help="merged model directory to check")
+    verify.add_argument("--base", required=True, help="base model the adapter was trained on")
+    verify.add_argument("--adapter", required=True, help="the PEFT adapter that was merged")
+    return parser
+
+
+def _shared_groups() -> tuple[argparse.ArgumentParser, ...]:
+    """The option groups commands share: common (-v, -q), hub, loading (hub + dtype, device map, --json), tolerance."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="library warnings, debug logs, tracebacks")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -43,22 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="X",
         help="max |logits difference| accepted vs the adapter model (default: relative to dtype and logit scale)",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return common, hub, loading, tolerance
 
-    demo = commands.add_parser(
-        "demo", parents=[common], help="the tied-weights bug and the three policies on a tiny model, offline"
-    )
-    demo.add_argument(
-        "--keep",
-        default=None,
-        metavar="DIR",
-        help="keep the tiny base, adapter and merged models in DIR (new or empty) for the tutorial's next steps",
-    )
 
+def _add_merge(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     merge = commands.add_parser(
-        "merge",
-        parents=[common, loading, tolerance],
-        help="merge ADAPTER into BASE under a tie policy, save and verify OUT",
+        "merge", parents=parents, help="merge ADAPTER into BASE under a tie policy, save and verify OUT"
     )
     merge.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
     merge.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter: local directory or hub id")
@@ -95,9 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--report", type=Path, default=None, metavar="PATH", help="write the JSON report here")
 
+
+def _add_inspect(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     inspect = commands.add_parser(
         "inspect",
-        parents=[common, loading],
+        parents=parents,
         help="tie groups, what the adapter changes, each policy's merge plan; or, with --peft-config, before training",
     )
     inspect.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
@@ -114,20 +139,3 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the policy to answer for (with --peft-config, required); exit 1 if it will not merge",
     )
-
-    doctor = commands.add_parser(
-        "doctor", parents=[common, hub], help="explain why ADAPTER would fail or load wrong on BASE; loads no weights"
-    )
-    doctor.add_argument("base", metavar="BASE", help="base model: local directory or hub id")
-    doctor.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter: local directory or hub id")
-    doctor.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
-
-    verify = commands.add_parser(
-        "verify",
-        parents=[common, loading, tolerance],
-        help="check a merged model made by any tool against the adapter model",
-    )
-    verify.add_argument("merged", metavar="MERGED", help="merged model directory to check")
-    verify.add_argument("--base", required=True, help="base model the adapter was trained on")
-    verify.add_argument("--adapter", required=True, help="the PEFT adapter that was merged")
-    return parser

@@ -231,8 +231,8 @@ class Claim:
 def claim(target: Path, *, overwrite: bool) -> Iterator[Claim]:
     """Own `target` for the duration: lock its temporary sibling, clean what a killed run left, release at the end.
 
-    Missing parent directories are created for the sibling, and removed again unless a model was put there."""
-    check_target(target, overwrite=overwrite)
+    Missing parent directories are created for the sibling, and removed again unless a model was put there. The
+    target was checked where the request was built (`_request`); it is checked again once the lock is held."""
     try:
         created = _make_parents(target.parent)
     except OSError as exc:

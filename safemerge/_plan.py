@@ -15,10 +15,6 @@ from safemerge._policy import names
 from safemerge._report import Action, GroupPlan, MergePlan, TieDecision, TieGroup, TiePolicy
 from safemerge._ties import TiedWeights
 
-# The tensor math lives in _ties: _merge and _stream still call it as _plan.expected_values until the one pipeline
-# (issue 23) calls _ties.expected_values; then this line goes.
-from safemerge._ties import expected_values as expected_values
-
 
 @dataclass(frozen=True)
 class ModelFacts:

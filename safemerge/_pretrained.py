@@ -1,5 +1,5 @@
-"""merge_pretrained(): a merge from files or hub ids. The doctor first (no weights loaded), the tokenizer and the
-saved dtype, then one engine: the model loaded and safe_merge's in-memory merge, or the low-memory merge from disk."""
+"""merge_pretrained(): a merge from files or hub ids. The request checked, the doctor (no weights loaded), the
+tokenizer and the saved dtype, then the pipeline with one engine: in memory, or low memory from disk."""
 
 from __future__ import annotations
 
@@ -7,18 +7,17 @@ import dataclasses
 import logging
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from safemerge import _compat, _inputs, _load, _output, _policy, _ship
+from safemerge import _inputs, _load, _pipeline, _ship
 from safemerge._doctor import doctor
-from safemerge._engines.low_memory import default_shard_size
-from safemerge._merge import merge_peft_model
+from safemerge._engines.in_memory import InMemory
+from safemerge._engines.low_memory import LowMemory, freed_memory_returned
 from safemerge._report import MergeReport, TiePolicy
-from safemerge._stream import merge_low_memory
-from safemerge.errors import AdapterMismatchError, InputError
+from safemerge._request import MergeRequest
+from safemerge.errors import AdapterMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +43,16 @@ def merge_pretrained(
     token: str | None = None,
     trust_remote_code: bool = False,
 ) -> MergeReport:
-    """Load `base` and `adapter` (local directories or hub ids) and run safe_merge() on them.
+    """Load `base` and `adapter` (local directories or hub ids) and merge them as safe_merge() does.
 
-    The loaded model is safemerge's own: once merged, saved and fingerprinted it is freed, and `report.model` is the
-    merged model as transformers loads it back from `save_directory` (one model in memory at a time).
+    The adapter doctor runs first (configs and tensor headers only; an `error` or `silent` finding stops it), then
+    the base is loaded with the class its config names and the adapter with `PeftModel.from_pretrained`. Once merged,
+    saved and fingerprinted, that model is freed: `report.model` is the merged model loaded back from disk.
 
     With `low_memory`, the base's weights stay on disk: each merged tensor is computed from the base checkpoint and
-    the adapter's tensors a block of rows at a time, streamed into safetensors shards of `max_shard_size` (default:
-    save_pretrained's) and read back; the probe runs with accelerate offloading the weights. In memory at once: the
-    tied embedding, one linear layer's weights and a block of rows, whatever the model's size. Same analysis, plan,
-    refusals and checks as in memory; `report.model` is None.
-
-    The adapter doctor runs first (it reads configs and tensor headers only) and stops on an `error` or `silent`
-    finding with AdapterMismatchError. Then the base is loaded with the class its config names (the head-adding
-    Auto class for classification adapters), the adapter with `PeftModel.from_pretrained`, and safe_merge() runs.
+    the adapter's tensors a block of rows at a time, streamed into safetensors shards and read back; the probe runs
+    with accelerate offloading the weights. In memory at once: the tied embedding, one linear layer's weights and a
+    block of rows, whatever the model's size. Same analysis, plan, refusals and checks; `report.model` is None.
 
     Args:
         base: the base model, a local directory or a hub id.
@@ -65,67 +60,36 @@ def merge_pretrained(
         save_directory: where the merged model goes (written into a temporary sibling, renamed into place).
         policy: "keep", "untie" or "refuse" (or a `TiePolicy`).
         dtype: the dtype to load and compute in (default "auto": the checkpoint's own).
-        out_dtype: the dtype to save in (default: the checkpoint's own, whatever `dtype` is: merging in float32 saves
-            a bfloat16 checkpoint in bfloat16, rounded once).
-        device_map: accelerate device map for the in-memory merge (not with `low_memory`); one that offloads weights
-            ("disk", or "cpu" beside a GPU) is refused: use `low_memory` for those.
+        out_dtype: the dtype to save in (default: the checkpoint's own, whatever `dtype` is).
+        device_map: accelerate device map (not with `low_memory`); one that offloads weights is refused.
         verify: check the merged and the saved model against the adapter model.
         overwrite: replace a non-empty `save_directory` once the new model is verified.
         logits_tolerance: max |logits difference| accepted (default: relative to the dtype and the logits' scale).
-        low_memory: keep the base's weights on disk and write the merged model a block of rows at a time (see above).
-        max_shard_size: largest output shard, in transformers' format ("5GB", "300MB") or bytes.
-        push_to_hub: a hub repository id to upload the merged directory to (created if missing, `private` if asked)
-            once it is verified; the token is huggingface_hub's (HF_TOKEN or `hf auth login`).
+        low_memory: keep the base's weights on disk and write the merged model a block of rows at a time.
+        max_shard_size: largest output shard ("5GB", "300MB" or bytes; default: save_pretrained's).
+        push_to_hub: a hub repository to upload the verified directory to (created if missing, `private` if asked).
         revision: the base's revision on the hub (branch, tag or commit); `adapter_revision` the adapter's.
         token: a hub token for private repositories (default: huggingface_hub's, HF_TOKEN or `hf auth login`).
         trust_remote_code: let transformers run the base repository's own model code (off unless asked).
 
-    Returns:
-        The MergeReport.
-
     Raises:
         AdapterMismatchError: the doctor found that the adapter does not fit the base (nothing was loaded).
-        InputError: an input is missing, damaged or does not load; `device_map` offloads weights; `save_directory`
-            is the current directory, one above it, home or `/`, or its name is too long.
-        TiedWeightsError: the policy forbids this merge (nothing was written).
-        UnsupportedAdapterError: no merged model can compute what this adapter model computes.
-        OutputExistsError: `save_directory` is not empty and overwrite is False.
-        OutputWriteError: the model could not be written or put in place (`save_directory` is as it was).
-        VerificationError: the merged or the saved model does not match the adapter model (files quarantined).
-        ValueError: unknown policy or dtype; `device_map` with `low_memory`.
+        InputError: an input is missing, damaged or does not load; `device_map` offloads weights or comes with
+            `low_memory`; `save_directory` is the current directory, one above it, home or `/`, or too long a name.
+        TiedWeightsError, UnsupportedAdapterError, OutputExistsError, OutputWriteError, VerificationError: as in
+            safe_merge() (the files of a failed verification are quarantined).
+        ValueError: unknown policy or dtype.
     """
-    tie_policy = _policy.parse_policy(policy)
-    _inputs.check_tolerance(logits_tolerance)
-    compute_dtype, requested = _load.parse_dtype(dtype), _load.parse_dtype(out_dtype)
-    if low_memory and (why := _compat.low_memory_unsupported()):
-        raise InputError(why)
-    if low_memory and device_map is not None:
-        raise InputError(
-            "low_memory keeps the base's weights on disk and merges on the CPU, so it takes no device_map; nothing "
-            "was loaded. Fix: drop device_map (CLI: --device-map), or merge in memory with it (without low_memory)."
-        )
-    _inputs.check_device_map(device_map)
-    if push_to_hub and not verify:
-        raise InputError(
-            "push_to_hub uploads only a verified merge; it cannot be combined with verify=False (CLI: --no-verify). "
-            "Nothing was loaded. Fix: drop verify=False, or drop push_to_hub and upload the directory yourself."
-        )
-    inputs = _inputs.local_inputs(base, adapter)
-    target = _output.resolved(save_directory)
-    _inputs.check_outputs({"output directory": Path(save_directory)}, inputs)
-    _output.check_target(target, overwrite=overwrite)
-    for directory in inputs.values():
-        _inputs.check_files(directory)
+    # Every parameter, by name: the request checks them in the documented order.
+    return merge(MergeRequest.for_pretrained(**locals()))
+
+
+def merge(request: MergeRequest) -> MergeReport:
+    """merge_pretrained()'s merge of a checked request: the doctor, then the pipeline with the engine it asks for."""
+    assert request.base is not None and request.adapter is not None
+    base, adapter, hub = request.base, request.adapter, request.source
     logger.info("checking that %s fits %s (doctor)", adapter, base)
-    hub = _load.Hub(revision, adapter_revision, token, trust_remote_code)
-    checkup = doctor(
-        base,
-        adapter,
-        revision=revision,
-        adapter_revision=adapter_revision,
-        token=token,
-        trust_remote_code=trust_remote_code,
-    )
+    checkup = doctor(base, adapter, **dataclasses.asdict(hub))
     if not checkup.ok:
         bad = checkup.by_severity("error", "silent")
         counts = Counter(f.severity for f in bad)
@@ -136,41 +100,16 @@ def merge_pretrained(
         )
     tokenizer, source = _ship.find_tokenizer([(adapter, hub.adapter), (base, hub.base)])
     extras = _ship.Extras(tokenizer=tokenizer, tokenizer_source=source, base=base, adapter=adapter)
-    saved_dtype = requested if isinstance(requested, torch.dtype) else _load.checkpoint_dtype(base, hub)
-    if low_memory:
-        report = merge_low_memory(
-            target,
-            policy=tie_policy,
-            load_model=lambda offload_folder: load_inputs(
-                base, adapter, dtype=compute_dtype, hub=hub, offload_folder=offload_folder
-            ),
-            verify=verify,
-            overwrite=overwrite,
-            tolerance=logits_tolerance,
-            max_shard_size=max_shard_size or default_shard_size(),
-            extras=extras,
-            out_dtype=saved_dtype,
-        )
-    else:
-        model = load_inputs(base, adapter, dtype=compute_dtype, device_map=device_map, hub=hub)
-        report = merge_peft_model(
-            model,
-            save_directory,
-            policy=tie_policy,
-            verify=verify,
-            overwrite=overwrite,
-            tolerance=logits_tolerance,
-            probe_inputs=None,
-            in_place=True,
-            owned=True,
-            max_shard_size=max_shard_size,
-            extras=extras,
-            out_dtype=saved_dtype,
-        )
-    if push_to_hub and report.ok:
-        pushed = _ship.push(target, push_to_hub, private=private, token=token, report=report)
-        report = dataclasses.replace(report, actions=(*report.actions, pushed))
-    return report
+    request = request.with_inputs(extras, request.out_dtype or _load.checkpoint_dtype(base, hub))
+    if not request.low_memory:
+        model = load_inputs(base, adapter, dtype=request.dtype, device_map=request.device_map, hub=hub)
+        return _pipeline.run(request, InMemory(model, owned=True))
+
+    def load_offloaded(offload_folder: str) -> Any:
+        return load_inputs(base, adapter, dtype=request.dtype, hub=hub, offload_folder=offload_folder)
+
+    with freed_memory_returned():
+        return _pipeline.run(request, LowMemory(load_offloaded))
 
 
 def load_untrained_inputs(

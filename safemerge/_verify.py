@@ -191,13 +191,10 @@ def check_reload(
         return dataclasses.replace(in_memory, problems=(*in_memory.problems, problem)), None, ()
     compared, not_identical = compare_with_fingerprints(merged.fingerprints, reloaded)
     diff, logits_problems = _logits_diff(reloaded, analysis, "reloaded")
-    tol = in_memory.logits_tolerance
-    if not diff <= tol:
-        logits_problems.append(f"reloaded logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
+    logits_problems += _over_tolerance(diff, in_memory)
     ties_after = tie_groups(reloaded)
     lost = [g for g in merged.ties if not any(set(g) <= set(a) for a in ties_after)]
     problems = [
-        *in_memory.problems,
         *(f"reloaded {name}: {what}" for name, what in not_identical.items()),
         *logits_problems,
         *(f"tie lost on reload: {sorted(g)} were one tensor and load as separate tensors" for g in lost),
@@ -205,22 +202,14 @@ def check_reload(
     # Extra ties join only bit-identical tensors (checked above); mirror them so the returned model is what loads.
     before = {frozenset(g) for g in merged.ties}
     retie = tuple(g for g in ties_after if frozenset(g) not in before) if not not_identical else ()
-    members = tuple(dataclasses.replace(m, reload_bit_identical=m.name not in not_identical) for m in in_memory.members)
-    verification = dataclasses.replace(
-        in_memory,
-        max_abs_logits_diff_reloaded=diff,
-        members=members,
-        reloaded_tensors_compared=compared,
-        tensors_not_identical=tuple(f"{name}: {what}" for name, what in not_identical.items()),
-        ties_after_reload=ties_after,
-        problems=tuple(problems),
-    )
+    verification = _with_saved(in_memory, diff, compared, not_identical, problems, ties_after=ties_after)
     return verification, reloaded, retie
 
 
 def check_written(
     saved: Path,
     written: Mapping[str, Fingerprint],
+    reread: Callable[[Path], Mapping[str, Fingerprint]],
     analysis: Analysis,
     plan: MergePlan,
     in_memory: Verification,
@@ -229,17 +218,15 @@ def check_written(
     load: LoadSpec,
     offload_folder: Path,
 ) -> Verification:
-    """A low-memory merge's files: every tensor read back from disk against what was computed, the saved tie flags
-    against the plan, and the probe logits of the model transformers loads from them (its weights offloaded)."""
-    from safemerge._engines.low_memory import reread
-
+    """A low-memory merge's files: every tensor read back from disk (`reread(saved)`: the fingerprints of the files'
+    tensors) against what was computed, the saved tie flags against the plan, and the probe logits of the model
+    transformers loads from them (its weights offloaded)."""
     logger.info("reading %s back, tensor by tensor", saved)
     compared, not_identical = compare_fingerprints(written, reread(saved))
     # The file as written (a config class may report another value than its file holds: transformers 5 forces
     # T5's flag True), against the merged config whose tie flags were checked against the plan in memory.
     written_config = json.loads((saved / "config.json").read_text(encoding="utf-8"))
     problems = [
-        *in_memory.problems,
         *(f"written {name}: {what}" for name, what in not_identical.items()),
         *(
             [f"config.json does not hold the merged config (tie flags {dict(plan.tie_flags)})"]
@@ -257,9 +244,29 @@ def check_written(
         diff, logits_problems = _logits_diff(reloaded, analysis, "reloaded")
         problems += logits_problems
         del reloaded
+    problems += _over_tolerance(diff, in_memory)
+    return _with_saved(in_memory, diff, compared, not_identical, problems)
+
+
+def _over_tolerance(diff: float, in_memory: Verification) -> list[str]:
+    """The problem of reloaded logits further from the adapter model's than the tolerance (a NaN difference too)."""
     tol = in_memory.logits_tolerance
-    if not diff <= tol:
-        problems.append(f"reloaded logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})")
+    if diff <= tol:
+        return []
+    return [f"reloaded logits differ from the adapter model's by {diff:.4g} (tolerance {tol:.3g})"]
+
+
+def _with_saved(
+    in_memory: Verification,
+    diff: float,
+    compared: int,
+    not_identical: Mapping[str, str],
+    problems: list[str],
+    *,
+    ties_after: tuple[tuple[str, ...], ...] | None = None,
+) -> Verification:
+    """The check in memory completed with the saved model's figures and `problems`: its logits' difference, the
+    tensors compared and those not identical, and (reloaded) the ties it loads with."""
     members = tuple(dataclasses.replace(m, reload_bit_identical=m.name not in not_identical) for m in in_memory.members)
     return dataclasses.replace(
         in_memory,
@@ -267,7 +274,8 @@ def check_written(
         members=members,
         reloaded_tensors_compared=compared,
         tensors_not_identical=tuple(f"{name}: {what}" for name, what in not_identical.items()),
-        problems=tuple(problems),
+        ties_after_reload=ties_after if ties_after is not None else in_memory.ties_after_reload,
+        problems=(*in_memory.problems, *problems),
     )
 
 

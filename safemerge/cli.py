@@ -121,31 +121,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from safemerge._pretrained import merge_pretrained
+    from safemerge._pretrained import merge
 
     if args.report is not None:
         _check_report_path(args)
     try:
-        report = merge_pretrained(
-            args.base,
-            args.adapter,
-            args.out,
-            policy=args.policy,
-            dtype=args.dtype,
-            device_map=args.device_map,
-            verify=not args.no_verify,
-            overwrite=args.overwrite,
-            logits_tolerance=args.logits_tolerance,
-            low_memory=args.low_memory,
-            max_shard_size=args.max_shard_size,
-            out_dtype=args.out_dtype,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            revision=args.revision,
-            adapter_revision=args.adapter_revision,
-            token=args.token,
-            trust_remote_code=args.trust_remote_code,
-        )
+        report = merge(_merge_request(args))
     except Exception as error:  # every outcome has its report (main prints the message)
         failed = failure_report(error)
         if args.report is not None:
@@ -157,6 +138,32 @@ def _merge(args: argparse.Namespace) -> int:
         write_json_atomic(args.report, report.to_dict())
     _emit(args, report.to_dict(), _merge_summary(args, report))
     return EXIT_OK  # merge_pretrained returns only a verified (or unverified, --no-verify) merge; failures raise
+
+
+def _merge_request(args: argparse.Namespace) -> Any:
+    """The merge the command line asks for, checked (`MergeRequest.for_pretrained`, merge_pretrained's checks)."""
+    from safemerge._request import MergeRequest
+
+    return MergeRequest.for_pretrained(
+        args.base,
+        args.adapter,
+        args.out,
+        policy=args.policy,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        verify=not args.no_verify,
+        overwrite=args.overwrite,
+        logits_tolerance=args.logits_tolerance,
+        low_memory=args.low_memory,
+        max_shard_size=args.max_shard_size,
+        out_dtype=args.out_dtype,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        revision=args.revision,
+        adapter_revision=args.adapter_revision,
+        token=args.token,
+        trust_remote_code=args.trust_remote_code,
+    )
 
 
 def _hub(args: argparse.Namespace) -> Any:

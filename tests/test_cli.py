@@ -247,12 +247,13 @@ def test_every_option_of_every_command_is_in_the_cli_reference() -> None:
 def test_merge_options_reach_the_merge(dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """The flags of `merge` as a user types them: low-memory shards of the given size, the saved dtype, the hub
     options (a local directory has no revisions: transformers and PEFT accept and ignore them, so what reaches
-    merge_pretrained is recorded), a device map."""
-    from safemerge import _pretrained
+    the merge's request, as merge_pretrained takes it, is recorded), a device map."""
+    from safemerge._request import MergeRequest
 
     received: list[dict[str, object]] = []
-    real = _pretrained.merge_pretrained
-    monkeypatch.setattr(_pretrained, "merge_pretrained", lambda *a, **kw: received.append(kw) or real(*a, **kw))
+    real = MergeRequest.for_pretrained
+    recorded = staticmethod(lambda *a, **kw: received.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(MergeRequest, "for_pretrained", recorded)
     out = dirs["tmp"] / "low"
     argv = ["merge", dirs["base"], dirs["adapter"], out, "--policy", "untie", "-q", "--dtype", "float32"]
     hub = ["--revision", "main", "--adapter-revision", "r1", "--token", "hf_unused"]

@@ -58,3 +58,26 @@ def test_the_walking_helpers_are_the_bottom_and_compat_only_knows_releases() -> 
 def test_no_module_is_too_long_to_read() -> None:
     long = {p.name: n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"split these by job: {long}"
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_over_60_lines() -> None:
+    """Docstrings and decorators included (tables of data are module constants, not functions)."""
+    long = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if (lines := (node.end_lineno or start) - start + 1) > MAX_FUNCTION_LINES:
+                    long[f"{path.name}:{node.name}"] = lines
+    assert not long, f"split these: {long}"
+
+
+def test_the_verification_imports_no_engine_and_the_pipeline_imports_none() -> None:
+    """The checks are given what they compare; the pipeline is given its engine (`_pipeline.Engine`)."""
+    graph = _graph()
+    engines = {name for name in graph if name.startswith("safemerge._engines")}
+    assert not graph["safemerge._verify"] & engines
+    assert not graph["safemerge._pipeline"] & engines

@@ -1,18 +1,31 @@
-"""Execute a merge plan on the loaded PEFT model: PEFT's merge of every untied layer, then the plan's tied steps."""
+"""Execute a merge plan on the loaded PEFT model: PEFT's merge of every untied layer, then the plan's tied steps; and
+the in-memory engine (`InMemory`) that the pipeline (`_pipeline`) runs it with."""
 
 from __future__ import annotations
 
+import gc
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from safemerge import _verify
+from safemerge._finite import refuse_non_finite
 from safemerge._modules import bare_module, base_parameters, module_of, progress_bars, set_parameter, set_tie_flags
 from safemerge._policy import names
 from safemerge._report import Action, ActionCode, MergePlan
 from safemerge._rows import Value, materialise, scaled, value_key
 from safemerge._ties import TiedWeights
+
+if TYPE_CHECKING:
+    from safemerge._analysis import Analysis
+    from safemerge._output import Claim
+    from safemerge._report import Verification
+
+logger = logging.getLogger(__name__)
 
 
 class Values:
@@ -175,3 +188,60 @@ def retie_like(merged: torch.nn.Module, groups: tuple[tuple[str, ...], ...]) -> 
             )
         )
     return actions
+
+
+class InMemory:
+    """The in-memory engine (`_pipeline.Engine`): the PEFT model merged where it is, saved with save_pretrained, and
+    loaded back with transformers' loader for the check."""
+
+    holds = (
+        "the whole model in memory: the PEFT model merged in place, then the model loaded back from the saved files "
+        "(the merged one freed first when safemerge loaded it)"
+    )
+    returns_model = True
+    saved_as = ""
+
+    def __init__(self, model: Any, *, owned: bool) -> None:
+        """`owned`: the model was loaded here and nobody else holds it (merge_pretrained), so it is freed before the
+        saved model is loaded: one model in memory at a time."""
+        self.owned = owned
+        self._model = model
+        self._saved: _verify.Saved | None = None
+        self._merged: Any = None
+
+    def model(self, held: Claim) -> Any:
+        return self._model
+
+    def execute(self, model: Any, plan: MergePlan, tied: TiedWeights) -> tuple[Any, list[Action]]:
+        self._merged, actions = execute(model, plan, tied)
+        refuse_non_finite("merged model", self._merged.named_parameters())
+        return self._merged, actions
+
+    def value_of(self, param: torch.Tensor) -> Value:
+        return param.detach()
+
+    def cast(self, merged: Any, dtype: torch.dtype) -> None:
+        merged.to(dtype)  # ties kept: parameters are converted in place
+
+    def write(
+        self, merged: Any, staging: Path, analysis: Analysis, *, max_shard_size: str | int | None, verify: bool
+    ) -> None:
+        self._saved = _verify.Saved.of(merged) if verify else None
+        logger.info("saving to %s", staging)
+        options = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+        merged.save_pretrained(str(staging), **options)
+
+    def check_saved(
+        self, held: Claim, analysis: Analysis, plan: MergePlan, verification: Verification
+    ) -> tuple[Verification, Any, list[Action]]:
+        """Reload the saved model and compare (`_verify.check_reload`); tie the merged model as the loader ties it."""
+        assert self._saved is not None
+        if self.owned:  # nobody else holds it: free it before the saved model is loaded
+            self._model.base_model.model = torch.nn.Module()
+            analysis.drop_values()
+            self._merged = None
+            gc.collect()
+        verification, reloaded, retie = _verify.check_reload(held.staging, self._saved, analysis, verification)
+        if self._merged is None:
+            return verification, reloaded, []
+        return verification, self._merged, retie_like(self._merged, retie)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
+import gc
 import hashlib
 import inspect
 import json
+import logging
 import os
 import struct
 import sys
@@ -21,21 +24,31 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 
+from safemerge import _verify
 from safemerge._engines import in_memory
+from safemerge._finite import refuse_non_finite_merged as refuse_merged
 from safemerge._layer_merge import merged_parameters, unloaded
 from safemerge._load import load_for_good, weights_loaded
 from safemerge._modules import bare_module, base_parameters, module_of, progress_bars, set_parameter
-from safemerge._reload import Fingerprint
+from safemerge._probe import model_dtype
+from safemerge._reload import Fingerprint, LoadSpec
 from safemerge._report import Action, MergePlan
 from safemerge._rows import Value, block, row_blocks
 from safemerge._safetensors import dtype_name, read_blocks, torch_dtype
 from safemerge._ties import TiedWeights
+
+if TYPE_CHECKING:
+    from safemerge._analysis import Analysis
+    from safemerge._output import Claim
+    from safemerge._report import Verification
+
+logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -306,3 +319,59 @@ def reread(staging: Path) -> dict[str, Fingerprint]:
                 digest.update(_bytes(data.contiguous()))
             found[name] = (shape, dtype, digest.hexdigest())
     return found
+
+
+class LowMemory:
+    """The low-memory engine (`_pipeline.Engine`): the adapter model loaded with the base's weights offloaded, the
+    plan executed with placeholders, each merged tensor computed as it is written and read back from disk."""
+
+    holds = (
+        "the tied embedding, one linear layer's weights and a block of rows at a time; the base's weights stay on "
+        "disk (accelerate's offload)"
+    )
+    owned = True
+    returns_model = False
+    saved_as = " as safetensors shards, a block of rows at a time"
+
+    def __init__(self, load_model: Callable[[str], Any]) -> None:
+        """`load_model(offload_folder)` loads the adapter model with the base's weights offloaded."""
+        self._load_model = load_model
+        self._streamed = Streamed(torch.nn.Module())
+        self._dtype: torch.dtype | None = None  # the saved dtype, if cast
+        self._written: dict[str, Fingerprint] = {}
+
+    def model(self, held: Claim) -> Any:
+        return self._load_model(str(held.offload))
+
+    def execute(self, model: Any, plan: MergePlan, tied: TiedWeights) -> tuple[Any, list[Action]]:
+        self._streamed, actions = execute(model, plan, tied)
+        return self._streamed.model, actions
+
+    def value_of(self, param: torch.Tensor) -> Value:
+        return self._streamed.values.value(param)
+
+    def cast(self, merged: Any, dtype: torch.dtype) -> None:
+        self._dtype = dtype  # each tensor is cast as it is written
+
+    def write(
+        self, merged: Any, staging: Path, analysis: Analysis, *, max_shard_size: str | int | None, verify: bool
+    ) -> None:
+        analysis.drop_values()  # the planned values hold what is written
+        dtype = self._dtype or model_dtype(merged)
+        logger.info("writing to %s", staging)
+        shard_size = max_shard_size or default_shard_size()
+        declared = analysis.facts.declared
+        self._written = write(self._streamed, declared, staging, shard_size, out_dtype=dtype, check=refuse_merged)
+        gc.collect()  # what the write let go of, held in reference cycles (PEFT's layers), before the reload
+
+    def check_saved(
+        self, held: Claim, analysis: Analysis, plan: MergePlan, verification: Verification
+    ) -> tuple[Verification, Any, list[Action]]:
+        """Read the files back and probe the model loaded from them (`_verify.check_written`)."""
+        merged = self._streamed.model
+        load = dataclasses.replace(LoadSpec.like(merged), dtype=self._dtype or model_dtype(merged))
+        checked = _verify.check_written(
+            held.staging, self._written, reread, analysis, plan, verification, config=merged.config,
+            load=load, offload_folder=held.offload,
+        )  # fmt: skip
+        return checked, merged, []

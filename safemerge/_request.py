@@ -1,0 +1,137 @@
+"""One merge as asked: the output, the policy, the checks, the dtypes and the inputs, checked once where the API or
+the command line takes them (`MergeRequest.for_model`, `MergeRequest.for_pretrained`) and passed down whole."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safemerge import _compat, _inputs, _output, _policy
+from safemerge._analysis import require_peft_model
+from safemerge._load import Hub, parse_dtype
+from safemerge._report import TiePolicy
+from safemerge._ship import Extras
+from safemerge.errors import InputError
+
+#: How the base and the adapter are read (revisions, token, trust_remote_code): the hub options.
+Source = Hub
+
+
+@dataclass(frozen=True, eq=False)
+class MergeRequest:
+    """A checked merge request. Built by its constructors only: each runs the checks of its entry point, in the order
+    the errors are documented, before anything is loaded or written."""
+
+    #: The output directory, absolute (a symbolic link followed), checked (`_output.check_target`).
+    target: Path
+    policy: TiePolicy
+    verify: bool = True
+    overwrite: bool = False
+    logits_tolerance: float | None = None
+    #: The dtype to load and compute in (merge_pretrained), and the dtype to save in (None: the computed one).
+    dtype: torch.dtype | str | None = None
+    out_dtype: torch.dtype | None = None
+    max_shard_size: str | int | None = None
+    low_memory: bool = False
+    device_map: Any = None
+    push_to_hub: str | None = None
+    private: bool = False
+    #: merge_pretrained's inputs and how they are read.
+    base: str | None = None
+    adapter: str | None = None
+    source: Source = dataclasses.field(default_factory=Source)
+    #: safe_merge's options: the probe batch, whether the model stays merged, what is saved beside the weights.
+    probe_inputs: Mapping[str, torch.Tensor] | None = None
+    in_place: bool = True
+    extras: Extras = dataclasses.field(default_factory=Extras)
+
+    @classmethod
+    def for_model(
+        cls,
+        model: Any,
+        save_directory: str | os.PathLike[str],
+        *,
+        policy: TiePolicy | str,
+        verify: bool,
+        overwrite: bool,
+        logits_tolerance: float | None,
+        probe_inputs: Mapping[str, torch.Tensor] | None,
+        in_place: bool,
+        tokenizer: Any,
+    ) -> MergeRequest:
+        """safe_merge()'s request: the options, then the PEFT model (nothing changed), then the output."""
+        tie_policy = _policy.parse_policy(policy)
+        _inputs.check_tolerance(logits_tolerance)
+        peft_model = require_peft_model(model)
+        _inputs.check_not_offloaded(peft_model)
+        config = getattr(peft_model, "active_peft_config", None)
+        return cls(
+            target=_checked_target(save_directory, overwrite),
+            policy=tie_policy,
+            verify=verify,
+            overwrite=overwrite,
+            logits_tolerance=logits_tolerance,
+            probe_inputs=probe_inputs,
+            in_place=in_place,
+            extras=Extras(tokenizer=tokenizer, base=getattr(config, "base_model_name_or_path", None)),
+        )
+
+    @classmethod
+    def for_pretrained(
+        cls, base: str, adapter: str, save_directory: str | os.PathLike[str], **options: Any
+    ) -> MergeRequest:
+        """merge_pretrained()'s request (`options`: its keyword arguments): the options, then the local inputs and
+        the output, before the doctor reads anything."""
+        request = cls(target=Path(save_directory), policy=_policy.parse_policy(options.pop("policy")), base=base)
+        _inputs.check_tolerance(options.get("logits_tolerance"))
+        options["dtype"], out_dtype = parse_dtype(options.get("dtype")), parse_dtype(options.get("out_dtype"))
+        options["out_dtype"] = out_dtype if isinstance(out_dtype, torch.dtype) else None  # "auto": the checkpoint's
+        hub = {
+            name: options.pop(name)
+            for name in ("revision", "adapter_revision", "token", "trust_remote_code")
+            if name in options
+        }
+        request = dataclasses.replace(request, adapter=adapter, source=Source(**hub), **options)
+        request._check_loading()
+        inputs = _inputs.local_inputs(base, adapter)
+        _inputs.check_outputs({"output directory": Path(save_directory)}, inputs)
+        request = dataclasses.replace(request, target=_checked_target(save_directory, request.overwrite))
+        for directory in inputs.values():
+            _inputs.check_files(directory)
+        return request
+
+    def _check_loading(self) -> None:
+        """The options of merge_pretrained that conflict, before anything is loaded."""
+        if self.low_memory and (why := _compat.low_memory_unsupported()):
+            raise InputError(why)
+        if self.low_memory and self.device_map is not None:
+            raise InputError(
+                "low_memory keeps the base's weights on disk and merges on the CPU, so it takes no device_map; "
+                "nothing was loaded. Fix: drop device_map (CLI: --device-map), or merge in memory with it (without "
+                "low_memory)."
+            )
+        _inputs.check_device_map(self.device_map)
+        if self.push_to_hub and not self.verify:
+            raise InputError(
+                "push_to_hub uploads only a verified merge; it cannot be combined with verify=False (CLI: "
+                "--no-verify). Nothing was loaded. Fix: drop verify=False, or drop push_to_hub and upload the "
+                "directory yourself."
+            )
+
+    def with_inputs(self, extras: Extras, out_dtype: torch.dtype | None) -> MergeRequest:
+        """The request completed from the inputs once the doctor passed: what is saved beside the weights (the
+        tokenizer found), and the dtype to save in (`out_dtype`: the checkpoint's own, unless one was asked)."""
+        return dataclasses.replace(self, extras=extras, out_dtype=self.out_dtype or out_dtype)
+
+
+def _checked_target(save_directory: str | os.PathLike[str], overwrite: bool) -> Path:
+    """The output, resolved and checked (again under the output's lock, `_output.claim`)."""
+    target = _output.resolved(save_directory)
+    _output.check_target(target, overwrite=overwrite)
+    return target
