@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from safemerge._report import (
+from safemerge._records import (
     Action,
     DoctorReport,
     Finding,
@@ -43,23 +43,23 @@ from safemerge.errors import (
 )
 
 if TYPE_CHECKING:
-    from safemerge._analysis import inspect_ties
     from safemerge._callback import SafeMergeCallback
+    from safemerge._checks.verify import verify_merged
+    from safemerge._decide.analysis import inspect_ties
+    from safemerge._decide.forecast import check_before_training
     from safemerge._doctor import doctor
-    from safemerge._forecast import check_before_training
     from safemerge._merge import safe_merge
     from safemerge._pretrained import merge_pretrained
-    from safemerge._verify import verify_merged
 
 #: Public names imported on first use, and their modules.
 _LAZY = {
     "SafeMergeCallback": "safemerge._callback",
-    "check_before_training": "safemerge._forecast",
+    "check_before_training": "safemerge._decide.forecast",
     "doctor": "safemerge._doctor",
-    "inspect_ties": "safemerge._analysis",
+    "inspect_ties": "safemerge._decide.analysis",
     "merge_pretrained": "safemerge._pretrained",
     "safe_merge": "safemerge._merge",
-    "verify_merged": "safemerge._verify",
+    "verify_merged": "safemerge._checks.verify",
 }
 
 

@@ -10,12 +10,14 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from safemerge import _inputs, _output, _undo
-from safemerge._forecast import check_before_training
+from safemerge._decide.forecast import check_before_training
+from safemerge._decide.rules import parse_policy
 from safemerge._merge import safe_merge
-from safemerge._output import write_json_atomic
-from safemerge._policy import parse_policy
-from safemerge._report import MergeReport, TiePolicy, TrainingCheck
+from safemerge._model import inputs as _inputs
+from safemerge._model import undo as _undo
+from safemerge._output import claim as _output
+from safemerge._output.claim import write_json_atomic
+from safemerge._records import MergeReport, TiePolicy, TrainingCheck
 from safemerge.errors import InputError
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import torch
 
 from safemerge import _pipeline
 from safemerge._engines.in_memory import InMemory
-from safemerge._report import MergeReport, TiePolicy
+from safemerge._records import MergeReport, TiePolicy
 from safemerge._request import MergeRequest
 
 

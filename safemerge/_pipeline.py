@@ -18,14 +18,20 @@ from typing import Any, NoReturn, Protocol
 
 import torch
 
-from safemerge import _compat, _output, _probe, _ship, _ties, _undo, _verify
-from safemerge._analysis import Analysis, analyse
-from safemerge._finite import refuse_non_finite_adapter
-from safemerge._modules import tie_groups
-from safemerge._report import Action, MergePlan, MergeReport, Verification
+from safemerge._checks import verify as _verify
+from safemerge._checks.finite import refuse_non_finite_adapter
+from safemerge._decide import ties as _ties
+from safemerge._decide.analysis import Analysis, analyse
+from safemerge._decide.ties import TiedWeights
+from safemerge._model import compat as _compat
+from safemerge._model import probe as _probe
+from safemerge._model import undo as _undo
+from safemerge._model.rows import Value
+from safemerge._model.walk import tie_groups
+from safemerge._output import claim as _output
+from safemerge._output import ship as _ship
+from safemerge._records import Action, MergePlan, MergeReport, Verification
 from safemerge._request import MergeRequest
-from safemerge._rows import Value
-from safemerge._ties import TiedWeights
 from safemerge.errors import SafeMergeWarning, VerificationError
 
 logger = logging.getLogger(__name__)

@@ -11,11 +11,14 @@ from typing import Any
 
 import torch
 
-from safemerge import _inputs, _load, _pipeline, _ship
+from safemerge import _pipeline
 from safemerge._doctor import doctor
 from safemerge._engines.in_memory import InMemory
 from safemerge._engines.low_memory import LowMemory, freed_memory_returned
-from safemerge._report import MergeReport, TiePolicy
+from safemerge._model import inputs as _inputs
+from safemerge._model import load as _load
+from safemerge._output import ship as _ship
+from safemerge._records import MergeReport, TiePolicy
 from safemerge._request import MergeRequest
 from safemerge.errors import AdapterMismatchError
 
@@ -118,7 +121,7 @@ def load_untrained_inputs(
     *,
     dtype: torch.dtype | str | None = None,
     device_map: Any = None,
-    hub: _load.Hub | None = None,
+    hub: _load.Source | None = None,
 ) -> Any:
     """The PEFT model at step 0 for a config file; a load that fails is an InputError naming the inputs."""
     with _inputs.load_failures_as_input_errors(
@@ -128,7 +131,7 @@ def load_untrained_inputs(
     ):
         load = _load.load_untrained_adapter_model
         return load(
-            base, peft_config_file, dtype=_load.parse_dtype(dtype), device_map=device_map, hub=hub or _load.Hub()
+            base, peft_config_file, dtype=_load.parse_dtype(dtype), device_map=device_map, hub=hub or _load.Source()
         )
 
 
@@ -138,7 +141,7 @@ def load_inputs(
     *,
     dtype: torch.dtype | str | None = None,
     device_map: Any = None,
-    hub: _load.Hub | None = None,
+    hub: _load.Source | None = None,
     offload_folder: str | None = None,
 ) -> Any:
     """The adapter model (with `offload_folder`, its base's weights offloaded there and to the checkpoint: the
@@ -148,7 +151,7 @@ def load_inputs(
         "Nothing was written. Fix: check that both are complete and belong together (safemerge doctor BASE ADAPTER "
         "explains most mismatches).",
     ):
-        hub, dtype = hub or _load.Hub(), _load.parse_dtype(dtype)
+        hub, dtype = hub or _load.Source(), _load.parse_dtype(dtype)
         if offload_folder is not None:
             load = _load.load_offloaded_adapter_model
             return load(base, adapter, offload_folder=offload_folder, dtype=dtype, hub=hub)

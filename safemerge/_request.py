@@ -12,15 +12,15 @@ from typing import Any
 
 import torch
 
-from safemerge import _compat, _inputs, _output, _policy
-from safemerge._analysis import require_peft_model
-from safemerge._load import Hub, parse_dtype
-from safemerge._report import TiePolicy
-from safemerge._ship import Extras
+from safemerge._decide import rules as _policy
+from safemerge._decide.analysis import require_peft_model
+from safemerge._model import compat as _compat
+from safemerge._model import inputs as _inputs
+from safemerge._model.load import Source, parse_dtype
+from safemerge._output import claim as _output
+from safemerge._output.ship import Extras
+from safemerge._records import TiePolicy
 from safemerge.errors import InputError
-
-#: How the base and the adapter are read (revisions, token, trust_remote_code): the hub options.
-Source = Hub
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from safemerge._report import DoctorReport, MergeReport, TieGroup
+    from safemerge._records import DoctorReport, MergeReport, TieGroup
 
 __all__ = [
     "AdapterMismatchError",
@@ -194,7 +194,7 @@ _OUTCOMES: tuple[tuple[type[Exception], str], ...] = (
 def failure_report(error: Exception) -> dict[str, Any]:
     """The JSON report of a merge that raised: its `outcome`, the error's kind and message, and the figures the
     error carries (a failed verification's report, the doctor's findings, the refused tie groups)."""
-    from safemerge._report import REPORT_SCHEMA_VERSION, MergeReport, to_jsonable
+    from safemerge._records import REPORT_SCHEMA_VERSION, MergeReport, to_jsonable
 
     outcome = next((name for cls, name in _OUTCOMES if isinstance(error, cls)), "error")
     report = getattr(error, "report", None)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from safemerge import _inputs, _reload
+from safemerge._model import inputs as _inputs
+from safemerge._model import reload as _reload
 from safemerge._text import listed_lines
 
 __all__ = ["assert_merge_faithful", "assert_reload_identical"]
@@ -67,7 +68,7 @@ def assert_merge_faithful(
             the meta device: the test is wrong, not the merge (a usage error, a ValueError, not an assertion).
     """
     __tracebackhide__ = True
-    from safemerge._verify import verify_merged
+    from safemerge._checks.verify import verify_merged
 
     verification = verify_merged(merged, adapter_model, logits_tolerance=logits_tolerance, probe_inputs=probe_inputs)
     if not verification.ok:

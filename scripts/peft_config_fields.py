@@ -1,7 +1,8 @@
-"""Regenerate safemerge/_peft_settings.py: the config settings each PEFT release after the lowest supported one added.
+"""Regenerate safemerge/_doctor/peft_settings.py: the config settings each PEFT release after the lowest supported
+one added.
 
 Downloads the peft wheels from the package index and reads the dataclass fields of every *Config class (no import).
-Run: python scripts/peft_config_fields.py 0.18.0 0.19.0 0.20.0 0.21.0 0.21.2 > safemerge/_peft_settings.py
+Run: python scripts/peft_config_fields.py 0.18.0 0.19.0 0.20.0 0.21.0 0.21.2 > safemerge/_doctor/peft_settings.py
 (the first version is the lowest supported release: settings it already knows are left out).
 """
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers as tf
 
-from safemerge import _compat
+from safemerge._model import compat as _compat
 
 VOCAB = 96
 HIDDEN = 32
@@ -365,8 +365,8 @@ def sample_ids() -> torch.Tensor:
     return torch.tensor([[VOCAB - 5, 1, 2, 3, 17, 40, 60, VOCAB - 4, VOCAB - 6, 5]])
 
 
-#: The low-memory engine runs only with accelerate >= safemerge._compat.LOW_MEMORY_ACCELERATE (the `lowest` session
-#: pins an older accelerate: there tests/test_low_memory.py pins the refusal instead).
+#: The low-memory engine runs only with accelerate >= safemerge._model.compat.LOW_MEMORY_ACCELERATE (the `lowest`
+#: session pins an older accelerate: there tests/test_low_memory.py pins the refusal instead).
 needs_low_memory = pytest.mark.skipif(
     _compat.low_memory_unsupported() is not None,
     reason=f"the low-memory merge needs accelerate >= {_compat.LOW_MEMORY_ACCELERATE}",

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from safemerge import _compat
 from safemerge._engines import in_memory
+from safemerge._model import compat as _compat
 from safemerge.cli import main
 from tests.models import ARCHS, adapter_model
 
@@ -234,7 +234,7 @@ def test_demo_keep_refuses_an_occupied_directory(tmp_path: Path) -> None:
 
 def test_every_option_of_every_command_is_in_the_cli_reference() -> None:
     """--help and docs/reference/cli.md list the same options."""
-    from safemerge._arguments import build_parser
+    from safemerge.cli._arguments import build_parser
 
     reference = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "cli.md").read_text()
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
@@ -349,7 +349,7 @@ def test_a_hub_id_that_names_nothing_is_a_usage_error(
     """huggingface_hub's refusal of an id (HFValidationError, RepositoryNotFoundError) reaching the command: exit 2."""
     from huggingface_hub.utils import validate_repo_id
 
-    from safemerge import _load
+    from safemerge._model import load as _load
 
     monkeypatch.setattr(_load, "checkpoint_dtype", lambda *args, **kwargs: validate_repo_id("org/bad name!"))
     assert run("merge", dirs["base"], dirs["adapter"], dirs["tmp"] / "out", "--policy", "untie", "-q") == 2
@@ -361,7 +361,7 @@ def test_the_demo_fails_loudly_when_a_verification_fails(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Only a TiedWeightsError is the demo's expected refusal; a failed verification stops it with exit 1."""
-    from safemerge import _verify
+    from safemerge._checks import verify as _verify
 
     check_reload = _verify.check_reload
 

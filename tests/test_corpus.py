@@ -20,7 +20,7 @@ import torch
 import transformers as tf
 
 import safemerge
-from safemerge._load import model_class_for
+from safemerge._model.load import model_class_for
 from safemerge.testing import assert_merge_faithful
 from tests.models import DECODER, ENCODER_DECODER, HIDDEN, VISION, VOCAB, perturb
 

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 import safemerge
+from safemerge._decide.layer_merge import merged_parameters
 from safemerge._engines.in_memory import Values
-from safemerge._layer_merge import merged_parameters
-from safemerge._rows import Rows, in_dtype, materialise, max_abs_diff, scaled
+from safemerge._model.rows import Rows, in_dtype, materialise, max_abs_diff, scaled
 from tests.models import ARCHS
 from tests.test_merge import MERGES, POLICIES, expected
 

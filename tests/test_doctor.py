@@ -14,7 +14,8 @@ from packaging.version import Version
 from safetensors.torch import load_file, save_file
 
 import safemerge
-from safemerge import _compat, _peft_settings
+from safemerge._doctor import peft_settings as _peft_settings
+from safemerge._model import compat as _compat
 from safemerge.cli import main
 from tests.models import (
     ADAPTERS,

@@ -26,8 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from safemerge import _output
-from safemerge._output import work_directory
+from safemerge._output import claim as _output
+from safemerge._output.claim import work_directory
 from safemerge.cli import main
 from tests.models import ARCHS, save_adapter
 

@@ -1,4 +1,5 @@
-"""The package's shape: modules by job, no import circle (lazy imports included), none over about 400 lines."""
+"""The package's shape: packages by stage with imports pointing one way, no import circle (lazy imports included), no
+module over about 400 lines, no function over 60."""
 
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ def test_no_import_circle() -> None:
 
 def test_the_walking_helpers_are_the_bottom_and_compat_only_knows_releases() -> None:
     graph = _graph()
-    assert graph["safemerge._modules"] == set()
-    assert graph["safemerge._compat"] <= {"safemerge._modules", "safemerge._version", "safemerge.errors"}
+    assert graph["safemerge._model.walk"] == set()
+    assert graph["safemerge._model.compat"] <= {"safemerge._model.walk", "safemerge._version", "safemerge.errors"}
 
 
 def test_no_module_is_too_long_to_read() -> None:
@@ -79,5 +80,38 @@ def test_the_verification_imports_no_engine_and_the_pipeline_imports_none() -> N
     """The checks are given what they compare; the pipeline is given its engine (`_pipeline.Engine`)."""
     graph = _graph()
     engines = {name for name in graph if name.startswith("safemerge._engines")}
-    assert not graph["safemerge._verify"] & engines
+    assert not graph["safemerge._checks.verify"] & engines
     assert not graph["safemerge._pipeline"] & engines
+
+
+#: The stages of one merge, in order: a module imports modules of its own stage or an earlier one, never a later one
+#: (docs/explanation.md, "Architecture"). A stage is a package, or a set of top-level modules.
+STAGES: tuple[tuple[str, ...], ...] = (
+    ("safemerge._version", "safemerge._text", "safemerge._records", "safemerge.errors"),  # records and errors
+    ("safemerge._model",),  # access to models and files
+    ("safemerge._decide",),  # pure decisions: ties, effective weights, rules, the plan, serving
+    ("safemerge._doctor",),  # the adapter doctor (reads files only)
+    ("safemerge._checks",),  # verification
+    ("safemerge._output",),  # the claim on OUT, the commit, tokenizer and card
+    ("safemerge._engines",),  # execute the plan, write the output
+    ("safemerge._request", "safemerge._pipeline", "safemerge._merge", "safemerge._pretrained", "safemerge._callback",
+     "safemerge.testing"),  # the request, the one flow and the public entry points
+    ("safemerge.cli", "safemerge.__main__"),  # the command line: the only code that prints
+)  # fmt: skip
+
+
+def _stage(module: str) -> int:
+    for number, members in enumerate(STAGES):
+        if any(module == m or module.startswith(m + ".") for m in members):
+            return number
+    raise AssertionError(f"{module} belongs to no stage: add it to STAGES (tests/test_layout.py)")
+
+
+def test_imports_point_from_a_later_stage_to_an_earlier_one() -> None:
+    upward = sorted(
+        f"{name} (stage {_stage(name)}) imports {imported} (stage {_stage(imported)})"
+        for name, imports in _graph().items()
+        for imported in imports
+        if _stage(imported) > _stage(name)
+    )
+    assert not upward, "an import that points up the stages:\n" + "\n".join(upward)

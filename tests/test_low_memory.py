@@ -14,11 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 import safemerge
-from safemerge import _compat, _pretrained, _rows
+from safemerge import _pretrained
 from safemerge._engines import low_memory
-from safemerge._modules import tie_flags
-from safemerge._reload import fingerprint
-from safemerge._rows import Rows
+from safemerge._model import compat as _compat
+from safemerge._model import rows as _rows
+from safemerge._model.reload import fingerprint
+from safemerge._model.rows import Rows
+from safemerge._model.walk import tie_flags
 from tests.models import ADAPTERS, ARCHS, load_base, needs_low_memory, perturb
 from tests.test_merge import CASES, MERGES, POLICIES, STACK, expected
 

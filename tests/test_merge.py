@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import safemerge
-from safemerge import _compat
+from safemerge._model import compat as _compat
 from safemerge.testing import assert_reload_identical
 from tests.models import (
     ADAPTERS,
@@ -194,7 +194,7 @@ RESTORED = [
 
 def _state(model: Any) -> tuple[Any, ...]:
     """What a restore must bring back: the modules, tied weights bit for bit, the ties, the flags."""
-    from safemerge._modules import base_parameters, tie_flags, tie_groups
+    from safemerge._model.walk import base_parameters, tie_flags, tie_groups
 
     root = model.get_base_model()
     tied = {name for group in tie_groups(root) for name in group}
@@ -505,7 +505,7 @@ def test_a_model_on_the_meta_device_is_refused(build, base_dirs, tmp_path: Path,
 
 def test_a_model_offloaded_by_accelerate_is_not_refused(base_dirs, saved_adapter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Weights on meta with accelerate's offload hook (as the low-memory engine loads them) have values on disk."""
-    from safemerge._load import load_offloaded_adapter_model
+    from safemerge._model.load import load_offloaded_adapter_model
 
     model = load_offloaded_adapter_model(
         str(base_dirs["llama"]), str(saved_adapter("llama", "lora-attention")), offload_folder=str(tmp_path / "off")

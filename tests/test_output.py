@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import safemerge
-from safemerge import _output, _reload, _verify
+from safemerge._checks import verify as _verify
 from safemerge._engines import in_memory
-from safemerge._output import FAILED_MARKER, work_directory
+from safemerge._model import reload as _reload
+from safemerge._output import claim as _output
+from safemerge._output.claim import FAILED_MARKER, work_directory
 from tests.models import ARCHS, adapter_model, logits, sample_ids
 
 

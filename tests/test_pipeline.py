@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 import safemerge
-from safemerge import _pipeline, _ship
+from safemerge import _pipeline
 from safemerge._engines.in_memory import InMemory
 from safemerge._engines.low_memory import LowMemory
+from safemerge._output import ship as _ship
 from safemerge._pretrained import load_inputs
 from safemerge._request import MergeRequest
 from tests.models import needs_low_memory

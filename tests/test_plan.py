@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import safemerge
-from safemerge import _policy
+from safemerge._decide import rules as _policy
 from safemerge._engines import in_memory
 from safemerge.cli import main
 from safemerge.testing import assert_reload_identical

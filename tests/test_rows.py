@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safemerge import _rows, _safetensors
-from safemerge._rows import Rows
+from safemerge._model import rows as _rows
+from safemerge._model import safetensors_format as _safetensors
+from safemerge._model.rows import Rows
 
 
 def lazy(tensor: torch.Tensor) -> Rows:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import SafetensorError, safe_open
 
-from safemerge import _safetensors
+from safemerge._model import safetensors_format as _safetensors
 
 
 def _write(path: Path, dtype: str, shape: list[int], size: int) -> None:

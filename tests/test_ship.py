@@ -19,7 +19,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import safemerge
-from safemerge import _verify
+from safemerge._checks import verify as _verify
 from safemerge._engines import in_memory
 from safemerge.cli import main
 from tests.models import ARCHS, load_base, needs_low_memory, perturb
@@ -121,7 +121,8 @@ def test_without_any_tokenizer_the_card_says_so(
 
 
 def test_an_untied_gemma2_merge_says_where_it_will_not_run(tmp_path: Path) -> None:
-    """vLLM loads Gemma2 only tied (safemerge._serving.SERVING_RULES): the report, the card and the CLI say so."""
+    """vLLM loads Gemma2 only tied (safemerge._decide.serving.SERVING_RULES): the report, the card and the CLI say
+    so."""
     config = transformers.Gemma2Config(
         vocab_size=96,
         hidden_size=32,
@@ -371,7 +372,7 @@ def test_a_hub_adapter_without_a_tokenizer_falls_back_to_the_base(base_and_adapt
     base, _ = base_and_adapter
     code = (
         "import sys\n"
-        "from safemerge._ship import find_tokenizer\n"
+        "from safemerge._output.ship import find_tokenizer\n"
         "tokenizer, source = find_tokenizer([('org/adapter-without-tokenizer', {}), (sys.argv[1], {})])\n"
         "assert source == sys.argv[1] and tokenizer.chat_template is not None, source\n"
     )

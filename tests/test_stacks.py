@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import safemerge
-from safemerge import _compat
+from safemerge._model import compat as _compat
 from safemerge.testing import assert_reload_identical
 from tests.models import ARCHS, adapter_model, load_base, logits, sample_ids
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import safemerge
-from safemerge._layer_merge import merged_parameters
-from safemerge._rows import materialise
+from safemerge._decide.layer_merge import merged_parameters
+from safemerge._model.rows import materialise
 from tests.models import ARCHS, load_base, perturb
 
 #: (architecture, target module, what PEFT wraps it with)

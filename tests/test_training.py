@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import safemerge
-from safemerge import _forecast
+from safemerge._decide import forecast as _forecast
 from safemerge.cli import main
 from tests.models import ADAPTERS, ARCHS, QUICK_ARCHS, load_base, logits, sample_ids
 from tests.test_merge import CASES, MERGES, POLICIES, expected

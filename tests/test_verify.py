@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 import safemerge
-from safemerge import _pretrained, _verify
+from safemerge import _pretrained
+from safemerge._checks import verify as _verify
 from safemerge.cli import main
 from tests.models import ARCHS, adapter_model, load_base, logits, sample_ids, save_base
 
@@ -85,8 +86,8 @@ def test_progress_bars_on_a_terminal_unless_quiet(
 def test_infinite_and_nan_figures_are_written_as_null(tmp_path: Path) -> None:
     """A probe or reload that failed leaves inf figures: reports stay JSON (null), and a non-finite float that
     escapes to_jsonable raises instead of writing Infinity."""
-    from safemerge._output import write_json_atomic
-    from safemerge._report import MemberCheck, Verification
+    from safemerge._output.claim import write_json_atomic
+    from safemerge._records import MemberCheck, Verification
 
     verification = Verification(
         probe_tokens=8,

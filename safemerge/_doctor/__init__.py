@@ -22,7 +22,7 @@ from safemerge._doctor.coverage import check_base_weights, check_dora, check_lay
 from safemerge._doctor.key_names import ADAPTER_MARKERS, check_non_peft_naming, normalise_names
 from safemerge._doctor.peft_config import build_peft_config, report_scaling
 from safemerge._doctor.shapes import explain_shapes
-from safemerge._report import DoctorReport
+from safemerge._records import DoctorReport
 
 __all__ = ["doctor"]
 
@@ -52,9 +52,9 @@ def doctor(
         A DoctorReport. `ok` is False when a finding is an `error` (the load will fail) or `silent` (it will load
         but compute something else); each finding has its evidence and the fix.
     """
-    from safemerge._load import Hub
+    from safemerge._model.load import Source
 
-    hub = Hub(revision, adapter_revision, token, trust_remote_code)
+    hub = Source(revision, adapter_revision, token, trust_remote_code)
     base_label = base if isinstance(base, str | Path) else type(base).__name__
     checkup = Checkup(str(base_label), str(adapter))
     adapter_dir = adapter_directory(adapter, checkup, hub.adapter)

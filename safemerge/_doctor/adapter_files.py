@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from safemerge._doctor.checkup import Checkup, Shapes
-from safemerge._inputs import ADAPTER_CONFIG, DAMAGED_FIX, path_problem, safetensors_problem
+from safemerge._model.inputs import ADAPTER_CONFIG, DAMAGED_FIX, path_problem, safetensors_problem
 
 CONFIG_NAME = ADAPTER_CONFIG
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -11,7 +11,7 @@ import torch
 
 from safemerge._doctor.adapter_files import CONFIG_NAME
 from safemerge._doctor.checkup import Checkup, Shapes
-from safemerge._inputs import DAMAGED_FIX, MODEL_CONFIG, path_problem, safetensors_problem
+from safemerge._model.inputs import DAMAGED_FIX, MODEL_CONFIG, path_problem, safetensors_problem
 
 
 def read_base_config(base: Any, checkup: Checkup, hub: dict[str, Any] | None = None) -> tuple[Any, set[str] | None]:
@@ -115,7 +115,7 @@ def expected_tensors(base: Any, base_config: Any, peft_config: Any, checkup: Che
     """
     import peft
 
-    from safemerge._load import model_class_for
+    from safemerge._model.load import model_class_for
 
     cls = type(base) if isinstance(base, torch.nn.Module) else model_class_for(base_config, peft_config.task_type)
     meta_model = _build_on_meta(cls, base_config, checkup)

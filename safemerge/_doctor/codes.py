@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from safemerge._report import Severity
+from safemerge._records import Severity
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from safemerge import _compat
 from safemerge._doctor.adapter_files import CONFIG_NAME
 from safemerge._doctor.checkup import Checkup, Shapes
 from safemerge._doctor.key_names import ADAPTER_MARKERS
-from safemerge._modules import base_parameters
+from safemerge._model import compat as _compat
+from safemerge._model.walk import base_parameters
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|block|blocks)\.(\d+)\.")
 

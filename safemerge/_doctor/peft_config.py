@@ -8,7 +8,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from safemerge import _peft_settings
+from safemerge._doctor import peft_settings as _peft_settings
 from safemerge._doctor.adapter_files import CONFIG_NAME
 from safemerge._doctor.checkup import MAX_LISTED, Checkup
 from safemerge._text import listed

@@ -12,18 +12,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from safemerge import _verify
-from safemerge._finite import refuse_non_finite
-from safemerge._modules import bare_module, base_parameters, module_of, progress_bars, set_parameter, set_tie_flags
-from safemerge._policy import names
-from safemerge._report import Action, ActionCode, MergePlan
-from safemerge._rows import Value, materialise, scaled, value_key
-from safemerge._ties import TiedWeights
+from safemerge._checks import verify as _verify
+from safemerge._checks.finite import refuse_non_finite
+from safemerge._decide.rules import names
+from safemerge._decide.ties import TiedWeights
+from safemerge._model.rows import Value, materialise, scaled, value_key
+from safemerge._model.walk import bare_module, base_parameters, module_of, progress_bars, set_parameter, set_tie_flags
+from safemerge._records import Action, ActionCode, MergePlan
 
 if TYPE_CHECKING:
-    from safemerge._analysis import Analysis
-    from safemerge._output import Claim
-    from safemerge._report import Verification
+    from safemerge._decide.analysis import Analysis
+    from safemerge._output.claim import Claim
+    from safemerge._records import Verification
 
 logger = logging.getLogger(__name__)
 

@@ -30,23 +30,23 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 
-from safemerge import _verify
+from safemerge._checks import verify as _verify
+from safemerge._checks.finite import refuse_non_finite_merged as refuse_merged
+from safemerge._decide.layer_merge import merged_parameters, unloaded
+from safemerge._decide.ties import TiedWeights
 from safemerge._engines import in_memory
-from safemerge._finite import refuse_non_finite_merged as refuse_merged
-from safemerge._layer_merge import merged_parameters, unloaded
-from safemerge._load import load_for_good, weights_loaded
-from safemerge._modules import bare_module, base_parameters, module_of, progress_bars, set_parameter
-from safemerge._probe import model_dtype
-from safemerge._reload import Fingerprint, LoadSpec
-from safemerge._report import Action, MergePlan
-from safemerge._rows import Value, block, row_blocks
-from safemerge._safetensors import dtype_name, read_blocks, torch_dtype
-from safemerge._ties import TiedWeights
+from safemerge._model.load import load_for_good, weights_loaded
+from safemerge._model.probe import model_dtype
+from safemerge._model.reload import Fingerprint, LoadSpec
+from safemerge._model.rows import Value, block, row_blocks
+from safemerge._model.safetensors_format import dtype_name, read_blocks, torch_dtype
+from safemerge._model.walk import bare_module, base_parameters, module_of, progress_bars, set_parameter
+from safemerge._records import Action, MergePlan
 
 if TYPE_CHECKING:
-    from safemerge._analysis import Analysis
-    from safemerge._output import Claim
-    from safemerge._report import Verification
+    from safemerge._decide.analysis import Analysis
+    from safemerge._output.claim import Claim
+    from safemerge._records import Verification
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from peft.tuners.lora import Embedding as LoraEmbedding
 from peft.tuners.lora import Linear as LoraLinear
 from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
-from safemerge._modules import bare_module, is_peft_wrapper, plain_lora, wrapped_base
-from safemerge._rows import Rows, Value
+from safemerge._model.rows import Rows, Value
+from safemerge._model.walk import bare_module, is_peft_wrapper, plain_lora, wrapped_base
 
 
 def unloaded(wrapper: torch.nn.Module) -> torch.nn.Module:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from safemerge._modules import config_levels
+from safemerge._model.walk import config_levels
 
 #: Relative logits tolerance per dtype: merging rounds W + dW once to the weight dtype, the adapter model does not.
 _LOGITS_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}

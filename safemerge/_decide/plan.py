@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from safemerge import _policy
-from safemerge._modules import declares_tie
-from safemerge._policy import names
-from safemerge._report import Action, GroupPlan, MergePlan, TieDecision, TieGroup, TiePolicy
-from safemerge._ties import TiedWeights
+from safemerge._decide import rules as _policy
+from safemerge._decide.rules import names
+from safemerge._decide.ties import TiedWeights
+from safemerge._model.walk import declares_tie
+from safemerge._records import Action, GroupPlan, MergePlan, TieDecision, TieGroup, TiePolicy
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safemerge import _inputs
-from safemerge._arguments import build_parser
-from safemerge._console import EXIT_TERMINATED, output_configured, sigterm_unwinds
-from safemerge._output import write_json_atomic
-from safemerge._report import MergeReport, TieInspection, Verification
+from safemerge._model import inputs as _inputs
+from safemerge._output.claim import write_json_atomic
+from safemerge._records import MergeReport, TieInspection, Verification
+from safemerge.cli._arguments import build_parser
+from safemerge.cli._runtime import EXIT_TERMINATED, output_configured, sigterm_unwinds
 from safemerge.errors import InputError, OutputExistsError, SafeMergeError, failure_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -115,7 +115,7 @@ def _unreadable_input(error: SafeMergeError) -> bool:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from safemerge._demo import run_demo
+    from safemerge.cli._demo import run_demo
 
     return run_demo(print, keep=Path(args.keep).resolve() if args.keep else None)
 
@@ -168,9 +168,9 @@ def _merge_request(args: argparse.Namespace) -> Any:
 
 def _hub(args: argparse.Namespace) -> Any:
     """How to read the base and the adapter, from the command line's hub options."""
-    from safemerge._load import Hub
+    from safemerge._model.load import Source
 
-    return Hub(args.revision, args.adapter_revision, args.token, args.trust_remote_code)
+    return Source(args.revision, args.adapter_revision, args.token, args.trust_remote_code)
 
 
 def _check_report_path(args: argparse.Namespace) -> None:
@@ -213,7 +213,7 @@ def _checked_inputs(*pairs: tuple[str, str]) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from safemerge._analysis import inspect_ties
+    from safemerge._decide.analysis import inspect_ties
     from safemerge._pretrained import load_inputs
 
     if (args.adapter is None) == (args.peft_config is None):
@@ -234,7 +234,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _inspect_before_training(args: argparse.Namespace) -> int:
     """What --policy will do with an adapter trained from --peft-config on BASE: the check a training run makes."""
-    from safemerge._forecast import forecast
+    from safemerge._decide.forecast import forecast
     from safemerge._pretrained import load_untrained_inputs
 
     if args.policy is None:
@@ -286,8 +286,8 @@ def inspection_table(inspection: TieInspection) -> list[str]:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from safemerge._checks.verify import verify_merged
     from safemerge._pretrained import load_inputs
-    from safemerge._verify import verify_merged
 
     _checked_inputs((args.base, "base model"), (args.adapter, "adapter"), (args.merged, "merged model"))
     model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map, hub=_hub(args))

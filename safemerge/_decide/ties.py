@@ -7,17 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from safemerge._layer_merge import merged_parameters, unloaded
-from safemerge._modules import (
-    BaseParameter,
-    bare_module,
-    base_parameters,
-    declares_tie,
-    one_module_clusters,
-    storage_groups,
-)
-from safemerge._report import MergePlan, TieGroup, TieMember
-from safemerge._rows import (
+from safemerge._decide.layer_merge import merged_parameters, unloaded
+from safemerge._model.rows import (
     Value,
     equal,
     in_dtype,
@@ -27,6 +18,15 @@ from safemerge._rows import (
     scaled,
     value_key,
 )
+from safemerge._model.walk import (
+    BaseParameter,
+    bare_module,
+    base_parameters,
+    declares_tie,
+    one_module_clusters,
+    storage_groups,
+)
+from safemerge._records import MergePlan, TieGroup, TieMember
 from safemerge.errors import UnsupportedAdapterError
 
 

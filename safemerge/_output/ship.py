@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safemerge._inputs import load_failures_as_input_errors
-from safemerge._report import Action, MergePlan, MergeReport, Verification
+from safemerge._model.inputs import load_failures_as_input_errors
+from safemerge._records import Action, MergePlan, MergeReport, Verification
 
 logger = logging.getLogger(__name__)
 

@@ -9,12 +9,15 @@ from typing import Any
 
 import torch
 
-from safemerge import _compat, _policy, _probe, _serving
-from safemerge._modules import base_parameters, meta_parameters, output_embedding_name, tie_flags
-from safemerge._plan import ModelFacts, make_plan
-from safemerge._report import MergePlan, TieInspection, TiePolicy
+from safemerge._decide import rules as _policy
+from safemerge._decide import serving as _serving
+from safemerge._decide.plan import ModelFacts, make_plan
+from safemerge._decide.ties import TiedWeights, adapted_weights, find_tied_weights
+from safemerge._model import compat as _compat
+from safemerge._model import probe as _probe
+from safemerge._model.walk import base_parameters, meta_parameters, output_embedding_name, tie_flags
+from safemerge._records import MergePlan, TieInspection, TiePolicy
 from safemerge._text import listed
-from safemerge._ties import TiedWeights, adapted_weights, find_tied_weights
 from safemerge.errors import InputError, TiedWeightsError, UnsupportedAdapterError
 
 #: Meta-device parameters named in the refusal; the rest are counted.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from safemerge._modules import storage_key
+from safemerge._model.walk import storage_key
 
 #: Elements per block (a 128256 x 2048 embedding is worked on in ~64 blocks).
 BLOCK = 1 << 22

@@ -30,7 +30,7 @@ _AUTO_BY_TASK = {
 
 
 @dataclass(frozen=True)
-class Hub:
+class Source:
     """How the base and the adapter are read: their revisions (branch, tag or commit on the hub), the token (None:
     huggingface_hub's own, from HF_TOKEN or `hf auth login`), and whether a repository's own code may run
     (`trust_remote_code`, off unless asked)."""
@@ -55,7 +55,7 @@ def _given(**options: Any) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value is not None}
 
 
-def checkpoint_dtype(path: str, hub: Hub = Hub()) -> torch.dtype | None:
+def checkpoint_dtype(path: str, hub: Source = Source()) -> torch.dtype | None:
     """The dtype the checkpoint's config records (`dtype`, `torch_dtype` in transformers 4), or None."""
     config = transformers.AutoConfig.from_pretrained(path, **hub.base)
     recorded = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -99,7 +99,7 @@ def load_pretrained(
     task_type: str | None = None,
     dtype: torch.dtype | str | None = None,
     device_map: Any = None,
-    hub: Hub = Hub(),
+    hub: Source = Source(),
 ) -> Any:
     """Load a transformers model from a directory or hub id with the class model_class_for() picks."""
     kwargs: dict[str, Any] = {"dtype": dtype or "auto", **hub.base}  # the checkpoint's own dtype unless asked
@@ -116,7 +116,7 @@ def load_adapter_model(
     *,
     dtype: torch.dtype | str | None = None,
     device_map: Any = None,
-    hub: Hub = Hub(),
+    hub: Source = Source(),
 ) -> Any:
     """The adapter model: `base` loaded with the right class, `adapter` loaded onto it with PEFT."""
     import peft
@@ -133,7 +133,7 @@ def load_untrained_adapter_model(
     *,
     dtype: torch.dtype | str | None = None,
     device_map: Any = None,
-    hub: Hub = Hub(),
+    hub: Source = Source(),
 ) -> Any:
     """The PEFT model at step 0: `base` loaded with the right class, `get_peft_model` with the config in the file."""
     import peft
@@ -150,7 +150,7 @@ def load_offloaded_adapter_model(
     *,
     offload_folder: str,
     dtype: torch.dtype | str | None = None,
-    hub: Hub = Hub(),
+    hub: Source = Source(),
 ) -> Any:
     """The adapter model with the base's weights left on disk: accelerate loads each layer's weights from the
     checkpoint when the layer runs. In memory: the adapter's own tensors, every module that holds a tied weight (the
@@ -162,7 +162,7 @@ def load_offloaded_adapter_model(
     """
     import peft
 
-    from safemerge._modules import base_parameters, is_peft_wrapper, plain_lora, wrapped_base
+    from safemerge._model.walk import base_parameters, is_peft_wrapper, plain_lora, wrapped_base
 
     config = peft.PeftConfig.from_pretrained(adapter, **hub.adapter)
     config.inference_mode = True
@@ -198,7 +198,7 @@ def load_offloaded_adapter_model(
     return peft_model.eval()
 
 
-def load_adapter_weights(peft_model: Any, adapter: str, hub: Hub = Hub()) -> Any:
+def load_adapter_weights(peft_model: Any, adapter: str, hub: Source = Source()) -> Any:
     """Load the adapter's tensors into `peft_model` as `set_peft_model_state_dict` does, without holding the file.
 
     A base layer's weight that PEFT saved whole in the adapter (`save_embedding_layers`: each as big as the embedding)
@@ -207,7 +207,7 @@ def load_adapter_weights(peft_model: Any, adapter: str, hub: Hub = Hub()) -> Any
     """
     import peft
 
-    from safemerge._safetensors import read_blocks
+    from safemerge._model.safetensors_format import read_blocks
 
     path = _adapter_weights_file(adapter, hub)
     if path is None:  # a .bin adapter: PEFT loads it whole
@@ -240,7 +240,7 @@ def load_adapter_weights(peft_model: Any, adapter: str, hub: Hub = Hub()) -> Any
     return loaded
 
 
-def _adapter_weights_file(adapter: str, hub: Hub) -> str | None:
+def _adapter_weights_file(adapter: str, hub: Source) -> str | None:
     """The adapter's safetensors file (downloaded from the hub if it is there), or None."""
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
@@ -257,7 +257,7 @@ def _adapter_weights_file(adapter: str, hub: Hub) -> str | None:
     return found
 
 
-def all_on_disk(cls: Any, path: str, hub: Hub = Hub()) -> dict[str, str]:
+def all_on_disk(cls: Any, path: str, hub: Source = Source()) -> dict[str, str]:
     """A device map that offloads the model's weights to disk, but for one small untied module (a final norm) and
     the own tensors of the modules above it (BART's final_logits_bias), in memory: transformers 4 refuses
     {"": "disk"}, and accelerate before 1.4 a map all on disk."""
@@ -302,7 +302,7 @@ def all_on_disk(cls: Any, path: str, hub: Hub = Hub()) -> dict[str, str]:
 
 def load_tie_groups(model: torch.nn.Module) -> None:
     """Load every module that holds a parameter several modules share (a tie group), the tie kept."""
-    from safemerge._modules import base_parameters, offload_hook
+    from safemerge._model.walk import base_parameters, offload_hook
 
     by_param: dict[int, list[Any]] = {}
     for p in base_parameters(model):
@@ -329,7 +329,7 @@ def load_tie_groups(model: torch.nn.Module) -> None:
 def load_for_good(module: torch.nn.Module) -> None:
     """Load a module's own offloaded weights into memory and take it off accelerate's offload hook. A weight its hook
     does not find (a tied alias the checkpoint holds under its source's name) stays on meta."""
-    from safemerge._modules import offload_hook
+    from safemerge._model.walk import offload_hook
 
     hook = offload_hook(module)
     if hook is None:

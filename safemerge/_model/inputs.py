@@ -173,7 +173,7 @@ def safetensors_problem(path: Path) -> str | None:
 
 def _tensor_problem(header: dict[str, Any], data_size: int) -> str | None:
     # Imported here, as torch with it: `--help` and argument errors answer before any heavy import.
-    from safemerge._safetensors import DTYPES
+    from safemerge._model.safetensors_format import DTYPES
 
     for name, entry in header.items():
         if name == "__metadata__":

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from safemerge._merge import safe_merge
-from safemerge._report import TiePolicy
+from safemerge._records import TiePolicy
 from safemerge.errors import OutputExistsError, TiedWeightsError
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from safemerge._report import MergePlan, TiePolicy
+from safemerge._records import MergePlan, TiePolicy
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import peft
 import torch
 import transformers
 
-from safemerge._modules import base_parameters, set_tie_flags
+from safemerge._model.walk import base_parameters, set_tie_flags
 from safemerge._version import __version__
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])

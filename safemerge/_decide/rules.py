@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from safemerge._report import GroupState, MergePlan, TieDecision, TieGroup, TiePolicy
+from safemerge._records import GroupState, MergePlan, TieDecision, TieGroup, TiePolicy
 from safemerge._text import listed
 from safemerge.errors import InputError
 

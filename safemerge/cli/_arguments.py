@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from safemerge._report import TiePolicy
+from safemerge._records import TiePolicy
 from safemerge._version import __version__
 
 

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from safemerge import _compat, _inputs, _probe
-from safemerge._analysis import Analysis, analyse, require_peft_model
-from safemerge._modules import base_parameters, output_embedding_name, tie_flags, tie_groups
-from safemerge._reload import (
+from safemerge._decide.analysis import Analysis, analyse, require_peft_model
+from safemerge._model import compat as _compat
+from safemerge._model import inputs as _inputs
+from safemerge._model import probe as _probe
+from safemerge._model.reload import (
     Fingerprint,
     LoadSpec,
     compare_fingerprints,
@@ -24,8 +25,9 @@ from safemerge._reload import (
     fingerprints,
     reload,
 )
-from safemerge._report import MemberCheck, MergePlan, Verification
-from safemerge._rows import Value, max_abs_diff, same_weight_tolerance, scaled, value_key
+from safemerge._model.rows import Value, max_abs_diff, same_weight_tolerance, scaled, value_key
+from safemerge._model.walk import base_parameters, output_embedding_name, tie_flags, tie_groups
+from safemerge._records import MemberCheck, MergePlan, Verification
 from safemerge._text import listed
 from safemerge.errors import InputError
 

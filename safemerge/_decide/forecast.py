@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from safemerge import _policy
-from safemerge._analysis import Analysis, analyse, require_peft_model
-from safemerge._modules import base_parameters, storage_groups
-from safemerge._plan import make_plan
-from safemerge._report import TieGroup, TiePolicy, TrainingCheck
+from safemerge._decide import rules as _policy
+from safemerge._decide.analysis import Analysis, analyse, require_peft_model
+from safemerge._decide.plan import make_plan
+from safemerge._model.walk import base_parameters, storage_groups
+from safemerge._records import TieGroup, TiePolicy, TrainingCheck
 from safemerge.errors import TiedWeightsError
 
 #: Seeds of the independent moves.

@@ -13,9 +13,9 @@ import torch
 import transformers
 from transformers.utils import logging as transformers_logging
 
-from safemerge._modules import progress_bars, storage_key, tie_groups
-from safemerge._probe import model_device, model_dtype
-from safemerge._rows import max_abs_diff
+from safemerge._model.probe import model_device, model_dtype
+from safemerge._model.rows import max_abs_diff
+from safemerge._model.walk import progress_bars, storage_key, tie_groups
 
 #: The Auto classes a merged model may be loaded with, most specific first.
 _AUTO_CLASSES = (
@@ -70,7 +70,7 @@ def reload(
     `offload_folder`, its weights stay on disk and accelerate loads each layer's when the layer runs."""
     spec = like if isinstance(like, LoadSpec) else LoadSpec.like(like)
     if offload_folder is not None:
-        from safemerge._load import all_on_disk, load_tie_groups
+        from safemerge._model.load import all_on_disk, load_tie_groups
 
         on_disk = all_on_disk(spec.loader, str(save_directory))
         offloaded = spec.loader.from_pretrained(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from safemerge._modules import config_levels
+from safemerge._model.walk import config_levels
 
 _MISSING = object()
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 
-from safemerge._rows import row_blocks
+from safemerge._model.rows import row_blocks
 
 #: Every dtype the format names (all that safetensors 0.8's reader accepts), as (torch's dtype, bits per element).
 #: None where torch has no dtype of one value per element: F4 loads as float4_e2m1fn_x2 (two values each), F6 not at

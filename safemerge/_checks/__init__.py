@@ -1,0 +1,1 @@
+"""Verification: in memory, the saved files, the reload."""

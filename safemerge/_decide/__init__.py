@@ -1,0 +1,1 @@
+"""Pure decisions: tie groups, effective weights, the rules (data), the plan, serving rules."""

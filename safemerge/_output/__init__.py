@@ -1,0 +1,1 @@
+"""The output: the claim on OUT, atomic commit, tokenizer and card."""
