@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from safemerge._output import claim as _output
 from safemerge._output.claim import work_directory
 from safemerge.cli import main
-from tests.models import ARCHS, save_adapter
+from tests.models import ARCHS, needs_low_memory, save_adapter
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -368,7 +368,7 @@ def test_leftovers_of_a_killed_run_into_a_long_output_are_found(work: Path, caps
     assert (work / name / "config.json").exists() and leftovers(work) == []
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
+@pytest.mark.parametrize("low_memory", [False, pytest.param(True, marks=needs_low_memory)])
 def test_refused_merge_leaves_no_parent_directory(work: Path, capsys, low_memory: bool) -> None:  # type: ignore[no-untyped-def]
     """`keep` refuses LoRA on the tied lm_head after the output is claimed: the parents it created go too."""
     before = hashes(work)

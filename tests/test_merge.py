@@ -21,6 +21,7 @@ from tests.models import (
     load_base,
     logits,
     lora_tied_by_peft,
+    needs_low_memory,
     sample_ids,
     save_base,
     trained_and_reloaded,
@@ -503,6 +504,7 @@ def test_a_model_on_the_meta_device_is_refused(build, base_dirs, tmp_path: Path,
     assert all(p.is_meta for p in model.parameters()) and not (tmp_path / "m").exists()
 
 
+@needs_low_memory
 def test_a_model_offloaded_by_accelerate_is_not_refused(base_dirs, saved_adapter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Weights on meta with accelerate's offload hook (as the low-memory engine loads them) have values on disk."""
     from safemerge._model.load import load_offloaded_adapter_model
