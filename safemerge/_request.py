@@ -123,10 +123,8 @@ class MergeRequest:
 
     def _with_quantization(self) -> MergeRequest:
         """The request with the quantization the base's config records, once the choice made fits it."""
-        import transformers
-
         assert self.base is not None
-        quantization = _quantized.in_files(transformers.AutoConfig.from_pretrained(self.base, **self.source.base))
+        quantization = _quantized.in_files(self.base, self.source.base)
         where = f"a pre-quantized checkpoint: '{self.base}'"
         _quantized.check_choice(quantization, self.base_weights, self.original_base, where=where)
         if quantization is None:

@@ -40,9 +40,14 @@ class Quantization:
 
 
 def from_config(config: Any) -> Quantization | None:
-    """The quantization a model config records (`quantization_config`, an object in memory, a dict in config.json);
-    QuantizedBaseError for a method other than bitsandbytes."""
-    recorded = getattr(config, "quantization_config", None)
+    """The quantization a model config records (`quantization_config`: an object in memory, a dict in config.json;
+    `config` a PretrainedConfig or config.json's dict); QuantizedBaseError for a method other than bitsandbytes."""
+    fields: dict[str, Any] = config if isinstance(config, dict) else {}
+
+    def field(name: str) -> Any:
+        return fields.get(name) if fields else getattr(config, name, None)
+
+    recorded = field("quantization_config")
     if recorded is None:
         return None
     data = recorded if isinstance(recorded, dict) else recorded.to_dict()
@@ -56,7 +61,7 @@ def from_config(config: Any) -> Quantization | None:
             "the adapter), or dequantize the base yourself and save it in 16 bits first."
         )
     if data.get("load_in_8bit"):
-        return Quantization(8, "int8", _dtype(getattr(config, "dtype", None) or config.torch_dtype))
+        return Quantization(8, "int8", _dtype(field("dtype") or field("torch_dtype")))
     compute = data.get("bnb_4bit_compute_dtype") or "float32"
     return Quantization(4, str(data.get("bnb_4bit_quant_type", "fp4")), _dtype(compute))
 
@@ -80,9 +85,17 @@ def in_memory(peft_model: Any) -> Quantization | None:
     return Quantization(max(bits), "nf4" if max(bits) == 4 else "int8", torch.float32)
 
 
-def in_files(config: Any) -> Quantization | None:
-    """The quantization a base checkpoint's config (transformers' AutoConfig) records."""
-    return from_config(config)
+def in_files(base: str, hub: Mapping[str, Any]) -> Quantization | None:
+    """The quantization a base checkpoint's config.json records (read as JSON: no repository code runs); None also
+    when it cannot be read (the doctor reports that)."""
+    import transformers
+
+    options = {name: value for name, value in hub.items() if name != "trust_remote_code"}
+    try:
+        data, _ = transformers.PretrainedConfig.get_config_dict(base, **options)
+    except Exception:  # missing, damaged, offline: the doctor's finding explains it
+        return None
+    return from_config(data)
 
 
 def _bnb_layer(module: torch.nn.Module) -> bool:
