@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -25,6 +25,8 @@ def safe_merge(
     probe_inputs: Mapping[str, torch.Tensor] | None = None,
     in_place: bool = True,
     tokenizer: Any = None,
+    base_weights: Literal["dequantized", "original"] | None = None,
+    original_base: str | None = None,
 ) -> MergeReport:
     """Merge a PEFT adapter into its base model under an explicit tie policy, save atomically, and verify.
 
@@ -41,6 +43,9 @@ def safe_merge(
             model back once the merged model is saved and verified (False: the PEFT layers return and merged weights
             are unmerged, equal up to float rounding; `report.model` is None). A training script that goes on using
             the PEFT model (saving the adapter, evaluating) wants False.
+        base_weights: for a base quantized with bitsandbytes (QLoRA), required: "dequantized" (its weights
+            dequantized: the model as trained) or "original" (the 16-bit checkpoint, `original_base` or the one it
+            was loaded from; the quantization gap reported). Merged from a 16-bit copy: `model` is never changed.
 
     Returns:
         The MergeReport; `report.model` is the merged model.
@@ -52,20 +57,11 @@ def safe_merge(
             accelerate offloaded some of them (merge with merge_pretrained(low_memory=True)); nothing was changed.
         TiedWeightsError: the policy forbids this merge (nothing was changed).
         UnsupportedAdapterError: no merged model can compute what this adapter model computes.
+        QuantizedBaseError: a quantized base without `base_weights` (see docs/how-to/qlora.md); nothing changed.
         InputError: `save_directory` is the current directory, one above it, home or `/`, or its name is too long.
         OutputExistsError: `save_directory` is not empty and overwrite is False.
         OutputWriteError: the model could not be written or put in place (`save_directory` is as it was).
         VerificationError: the merge or its reload does not match the adapter model (`.report` has the figures).
     """
-    request = MergeRequest.for_model(
-        model,
-        save_directory,
-        policy=policy,
-        verify=verify,
-        overwrite=overwrite,
-        logits_tolerance=logits_tolerance,
-        probe_inputs=probe_inputs,
-        in_place=in_place,
-        tokenizer=tokenizer,
-    )
-    return _pipeline.run(request, InMemory(model, owned=False))
+    # Every parameter, by name: the request checks them in the documented order.
+    return _pipeline.run(MergeRequest.for_model(**locals()), InMemory(model, owned=False))

@@ -25,8 +25,10 @@ from safemerge._decide.analysis import Analysis, analyse
 from safemerge._decide.ties import TiedWeights
 from safemerge._model import compat as _compat
 from safemerge._model import probe as _probe
+from safemerge._model import quantized as _quantized
 from safemerge._model import undo as _undo
 from safemerge._model.rows import Value
+from safemerge._model.stand_in import StandIn, stand_in
 from safemerge._model.walk import tie_groups
 from safemerge._output import claim as _output
 from safemerge._output import ship as _ship
@@ -79,15 +81,24 @@ def run(request: MergeRequest, engine: Engine) -> MergeReport:
     """Run the merge `request` asks with `engine`; the report (the errors are safe_merge's and merge_pretrained's)."""
     with _output.claim(request.target, overwrite=request.overwrite) as held:
         model = engine.model(held)
+        stand_in = _stand_in_for(request, model)
+        model = stand_in.model if stand_in is not None else model
         refuse_non_finite_adapter(model)
         logger.info("inspecting tied weights and probing the adapter model (%s)", engine.holds)
         analysis = analyse(model, request.probe_inputs)
+        if stand_in is not None:
+            analysis.quantized_base = stand_in.measure(
+                analysis.probe, analysis.adapter_logits, request.logits_tolerance
+            )
+            logger.info("%s", analysis.quantized_base)
         plan = analysis.plan_or_refuse(request.policy)
         logger.info("merging under policy %r: %s", request.policy.value, plan.reason)
-        # From here on the model changes: any failure puts the user's PEFT model back as it was.
-        snapshot = None if engine.owned else _undo.take_snapshot(model)
+        # From here on the model changes: any failure puts the user's PEFT model back as it was (a stand-in for a
+        # quantized one is safemerge's own: the user's is never changed).
+        owned = engine.owned or stand_in is not None
+        snapshot = None if owned else _undo.take_snapshot(model)
         try:
-            merged, actions, verification = _merge_and_save(request, engine, model, analysis, plan, held)
+            merged, actions, verification = _merge_and_save(request, engine, model, analysis, plan, held, owned)
         except BaseException as exc:
             problem = _undo.restore(snapshot) if snapshot is not None else None
             if problem is not None:
@@ -101,12 +112,30 @@ def run(request: MergeRequest, engine: Engine) -> MergeReport:
     return _pushed(request, report)
 
 
+def _stand_in_for(request: MergeRequest, model: Any) -> StandIn | None:
+    """The 16-bit stand-in merged in place of a PEFT model on a quantized base (QLoRA), None for a 16-bit base."""
+    quantization = _quantized.in_memory(model)
+    _quantized.check_choice(quantization, request.base_weights, request.original_base, where="loaded in memory")
+    if quantization is None or request.base_weights is None:
+        return None
+    logger.info("the base is quantized (%s): merging into %s weights", quantization, request.base_weights)
+    return stand_in(model, quantization, request.base_weights, request.original_base, request.source)
+
+
 def _merge_and_save(
-    request: MergeRequest, engine: Engine, model: Any, analysis: Analysis, plan: MergePlan, held: _output.Claim
+    request: MergeRequest,
+    engine: Engine,
+    model: Any,
+    analysis: Analysis,
+    plan: MergePlan,
+    held: _output.Claim,
+    owned: bool,
 ) -> tuple[Any, list[Action], Verification | None]:
     """Execute the plan, check it in memory, cast, write into the claim's staging directory, check what was saved,
     put it in place. Returns the merged model to report, the actions and the verification."""
     merged, actions = engine.execute(model, plan, analysis.tied)
+    if analysis.quantized_base is not None:
+        actions.insert(0, Action("quantized-base", (), str(analysis.quantized_base)))
     verification = None
     if request.verify:
         logger.info("checking the merged model's tied weights, ties and flags against the plan")
@@ -116,8 +145,10 @@ def _merge_and_save(
             value_of=engine.value_of,
         )  # fmt: skip
         del expected  # it holds the merged model's tied tensors
+        if analysis.quantized_base is not None and (gap := analysis.quantized_base.problem) is not None:
+            verification = dataclasses.replace(verification, problems=(*verification.problems, gap))
         if not verification.ok:
-            _fail(verification, plan, analysis, merged, actions, owned=engine.owned)
+            _fail(verification, plan, analysis, merged, actions, owned=owned)
     out_dtype = request.out_dtype
     if out_dtype is not None and (computed := _probe.model_dtype(merged)) != out_dtype:
         engine.cast(merged, out_dtype)
@@ -136,7 +167,7 @@ def _merge_and_save(
         verification, merged, retied = engine.check_saved(held, analysis, plan, verification)
         actions += retied
         if not verification.ok:
-            _fail(verification, plan, analysis, merged, actions, owned=engine.owned, held=held)
+            _fail(verification, plan, analysis, merged, actions, owned=owned, held=held)
     actions += _commit(held, request.extras, plan, actions, verification, analysis)
     logger.info("%s; the merged model is in place", "verified" if verification is not None else "not verified")
     return merged, actions, verification
@@ -202,6 +233,7 @@ def merge_report(
         verification=verification,
         versions=_compat.versions(),
         serving_notes=analysis.serving_notes(plan),
+        quantized_base=analysis.quantized_base,
         model=merged if with_model else None,
     )
 

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import os
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -45,17 +45,16 @@ def merge_pretrained(
     adapter_revision: str | None = None,
     token: str | None = None,
     trust_remote_code: bool = False,
+    base_weights: Literal["dequantized", "original"] | None = None,
+    original_base: str | None = None,
 ) -> MergeReport:
     """Load `base` and `adapter` (local directories or hub ids) and merge them as safe_merge() does.
 
-    The adapter doctor runs first (configs and tensor headers only; an `error` or `silent` finding stops it), then
-    the base is loaded with the class its config names and the adapter with `PeftModel.from_pretrained`. Once merged,
-    saved and fingerprinted, that model is freed: `report.model` is the merged model loaded back from disk.
+    The doctor runs first (configs and tensor headers; an `error` or `silent` finding stops it), then the base and
+    the adapter are loaded; once merged and saved, that model is freed: `report.model` is the one loaded back.
 
-    With `low_memory`, the base's weights stay on disk: each merged tensor is computed from the base checkpoint and
-    the adapter's tensors a block of rows at a time, streamed into safetensors shards and read back; the probe runs
-    with accelerate offloading the weights. In memory at once: the tied embedding, one linear layer's weights and a
-    block of rows, whatever the model's size. Same analysis, plan, refusals and checks; `report.model` is None.
+    With `low_memory`, each merged tensor is computed from the files a block of rows at a time (in memory: the tied
+    embedding, one linear layer's weights, a block of rows); same checks, and `report.model` is None.
 
     Args:
         base: the base model, a local directory or a hub id.
@@ -74,6 +73,7 @@ def merge_pretrained(
         revision: the base's revision on the hub (branch, tag or commit); `adapter_revision` the adapter's.
         token: a hub token for private repositories (default: huggingface_hub's, HF_TOKEN or `hf auth login`).
         trust_remote_code: let transformers run the base repository's own model code (off unless asked).
+        base_weights, original_base: as in safe_merge(), for a pre-quantized base (docs/how-to/qlora.md).
 
     Raises:
         AdapterMismatchError: the doctor found that the adapter does not fit the base (nothing was loaded).
@@ -81,7 +81,7 @@ def merge_pretrained(
             `low_memory`; `save_directory` is the current directory, one above it, home or `/`, or too long a name.
         TiedWeightsError, UnsupportedAdapterError, OutputExistsError, OutputWriteError, VerificationError: as in
             safe_merge() (the files of a failed verification are quarantined).
-        ValueError: unknown policy or dtype.
+        ValueError: unknown policy, dtype or base_weights (QuantizedBaseError, an InputError: see safe_merge()).
     """
     # Every parameter, by name: the request checks them in the documented order.
     return merge(MergeRequest.for_pretrained(**locals()))
@@ -104,6 +104,9 @@ def merge(request: MergeRequest) -> MergeReport:
     tokenizer, source = _ship.find_tokenizer([(adapter, hub.adapter), (base, hub.base)])
     extras = _ship.Extras(tokenizer=tokenizer, tokenizer_source=source, base=base, adapter=adapter)
     request = request.with_inputs(extras, request.out_dtype or _load.checkpoint_dtype(base, hub))
+    if request.quantization is not None and request.dtype is None:
+        # The compute dtype, not the loader's default for the unquantized layers (transformers 4: float16).
+        request = dataclasses.replace(request, dtype=request.quantization.compute_dtype)
     if not request.low_memory:
         model = load_inputs(base, adapter, dtype=request.dtype, device_map=request.device_map, hub=hub)
         return _pipeline.run(request, InMemory(model, owned=True))

@@ -115,6 +115,7 @@ ActionCode = Literal[
     "write-card",
     "push-to-hub",
     "retie-like-loader",
+    "quantized-base",
 ]
 
 
@@ -243,6 +244,42 @@ class Verification:
 
 
 @dataclass(frozen=True)
+class QuantizedBase:
+    """A merge of an adapter trained on a quantized base (QLoRA): the weights it went into, and what that costs."""
+
+    #: The base's quantization, e.g. "bitsandbytes 4-bit nf4 (compute dtype bfloat16)".
+    quantization: str
+    #: "dequantized" (the weights the adapter was trained against) or "original" (the 16-bit checkpoint's).
+    base_weights: str
+    #: Where the 16-bit weights merged into come from, in words.
+    weights_from: str
+    #: max |logits difference| between the model as trained (the adapter on the quantized base) and the adapter on
+    #: the weights merged into, on the probe: what the choice costs.
+    quantization_gap: float
+    #: max |logits difference| between the model as trained and its quantized base without the adapter.
+    fine_tune_effect: float
+    #: The largest gap accepted ("dequantized": the dtype's tolerance); None for "original" (the gap is its price).
+    gap_tolerance: float | None = None
+
+    @property
+    def problem(self) -> str | None:
+        """Why the merged weights are not the model as trained, for "dequantized"; None when they are."""
+        if self.gap_tolerance is None or self.quantization_gap <= self.gap_tolerance:
+            return None
+        return (
+            f"the adapter on the dequantized weights differs from the model as trained by {self.quantization_gap:.3g} "
+            f"(max |logits difference|; tolerance {self.gap_tolerance:.3g})"
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"quantized base: {self.quantization}; merged into {self.weights_from} "
+            f"(base_weights={self.base_weights!r}); quantization gap {self.quantization_gap:.3g} against the model "
+            f"as trained, fine-tune effect {self.fine_tune_effect:.3g}"
+        )
+
+
+@dataclass(frozen=True)
 class MergeReport:
     """Everything safe_merge() found, decided, did and measured. `model` is the merged model."""
 
@@ -259,6 +296,8 @@ class MergeReport:
     versions: tuple[tuple[str, str], ...]
     #: Where the result may not run (serving runtimes that load this architecture only tied), and what to do.
     serving_notes: tuple[str, ...] = ()
+    #: The base was quantized (QLoRA): the weights merged into and the quantization gap; None for a 16-bit base.
+    quantized_base: QuantizedBase | None = None
     model: Any = field(default=None, repr=False, compare=False)
 
     @property

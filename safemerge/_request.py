@@ -16,11 +16,12 @@ from safemerge._decide import rules as _policy
 from safemerge._decide.analysis import require_peft_model
 from safemerge._model import compat as _compat
 from safemerge._model import inputs as _inputs
+from safemerge._model import quantized as _quantized
 from safemerge._model.load import Source, parse_dtype
 from safemerge._output import claim as _output
 from safemerge._output.ship import Extras
 from safemerge._records import TiePolicy
-from safemerge.errors import InputError
+from safemerge.errors import InputError, QuantizedBaseError
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +51,11 @@ class MergeRequest:
     probe_inputs: Mapping[str, torch.Tensor] | None = None
     in_place: bool = True
     extras: Extras = dataclasses.field(default_factory=Extras)
+    #: A quantized base (QLoRA): the weights the adapter goes into, and for "original" the 16-bit checkpoint.
+    base_weights: str | None = None
+    original_base: str | None = None
+    #: The quantization the base's files record (merge_pretrained), None for a 16-bit base.
+    quantization: _quantized.Quantization | None = None
 
     @classmethod
     def for_model(
@@ -64,12 +70,19 @@ class MergeRequest:
         probe_inputs: Mapping[str, torch.Tensor] | None,
         in_place: bool,
         tokenizer: Any,
+        base_weights: str | None = None,
+        original_base: str | None = None,
     ) -> MergeRequest:
         """safe_merge()'s request: the options, then the PEFT model (nothing changed), then the output."""
         tie_policy = _policy.parse_policy(policy)
         _inputs.check_tolerance(logits_tolerance)
         peft_model = require_peft_model(model)
         _inputs.check_not_offloaded(peft_model)
+        quantization = _quantized.in_memory(peft_model)
+        _quantized.check_choice(quantization, base_weights, original_base, where="loaded in memory")
+        if base_weights == "original":
+            recorded = str(getattr(peft_model.get_base_model().config, "_name_or_path", "") or "") or None
+            original_base = _quantized.original_source(recorded, original_base, Source().base)
         config = getattr(peft_model, "active_peft_config", None)
         return cls(
             target=_checked_target(save_directory, overwrite),
@@ -80,6 +93,8 @@ class MergeRequest:
             probe_inputs=probe_inputs,
             in_place=in_place,
             extras=Extras(tokenizer=tokenizer, base=getattr(config, "base_model_name_or_path", None)),
+            base_weights=base_weights,
+            original_base=original_base,
         )
 
     @classmethod
@@ -104,7 +119,27 @@ class MergeRequest:
         request = dataclasses.replace(request, target=_checked_target(save_directory, request.overwrite))
         for directory in inputs.values():
             _inputs.check_files(directory)
-        return request
+        return request._with_quantization()
+
+    def _with_quantization(self) -> MergeRequest:
+        """The request with the quantization the base's config records, once the choice made fits it."""
+        assert self.base is not None
+        quantization = _quantized.in_files(self.base, self.source.base)
+        where = f"a pre-quantized checkpoint: '{self.base}'"
+        _quantized.check_choice(quantization, self.base_weights, self.original_base, where=where)
+        if quantization is None:
+            return self
+        _quantized.require_bitsandbytes()
+        if self.low_memory:
+            raise QuantizedBaseError(
+                f"The base '{self.base}' is a pre-quantized checkpoint ({quantization}), and the low-memory engine "
+                "does not dequantize yet. Nothing was loaded or written. Fix: merge in memory (drop low_memory; CLI: "
+                "--low-memory): the dequantized model takes the memory of one 16-bit model."
+            )
+        original = self.original_base
+        if self.base_weights == "original":
+            original = _quantized.original_source(None, original, self.source.base, quantized=self.base)
+        return dataclasses.replace(self, quantization=quantization, original_base=original)
 
     def _check_loading(self) -> None:
         """The options of merge_pretrained that conflict, before anything is loaded."""

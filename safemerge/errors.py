@@ -4,6 +4,7 @@ The tree::
 
     SafeMergeError                    base of everything safemerge raises on purpose
     ├── InputError                    a path cannot be used, a file is damaged, weights on meta (a ValueError)
+    │   └── QuantizedBaseError        a quantized base without base_weights, or one safemerge cannot dequantize
     ├── AdapterMismatchError          the doctor found that the adapter does not fit the base (nothing loaded)
     ├── TiedWeightsError              the tie policy forbids this merge (nothing was changed)
     ├── UnsupportedAdapterError       the adapter model cannot be represented by a merged model
@@ -33,6 +34,7 @@ __all__ = [
     "OutputBusyError",
     "OutputExistsError",
     "OutputWriteError",
+    "QuantizedBaseError",
     "SafeMergeError",
     "SafeMergeWarning",
     "TiedWeightsError",
@@ -130,6 +132,21 @@ class InputError(SafeMergeError, ValueError):
 
         This file is damaged: adapter/adapter_model.safetensors (truncated: its header says the data ends at byte
         4096, the file has 1000 bytes). Nothing was loaded or written. Fix: copy or download it again.
+    """
+
+
+class QuantizedBaseError(InputError):
+    """The base is quantized (QLoRA) and the merge cannot go on as asked: no `base_weights` choice, a quantization
+    other than bitsandbytes, no 16-bit checkpoint for `base_weights="original"`, or bitsandbytes is not installed.
+    Nothing was loaded, written or changed.
+
+    Example message::
+
+        The base is quantized (bitsandbytes 4-bit nf4 (compute dtype float32), in memory): the model that was trained
+        computes dequantized weights plus the adapter, and a merge has to choose the 16-bit weights the adapter goes
+        into. Nothing was loaded or changed. Choose base_weights (CLI: --base-weights): ... Fix: pass
+        base_weights='dequantized' (the model you trained and evaluated) unless you want the adapter on the
+        full-precision weights. ...
     """
 
 

@@ -16,7 +16,7 @@ from safemerge._decide.ties import TiedWeights, adapted_weights, find_tied_weigh
 from safemerge._model import compat as _compat
 from safemerge._model import probe as _probe
 from safemerge._model.walk import base_parameters, meta_parameters, output_embedding_name, tie_flags
-from safemerge._records import MergePlan, TieInspection, TiePolicy
+from safemerge._records import MergePlan, QuantizedBase, TieInspection, TiePolicy
 from safemerge._text import listed
 from safemerge.errors import InputError, TiedWeightsError, UnsupportedAdapterError
 
@@ -33,6 +33,8 @@ class Analysis:
     facts: ModelFacts
     probe: dict[str, torch.Tensor]
     adapter_logits: torch.Tensor
+    #: A quantized base (QLoRA): the weights merged into, and the gap to the model as trained (set by the pipeline).
+    quantized_base: QuantizedBase | None = None
 
     def plan(self, policy: TiePolicy) -> MergePlan:
         return self.inspection.plan(policy)

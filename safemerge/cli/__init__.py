@@ -163,6 +163,8 @@ def _merge_request(args: argparse.Namespace) -> Any:
         adapter_revision=args.adapter_revision,
         token=args.token,
         trust_remote_code=args.trust_remote_code,
+        base_weights=args.base_weights,
+        original_base=args.original_base,
     )
 
 
@@ -197,6 +199,12 @@ def _merge_summary(args: argparse.Namespace, report: MergeReport) -> list[str]:
         lines.append(
             f"verified: {v.reloaded_tensors_compared} tensors bit-identical after reload; max |logits difference| vs "
             f"the adapter model {v.max_abs_logits_diff_reloaded:.3g} (tolerance {v.logits_tolerance:.3g})"
+        )
+    if (quantized := report.quantized_base) is not None:
+        lines.append(
+            f"quantized base ({quantized.quantization}), base weights {quantized.base_weights}: quantization gap "
+            f"{quantized.quantization_gap:.3g} against the model as trained, fine-tune effect "
+            f"{quantized.fine_tune_effect:.3g}"
         )
     lines += [f"note: {note}" for note in report.serving_notes]
     return lines

@@ -117,6 +117,24 @@ def _add_merge(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
         help="largest output shard, in transformers' format (e.g. 5GB, 300MB); default: transformers' own",
     )
     merge.add_argument("--report", type=Path, default=None, metavar="PATH", help="write the JSON report here")
+    _add_quantized(merge)
+
+
+def _add_quantized(merge: argparse.ArgumentParser) -> None:
+    """The options of a merge onto a quantized base (QLoRA)."""
+    merge.add_argument(
+        "--base-weights",
+        choices=["dequantized", "original"],
+        default=None,
+        help="required for a pre-quantized (bitsandbytes) base: merge into its dequantized weights (the model as "
+        "trained) or into the original 16-bit checkpoint (--original-base)",
+    )
+    merge.add_argument(
+        "--original-base",
+        default=None,
+        metavar="PATH",
+        help="with --base-weights original: the 16-bit checkpoint the base was quantized from (directory or hub id)",
+    )
 
 
 def _add_inspect(commands: Any, parents: list[argparse.ArgumentParser]) -> None:

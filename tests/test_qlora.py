@@ -1,0 +1,217 @@
+"""Adapters trained on a base quantized with bitsandbytes (QLoRA), on CPU: the explicit choice of the weights merged
+into, the 16-bit stand-in, the figures, and the quantized model left computing exactly what it did."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import peft
+import pytest
+import torch
+import transformers
+
+from safemerge import QuantizedBaseError, TiedWeightsError, VerificationError, merge_pretrained, safe_merge
+from safemerge._model.quantized import no_cpu_packing
+from safemerge.cli import main
+from tests.models import ADAPTERS, ARCHS, logits, perturb, sample_ids
+
+pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:bitsandbytes", "ignore::UserWarning:transformers")
+LLAMA = ARCHS["llama"]
+
+
+def load_4bit(path: Path, compute: torch.dtype = torch.float32) -> Any:
+    """The base as QLoRA loads it: nf4 with double quantization, on the CPU."""
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, device_map="cpu", dtype=compute
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def qlora_files(base_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The adapter of a kind trained on the 4-bit base and saved (once per module); "pre-quantized": the 4-bit base
+    saved as it is ("-bnb-4bit" repositories)."""
+    root, made = tmp_path_factory.mktemp("qlora"), {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            if kind == "pre-quantized":
+                load_4bit(base_dirs["llama"]).save_pretrained(root / kind)
+            else:
+                trained(base_dirs["llama"], kind).save_pretrained(root / kind)
+            made[kind] = root / kind
+        return Path(made[kind])
+
+    return get
+
+
+def trained(base: Path, kind: str, compute: torch.dtype = torch.float32) -> Any:
+    """The PEFT model right after QLoRA training: the adapter on the 4-bit base, its tensors changed."""
+    model = peft.get_peft_model(load_4bit(base, compute), ADAPTERS[kind](LLAMA))
+    perturb(model)
+    return model.eval()
+
+
+@pytest.fixture
+def qlora(base_dirs: dict[str, Path], qlora_files: Callable[[str], Path]) -> Callable[..., Any]:
+    def make(variant: str, kind: str = "lora-attention", compute: torch.dtype = torch.float32) -> Any:
+        if variant == "in-memory":
+            return trained(base_dirs["llama"], kind, compute)
+        return peft.PeftModel.from_pretrained(load_4bit(base_dirs["llama"], compute), qlora_files(kind)).eval()
+
+    return make
+
+
+def as_trained(model: Any) -> torch.Tensor:
+    """The logits of the QLoRA model as trained (bitsandbytes' CPU repacking off, as in training)."""
+    with no_cpu_packing(model):
+        return logits(model, sample_ids())
+
+
+def quantized_state(model: Any) -> list[torch.Tensor]:
+    """Every tensor of the quantized model, read without its state_dict() (which changes a CPU-packed model)."""
+    tensors = [p.detach().clone() for p in model.parameters()]
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax.clone(), *([state.state2.absmax.clone()] if state.nested else [])]
+    return tensors
+
+
+def assert_unchanged(model: Any, before: torch.Tensor, state: list[torch.Tensor]) -> None:
+    assert torch.equal(as_trained(model), before)
+    assert all(torch.equal(a, b) for a, b in zip(quantized_state(model), state, strict=True))
+
+
+VARIANTS = ["in-memory", "reloaded"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_quantized_base_without_a_choice_is_refused_with_nothing_changed(
+    qlora: Callable[..., Any], variant: str, tmp_path: Path
+) -> None:
+    model = qlora(variant)
+    before, state = as_trained(model), quantized_state(model)
+    with pytest.raises(QuantizedBaseError, match=r"(?s)bitsandbytes 4-bit nf4.*'dequantized'.*'original'.*Fix: pass "):
+        safe_merge(model, tmp_path / "out", policy="untie")
+    assert not (tmp_path / "out").exists()
+    assert_unchanged(model, before, state)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dequantized_reproduces_the_model_as_trained_in_16_bit(
+    qlora: Callable[..., Any], variant: str, tmp_path: Path
+) -> None:
+    model = qlora(variant)
+    before, state = as_trained(model), quantized_state(model)
+    report = safe_merge(model, tmp_path / "out", policy="untie", base_weights="dequantized")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.allclose(logits(merged, sample_ids()), before, atol=1e-5, rtol=0)
+    quantized = report.quantized_base
+    assert quantized is not None and quantized.base_weights == "dequantized"
+    assert quantized.quantization_gap <= 1e-5 < 0.1 < quantized.fine_tune_effect
+    assert report.actions[0].code == "quantized-base" and "fine-tune effect" in report.actions[0].detail
+    assert "quantization gap" in (tmp_path / "out" / "README.md").read_text()
+    assert_unchanged(model, before, state)
+
+
+def test_original_equals_the_adapter_on_the_16_bit_weights_and_reports_the_gap(
+    qlora: Callable[..., Any], base_dirs: dict[str, Path], qlora_files: Callable[[str], Path], tmp_path: Path
+) -> None:
+    model = qlora("reloaded")
+    before = as_trained(model)
+    report = safe_merge(model, tmp_path / "out", policy="untie", base_weights="original")
+    on_16_bit = LLAMA.model_class.from_pretrained(base_dirs["llama"])
+    on_original = peft.PeftModel.from_pretrained(on_16_bit, qlora_files("lora-attention"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    expected = logits(on_original.merge_and_unload(), sample_ids())
+    assert torch.allclose(logits(merged, sample_ids()), expected, atol=1e-5, rtol=0)
+    quantized = report.quantized_base
+    assert quantized is not None and quantized.gap_tolerance is None
+    assert str(base_dirs["llama"]) in quantized.weights_from
+    assert 0.01 < quantized.quantization_gap < quantized.fine_tune_effect
+    assert (logits(merged, sample_ids()) - before).abs().max() > 0.01  # the price of the choice, reported
+
+
+def test_a_failed_merge_leaves_the_quantized_model_computing_exactly_what_it_did(
+    qlora: Callable[..., Any], tmp_path: Path
+) -> None:
+    # bfloat16 compute: PEFT's 4-bit layer rounds the adapter's output before adding it, the 16-bit one after, so
+    # a zero tolerance fails the check of the dequantized weights.
+    model = qlora("in-memory", compute=torch.bfloat16)
+    before, state = as_trained(model), quantized_state(model)
+    with pytest.raises(VerificationError, match=r"adapter on the dequantized weights differs from the model as traine"):
+        safe_merge(model, tmp_path / "out", policy="untie", base_weights="dequantized", logits_tolerance=0.0)
+    assert not (tmp_path / "out").exists()
+    assert_unchanged(model, before, state)
+
+
+@pytest.mark.parametrize("policy", ["keep", "untie"])
+def test_tie_policies_behave_as_on_a_16_bit_base(qlora: Callable[..., Any], policy: str, tmp_path: Path) -> None:
+    model = qlora("in-memory", kind="lora-head")
+    if policy == "keep":
+        with pytest.raises(TiedWeightsError, match="Fix: use policy='untie'"):
+            safe_merge(model, tmp_path / "out", policy=policy, base_weights="dequantized")
+        return
+    report = safe_merge(model, tmp_path / "out", policy=policy, base_weights="dequantized")
+    assert report.ok and report.groups_after == ()
+    assert not json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"]
+
+
+def test_base_weights_on_a_16_bit_base_is_refused(
+    make_adapter_model: Callable[[str, str], Any], tmp_path: Path
+) -> None:
+    model = make_adapter_model("llama", "lora-attention")
+    with pytest.raises(QuantizedBaseError, match=r"this base is not quantized.*Fix: drop base_weights"):
+        safe_merge(model, tmp_path / "out", policy="untie", base_weights="dequantized")
+
+
+def test_the_cli_merges_a_pre_quantized_checkpoint_with_base_weights_dequantized(
+    qlora_files: Callable[[str], Path], base_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, adapter = qlora_files("pre-quantized"), qlora_files("lora-attention")
+    assert main(["merge", str(base), str(adapter), str(tmp_path / "a"), "--policy", "untie", "-q"]) == 2
+    assert "Fix: pass base_weights='dequantized'" in capsys.readouterr().err
+    argv = ["merge", str(base), str(adapter), str(tmp_path / "b"), "--policy", "untie", "--base-weights", "original"]
+    assert main([*argv, "-q"]) == 2
+    assert "is a pre-quantized checkpoint. Nothing was loaded or changed. Fix: pass original_base=" in (
+        capsys.readouterr().err
+    )
+    argv = ["merge", str(base), str(adapter), str(tmp_path / "c"), "--policy", "untie", "--base-weights", "dequantized"]
+    assert main([*argv, "-q"]) == 0
+    assert "base weights dequantized: quantization gap 0 against the model as trained" in capsys.readouterr().out
+    assert "quantization_config" not in json.loads((tmp_path / "c" / "config.json").read_text())
+
+
+@pytest.mark.full_matrix
+def test_merge_pretrained_original_from_a_pre_quantized_checkpoint(
+    qlora_files: Callable[[str], Path], base_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    base, adapter = qlora_files("pre-quantized"), qlora_files("lora-attention")
+    report = merge_pretrained(
+        str(base), str(adapter), tmp_path / "out", policy="untie", base_weights="original",
+        original_base=str(base_dirs["llama"]),
+    )  # fmt: skip
+    assert report.quantized_base is not None and report.quantized_base.quantization_gap > 0.01
+
+
+def test_other_quantization_methods_are_refused_naming_what_is_supported(
+    base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    base = tmp_path / "gptq"
+    config = json.loads((base_dirs["llama"] / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(config))
+    for name in ("model.safetensors",):
+        (base / name).symlink_to(base_dirs["llama"] / name)
+    with pytest.raises(QuantizedBaseError, match=r"quantized with 'gptq'; .* only when they are bitsandbytes 4-bit or"):
+        merge_pretrained(str(base), str(saved_adapter("llama", "lora-attention")), tmp_path / "out", policy="untie")
