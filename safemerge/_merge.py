@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ def safe_merge(
     probe_inputs: Mapping[str, torch.Tensor] | None = None,
     in_place: bool = True,
     tokenizer: Any = None,
+    serve_with: str | Sequence[str] | None = None,
 ) -> MergeReport:
     """Merge a PEFT adapter into its base model under an explicit tie policy, save atomically, and verify.
 
@@ -41,6 +42,7 @@ def safe_merge(
             model back once the merged model is saved and verified (False: the PEFT layers return and merged weights
             are unmerged, equal up to float rounding; `report.model` is None). A training script that goes on using
             the PEFT model (saving the adapter, evaluating) wants False.
+        serve_with: runtimes to serve with, "vllm" and/or "llama.cpp" (or "vllm,llama.cpp"); see ServingTargetError.
 
     Returns:
         The MergeReport; `report.model` is the merged model.
@@ -51,6 +53,7 @@ def safe_merge(
         InputError: its adapters are already merged, or its weights are on the meta device (no values), or
             accelerate offloaded some of them (merge with merge_pretrained(low_memory=True)); nothing was changed.
         TiedWeightsError: the policy forbids this merge (nothing was changed).
+        ServingTargetError: a runtime of `serve_with` would serve the result wrong or not at all (nothing changed).
         UnsupportedAdapterError: no merged model can compute what this adapter model computes.
         InputError: `save_directory` is the current directory, one above it, home or `/`, or its name is too long.
         OutputExistsError: `save_directory` is not empty and overwrite is False.
@@ -67,5 +70,6 @@ def safe_merge(
         probe_inputs=probe_inputs,
         in_place=in_place,
         tokenizer=tokenizer,
+        serve_with=serve_with,
     )
     return _pipeline.run(request, InMemory(model, owned=False))

@@ -82,7 +82,7 @@ def run(request: MergeRequest, engine: Engine) -> MergeReport:
         refuse_non_finite_adapter(model)
         logger.info("inspecting tied weights and probing the adapter model (%s)", engine.holds)
         analysis = analyse(model, request.probe_inputs)
-        plan = analysis.plan_or_refuse(request.policy)
+        plan = analysis.plan_or_refuse(request.policy, request.serve_with)
         logger.info("merging under policy %r: %s", request.policy.value, plan.reason)
         # From here on the model changes: any failure puts the user's PEFT model back as it was.
         snapshot = None if engine.owned else _undo.take_snapshot(model)

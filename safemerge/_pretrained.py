@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ def merge_pretrained(
     adapter_revision: str | None = None,
     token: str | None = None,
     trust_remote_code: bool = False,
+    serve_with: str | Sequence[str] | None = None,
 ) -> MergeReport:
     """Load `base` and `adapter` (local directories or hub ids) and merge them as safe_merge() does.
 
@@ -58,8 +60,7 @@ def merge_pretrained(
     block of rows, whatever the model's size. Same analysis, plan, refusals and checks; `report.model` is None.
 
     Args:
-        base: the base model, a local directory or a hub id.
-        adapter: the PEFT adapter directory (or hub id) trained on `base`.
+        base, adapter: the base model and the PEFT adapter trained on it, local directories or hub ids.
         save_directory: where the merged model goes (written into a temporary sibling, renamed into place).
         policy: "keep", "untie" or "refuse" (or a `TiePolicy`).
         dtype: the dtype to load and compute in (default "auto": the checkpoint's own).
@@ -70,21 +71,21 @@ def merge_pretrained(
         logits_tolerance: max |logits difference| accepted (default: relative to the dtype and the logits' scale).
         low_memory: keep the base's weights on disk and write the merged model a block of rows at a time.
         max_shard_size: largest output shard ("5GB", "300MB" or bytes; default: save_pretrained's).
-        push_to_hub: a hub repository to upload the verified directory to (created if missing, `private` if asked).
-        revision: the base's revision on the hub (branch, tag or commit); `adapter_revision` the adapter's.
-        token: a hub token for private repositories (default: huggingface_hub's, HF_TOKEN or `hf auth login`).
+        push_to_hub: a hub repository to upload the verified directory to (created if missing, private if asked).
+        revision: the base's revision on the hub (branch, tag or commit); `adapter_revision` the adapter's;
+            `token` a hub token for private repositories (default: huggingface_hub's, HF_TOKEN or `hf auth login`).
         trust_remote_code: let transformers run the base repository's own model code (off unless asked).
+        serve_with: the runtimes the merge will be served with ("vllm", "llama.cpp"), as in safe_merge().
 
     Raises:
         AdapterMismatchError: the doctor found that the adapter does not fit the base (nothing was loaded).
         InputError: an input is missing, damaged or does not load; `device_map` offloads weights or comes with
             `low_memory`; `save_directory` is the current directory, one above it, home or `/`, or too long a name.
-        TiedWeightsError, UnsupportedAdapterError, OutputExistsError, OutputWriteError, VerificationError: as in
-            safe_merge() (the files of a failed verification are quarantined).
+        TiedWeightsError, ServingTargetError, UnsupportedAdapterError, OutputExistsError, OutputWriteError,
+            VerificationError: as in safe_merge() (a failed verification's files are quarantined).
         ValueError: unknown policy or dtype.
     """
-    # Every parameter, by name: the request checks them in the documented order.
-    return merge(MergeRequest.for_pretrained(**locals()))
+    return merge(MergeRequest.for_pretrained(**locals()))  # every parameter, by name, checked in the documented order
 
 
 def merge(request: MergeRequest) -> MergeReport:

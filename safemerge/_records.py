@@ -162,6 +162,22 @@ class MergePlan:
 
 
 @dataclass(frozen=True)
+class ServingCheck:
+    """What one serving runtime does with the merged model of one policy (safemerge._decide.serving.SERVING_RULES)."""
+
+    policy: str
+    #: "vllm" or "llama.cpp".
+    runtime: str
+    #: The table's behaviour for this architecture ("honours-head", "head-is-embedding", "refuses-untied",
+    #: "not-served"), or "not-in-table" where the runtime's code was not read for it.
+    behaviour: str
+    #: True: served as merged; False: served differently or not at all; None: not in the table.
+    ok: bool | None
+    #: Where in the runtime's code (file:line), "" when not in the table.
+    source: str
+
+
+@dataclass(frozen=True)
 class TieInspection:
     """Read-only findings of inspect_ties(): tie groups, config flags and what each policy would do."""
 
@@ -173,6 +189,8 @@ class TieInspection:
     #: What each policy would do, one plan per policy.
     plans: tuple[MergePlan, ...]
     notes: tuple[str, ...] = ()
+    #: What each serving runtime does with each merging policy's result (docs/how-to/serving.md).
+    serving: tuple[ServingCheck, ...] = ()
 
     def plan(self, policy: str | TiePolicy) -> MergePlan:
         """The plan of one policy."""
@@ -257,7 +275,7 @@ class MergeReport:
     actions: tuple[Action, ...]
     verification: Verification | None
     versions: tuple[tuple[str, str], ...]
-    #: Where the result may not run (serving runtimes that load this architecture only tied), and what to do.
+    #: Where the result would be served differently or not at all (serving runtimes read from their code), and the fix.
     serving_notes: tuple[str, ...] = ()
     model: Any = field(default=None, repr=False, compare=False)
 

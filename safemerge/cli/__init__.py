@@ -163,6 +163,7 @@ def _merge_request(args: argparse.Namespace) -> Any:
         adapter_revision=args.adapter_revision,
         token=args.token,
         trust_remote_code=args.trust_remote_code,
+        serve_with=args.serve_with,
     )
 
 
@@ -214,6 +215,7 @@ def _checked_inputs(*pairs: tuple[str, str]) -> None:
 
 def _inspect(args: argparse.Namespace) -> int:
     from safemerge._decide.analysis import inspect_ties
+    from safemerge._decide.serving import parse_runtimes
     from safemerge._pretrained import load_inputs
 
     if (args.adapter is None) == (args.peft_config is None):
@@ -224,17 +226,24 @@ def _inspect(args: argparse.Namespace) -> int:
         )
     if args.peft_config is not None:
         return _inspect_before_training(args)
+    serve_with = parse_runtimes(args.serve_with)
     _checked_inputs((args.base, "base model"), (args.adapter, "adapter"))
     model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map, hub=_hub(args))
     inspection = inspect_ties(model)
     _emit(args, inspection.to_dict(), inspection_table(inspection))
-    refused = args.policy is not None and not inspection.plan(args.policy).merges
-    return EXIT_FAILED if refused else EXIT_OK
+    if args.policy is None:
+        return EXIT_OK
+    plan = inspection.plan(args.policy)
+    unservable = [
+        c for c in inspection.serving if c.policy == plan.policy and c.runtime in serve_with and c.ok is False
+    ]
+    return EXIT_FAILED if not plan.merges or unservable else EXIT_OK
 
 
 def _inspect_before_training(args: argparse.Namespace) -> int:
     """What --policy will do with an adapter trained from --peft-config on BASE: the check a training run makes."""
-    from safemerge._decide.forecast import forecast
+    from safemerge._decide.forecast import check_before_training, forecast
+    from safemerge._decide.serving import parse_runtimes
     from safemerge._pretrained import load_untrained_inputs
 
     if args.policy is None:
@@ -246,6 +255,7 @@ def _inspect_before_training(args: argparse.Namespace) -> int:
             f"The PEFT config '{args.peft_config}' is not a file; nothing was loaded. Fix: pass the "
             "adapter_config.json you will train with (peft_config.save_pretrained(DIR) writes one)."
         )
+    serve_with = parse_runtimes(args.serve_with)
     _checked_inputs((args.base, "base model"))
     model = load_untrained_inputs(
         args.base, args.peft_config, dtype=args.dtype, device_map=args.device_map, hub=_hub(args)
@@ -254,7 +264,11 @@ def _inspect_before_training(args: argparse.Namespace) -> int:
     lines = [f"policy {check.policy!r} once trained: {check.outcome}", f"  {check.reason}"]
     lines += [f"  {action.code}: {action.detail}" for action in check.plan.actions if action.code != "peft-merge"]
     _emit(args, check.to_dict(), lines)
-    return EXIT_FAILED if check.outcome == "refuses" else EXIT_OK
+    if check.outcome == "refuses":
+        return EXIT_FAILED
+    if serve_with:  # ServingTargetError (exit 1) when a named runtime would serve the trained merge wrong
+        check_before_training(model, policy=args.policy, serve_with=serve_with)
+    return EXIT_OK
 
 
 def inspection_table(inspection: TieInspection) -> list[str]:
@@ -281,7 +295,22 @@ def inspection_table(inspection: TieInspection) -> list[str]:
     for plan in inspection.plans:
         lines.append(f"{plan.policy:<7} {'yes' if plan.merges else 'no':<7} {plan.reason}")
         lines += [f"{'':<16}{action.code}: {action.detail}" for action in plan.actions if action.code != "peft-merge"]
+    lines += _serving_lines(inspection)
     lines += [f"note: {note}" for note in inspection.notes]
+    return lines
+
+
+def _serving_lines(inspection: TieInspection) -> list[str]:
+    """Where each merging policy's result can be served (docs/how-to/serving.md has the table)."""
+    if not inspection.serving:
+        return []
+    words = {True: "serves it as merged", False: None, None: "not in safemerge's table"}
+    lines = ["policy  where its merge can be served"]
+    for plan in inspection.plans:
+        found = [c for c in inspection.serving if c.policy == plan.policy]
+        if found:
+            said = [f"{c.runtime}: {words[c.ok] or c.behaviour.replace('-', ' ').upper()}" for c in found]
+            lines.append(f"{plan.policy:<7} " + "; ".join(said))
     return lines
 
 

@@ -68,6 +68,7 @@ def _shared_groups() -> tuple[argparse.ArgumentParser, ...]:
     )
     loading.add_argument("--device-map", default=None, help="accelerate device map for big models, e.g. auto")
     loading.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+
     tolerance = argparse.ArgumentParser(add_help=False)
     tolerance.add_argument(
         "--logits-tolerance",
@@ -117,6 +118,17 @@ def _add_merge(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
         help="largest output shard, in transformers' format (e.g. 5GB, 300MB); default: transformers' own",
     )
     merge.add_argument("--report", type=Path, default=None, metavar="PATH", help="write the JSON report here")
+    _add_serve_with(merge)
+
+
+def _add_serve_with(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--serve-with",
+        default=None,
+        metavar="RUNTIMES",
+        help="where the merge will be served, comma-separated: vllm, llama.cpp; a plan one of them would serve "
+        "differently or refuse to load is refused (exit 1)",
+    )
 
 
 def _add_inspect(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -139,3 +151,4 @@ def _add_inspect(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
         default=None,
         help="the policy to answer for (with --peft-config, required); exit 1 if it will not merge",
     )
+    _add_serve_with(inspect)
