@@ -46,6 +46,7 @@ from safemerge.errors import (
 
 if TYPE_CHECKING:
     from safemerge._callback import SafeMergeCallback
+    from safemerge._checks.gguf import GGUFTensorCheck, GGUFVerification
     from safemerge._checks.verify import verify_merged
     from safemerge._decide.analysis import inspect_ties
     from safemerge._decide.forecast import check_before_training
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 
 #: Public names imported on first use, and their modules.
 _LAZY = {
+    "GGUFTensorCheck": "safemerge._checks.gguf",
+    "GGUFVerification": "safemerge._checks.gguf",
     "SafeMergeCallback": "safemerge._callback",
     "check_before_training": "safemerge._decide.forecast",
     "doctor": "safemerge._doctor",
@@ -82,6 +85,8 @@ __all__ = [
     "AdapterMismatchError",
     "DoctorReport",
     "Finding",
+    "GGUFTensorCheck",
+    "GGUFVerification",
     "GroupPlan",
     "GroupState",
     "InputError",

@@ -19,9 +19,10 @@ from typing import Any
 
 from safemerge._model import inputs as _inputs
 from safemerge._output.claim import write_json_atomic
-from safemerge._records import MergeReport, TieInspection, Verification
+from safemerge._records import MergeReport, TieInspection
 from safemerge.cli._arguments import build_parser
 from safemerge.cli._runtime import EXIT_TERMINATED, output_configured, sigterm_unwinds
+from safemerge.cli._verdicts import gguf_verdict, verdict
 from safemerge.errors import InputError, OutputExistsError, SafeMergeError, failure_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -315,14 +316,22 @@ def _serving_lines(inspection: TieInspection) -> list[str]:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from safemerge._checks.verify import verify_merged
+    from safemerge._checks.gguf import GGUFVerification, open_gguf
+    from safemerge._checks.verify import is_gguf, verify_merged
     from safemerge._pretrained import load_inputs
 
-    _checked_inputs((args.base, "base model"), (args.adapter, "adapter"), (args.merged, "merged model"))
+    gguf = is_gguf(args.merged)
+    if gguf:  # before the models load: the gguf package is there and the file is one
+        open_gguf(args.merged)
+    merged = () if gguf else ((args.merged, "merged model"),)
+    _checked_inputs((args.base, "base model"), (args.adapter, "adapter"), *merged)
     model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map, hub=_hub(args))
     logging.getLogger("safemerge").info("loading %s and comparing it with the adapter model", args.merged)
     verification = verify_merged(args.merged, model, logits_tolerance=args.logits_tolerance)
-    _emit(args, {"merged": args.merged, **verification.to_dict()}, _verdict(args, verification))
+    lines = (
+        gguf_verdict(args, verification) if isinstance(verification, GGUFVerification) else verdict(args, verification)
+    )
+    _emit(args, {"merged": args.merged, **verification.to_dict()}, lines)
     return EXIT_OK if verification.ok else EXIT_FAILED
 
 
@@ -347,21 +356,6 @@ def _doctor(args: argparse.Namespace) -> int:
     if unreadable:
         return EXIT_USAGE
     return EXIT_OK if report.ok else EXIT_FAILED
-
-
-def _verdict(args: argparse.Namespace, v: Verification) -> list[str]:
-    verdict = "FAITHFUL" if v.ok else "NOT FAITHFUL"
-    lines = [
-        f"{args.merged}: {verdict} to {args.base} + {args.adapter}",
-        f"  max |logits difference| vs the adapter model: {v.max_abs_logits_diff:.3g} "
-        f"(tolerance {v.logits_tolerance:.3g}, {v.probe_tokens} probe tokens)",
-    ]
-    lines += [
-        f"  {m.name}: max |difference| from its weight in the adapter model {m.max_abs_diff_vs_adapter:.3g}"
-        for m in v.members
-    ]
-    lines += [f"  problem: {p}" for p in v.problems]
-    return lines
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:

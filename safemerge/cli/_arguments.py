@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, loading, tolerance],
         help="check a merged model made by any tool against the adapter model",
     )
-    verify.add_argument("merged", metavar="MERGED", help="merged model directory to check")
+    verify.add_argument(
+        "merged", metavar="MERGED", help="merged model directory, or a .gguf file (llama.cpp), to check"
+    )
     verify.add_argument("--base", required=True, help="base model the adapter was trained on")
     verify.add_argument("--adapter", required=True, help="the PEFT adapter that was merged")
     return parser
