@@ -9,16 +9,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from safemerge._findings import DoctorReport, Finding
 from safemerge._records import (
     Action,
-    DoctorReport,
-    Finding,
     GroupPlan,
     GroupState,
     MemberCheck,
     MergePlan,
     MergeReport,
     QuantizedBase,
+    ServingCheck,
     TieDecision,
     TieGroup,
     TieInspection,
@@ -38,6 +38,7 @@ from safemerge.errors import (
     QuantizedBaseError,
     SafeMergeError,
     SafeMergeWarning,
+    ServingTargetError,
     TiedWeightsError,
     UnsupportedAdapterError,
     UploadError,
@@ -46,6 +47,7 @@ from safemerge.errors import (
 
 if TYPE_CHECKING:
     from safemerge._callback import SafeMergeCallback
+    from safemerge._checks.gguf import GGUFTensorCheck, GGUFVerification
     from safemerge._checks.verify import verify_merged
     from safemerge._decide.analysis import inspect_ties
     from safemerge._decide.forecast import check_before_training
@@ -55,6 +57,8 @@ if TYPE_CHECKING:
 
 #: Public names imported on first use, and their modules.
 _LAZY = {
+    "GGUFTensorCheck": "safemerge._checks.gguf",
+    "GGUFVerification": "safemerge._checks.gguf",
     "SafeMergeCallback": "safemerge._callback",
     "check_before_training": "safemerge._decide.forecast",
     "doctor": "safemerge._doctor",
@@ -82,6 +86,8 @@ __all__ = [
     "AdapterMismatchError",
     "DoctorReport",
     "Finding",
+    "GGUFTensorCheck",
+    "GGUFVerification",
     "GroupPlan",
     "GroupState",
     "InputError",
@@ -97,6 +103,8 @@ __all__ = [
     "SafeMergeCallback",
     "SafeMergeError",
     "SafeMergeWarning",
+    "ServingCheck",
+    "ServingTargetError",
     "TieDecision",
     "TieGroup",
     "TieInspection",

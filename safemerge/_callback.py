@@ -12,6 +12,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from safemerge._decide.forecast import check_before_training
 from safemerge._decide.rules import parse_policy
+from safemerge._decide.serving import parse_runtimes
 from safemerge._merge import safe_merge
 from safemerge._model import inputs as _inputs
 from safemerge._model import undo as _undo
@@ -51,7 +52,8 @@ class SafeMergeCallback(TrainerCallback):
     Args:
         output_dir: where the merged model goes (not the trainer's `output_dir`: checkpoints live there).
         policy: "keep", "untie" or "refuse".
-        merge_options: more keyword arguments for `safe_merge` (`verify`, `overwrite`, `logits_tolerance`, ...).
+        merge_options: more keyword arguments for `safe_merge` (`verify`, `overwrite`, `logits_tolerance`, ...);
+            `serve_with=("vllm", "llama.cpp")` is also checked before training (check_before_training's).
     """
 
     def __init__(self, output_dir: str | os.PathLike[str], *, policy: TiePolicy | str, **merge_options: Any) -> None:
@@ -61,6 +63,7 @@ class SafeMergeCallback(TrainerCallback):
         self.report_path = merged.with_name(merged.name + REPORT_SUFFIX)
         self.policy = parse_policy(policy)
         _check_options(merge_options)
+        parse_runtimes(merge_options.get("serve_with"))  # a misspelt runtime stops the script now
         self.merge_options = merge_options
         #: The check made in on_train_begin, and the report of the merge made in on_train_end.
         self.check: TrainingCheck | None = None
@@ -72,7 +75,8 @@ class SafeMergeCallback(TrainerCallback):
         _refuse_sharded_training(args)
         # An occupied output directory stops the run now, not after it.
         _output.check_target(_output.resolved(self.output_dir), overwrite=bool(self.merge_options.get("overwrite")))
-        self.check = check_before_training(kwargs.get("model"), policy=self.policy)
+        serve_with = self.merge_options.get("serve_with")
+        self.check = check_before_training(kwargs.get("model"), policy=self.policy, serve_with=serve_with)
         logger.info(
             "safemerge: policy %r %s once trained: %s", self.policy.value, self.check.outcome, self.check.reason
         )

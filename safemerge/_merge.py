@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -27,6 +27,7 @@ def safe_merge(
     tokenizer: Any = None,
     base_weights: Literal["dequantized", "original"] | None = None,
     original_base: str | None = None,
+    serve_with: str | Sequence[str] | None = None,
 ) -> MergeReport:
     """Merge a PEFT adapter into its base model under an explicit tie policy, save atomically, and verify.
 
@@ -46,6 +47,7 @@ def safe_merge(
         base_weights: for a base quantized with bitsandbytes (QLoRA), required: "dequantized" (its weights
             dequantized: the model as trained) or "original" (the 16-bit checkpoint, `original_base` or the one it
             was loaded from; the quantization gap reported). Merged from a 16-bit copy: `model` is never changed.
+        serve_with: runtimes to serve with, "vllm" and/or "llama.cpp" (or "vllm,llama.cpp"); see ServingTargetError.
 
     Returns:
         The MergeReport; `report.model` is the merged model.
@@ -56,6 +58,7 @@ def safe_merge(
         InputError: its adapters are already merged, or its weights are on the meta device (no values), or
             accelerate offloaded some of them (merge with merge_pretrained(low_memory=True)); nothing was changed.
         TiedWeightsError: the policy forbids this merge (nothing was changed).
+        ServingTargetError: a runtime of `serve_with` would serve the result wrong or not at all (nothing changed).
         UnsupportedAdapterError: no merged model can compute what this adapter model computes.
         QuantizedBaseError: a quantized base without `base_weights` (see docs/how-to/qlora.md); nothing changed.
         InputError: `save_directory` is the current directory, one above it, home or `/`, or its name is too long.

@@ -91,7 +91,7 @@ def run(request: MergeRequest, engine: Engine) -> MergeReport:
                 analysis.probe, analysis.adapter_logits, request.logits_tolerance
             )
             logger.info("%s", analysis.quantized_base)
-        plan = analysis.plan_or_refuse(request.policy)
+        plan = analysis.plan_or_refuse(request.policy, request.serve_with)
         logger.info("merging under policy %r: %s", request.policy.value, plan.reason)
         # From here on the model changes: any failure puts the user's PEFT model back as it was (a stand-in for a
         # quantized one is safemerge's own: the user's is never changed).

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -47,44 +48,43 @@ def merge_pretrained(
     trust_remote_code: bool = False,
     base_weights: Literal["dequantized", "original"] | None = None,
     original_base: str | None = None,
+    serve_with: str | Sequence[str] | None = None,
 ) -> MergeReport:
-    """Load `base` and `adapter` (local directories or hub ids) and merge them as safe_merge() does.
-
-    The doctor runs first (configs and tensor headers; an `error` or `silent` finding stops it), then the base and
-    the adapter are loaded; once merged and saved, that model is freed: `report.model` is the one loaded back.
-
-    With `low_memory`, each merged tensor is computed from the files a block of rows at a time (in memory: the tied
-    embedding, one linear layer's weights, a block of rows); same checks, and `report.model` is None.
+    """Load `base` and `adapter` and merge them as safe_merge() does: the doctor runs first (an `error` or `silent`
+    finding stops it); the merged model is freed once saved, and `report.model` is the one loaded back (None with
+    `low_memory`: each merged tensor is computed from the files a block of rows at a time).
 
     Args:
-        base: the base model, a local directory or a hub id.
-        adapter: the PEFT adapter directory (or hub id) trained on `base`.
+        base: the base model, a local directory or hub id.
+        adapter: the PEFT adapter trained on it, a local directory or hub id.
         save_directory: where the merged model goes (written into a temporary sibling, renamed into place).
         policy: "keep", "untie" or "refuse" (or a `TiePolicy`).
         dtype: the dtype to load and compute in (default "auto": the checkpoint's own).
-        out_dtype: the dtype to save in (default: the checkpoint's own, whatever `dtype` is).
         device_map: accelerate device map (not with `low_memory`); one that offloads weights is refused.
         verify: check the merged and the saved model against the adapter model.
         overwrite: replace a non-empty `save_directory` once the new model is verified.
         logits_tolerance: max |logits difference| accepted (default: relative to the dtype and the logits' scale).
         low_memory: keep the base's weights on disk and write the merged model a block of rows at a time.
         max_shard_size: largest output shard ("5GB", "300MB" or bytes; default: save_pretrained's).
-        push_to_hub: a hub repository to upload the verified directory to (created if missing, `private` if asked).
-        revision: the base's revision on the hub (branch, tag or commit); `adapter_revision` the adapter's.
-        token: a hub token for private repositories (default: huggingface_hub's, HF_TOKEN or `hf auth login`).
+        out_dtype: the dtype to save in (default: the checkpoint's own, whatever `dtype` is).
+        push_to_hub: a hub repository to upload the verified directory to (created if missing).
+        private: create that repository private.
+        revision: the base's revision on the hub (branch, tag or commit).
+        adapter_revision: the adapter's revision on the hub.
+        token: a hub token (default: huggingface_hub's own, from HF_TOKEN or `hf auth login`).
         trust_remote_code: let transformers run the base repository's own model code (off unless asked).
-        base_weights, original_base: as in safe_merge(), for a pre-quantized base (docs/how-to/qlora.md).
+        base_weights: as in safe_merge(), for a pre-quantized base (docs/how-to/qlora.md).
+        original_base: as in safe_merge().
+        serve_with: the runtimes the merge will be served with ("vllm", "llama.cpp"), as in safe_merge().
 
     Raises:
         AdapterMismatchError: the doctor found that the adapter does not fit the base (nothing was loaded).
-        InputError: an input is missing, damaged or does not load; `device_map` offloads weights or comes with
-            `low_memory`; `save_directory` is the current directory, one above it, home or `/`, or too long a name.
-        TiedWeightsError, UnsupportedAdapterError, OutputExistsError, OutputWriteError, VerificationError: as in
-            safe_merge() (the files of a failed verification are quarantined).
-        ValueError: unknown policy, dtype or base_weights (QuantizedBaseError, an InputError: see safe_merge()).
+        InputError: an input is missing, damaged or does not load; a bad option or combination of options (see
+            safe_merge(); QuantizedBaseError for a pre-quantized base); nothing was loaded or written.
+        SafeMergeError: TiedWeightsError, ServingTargetError, UnsupportedAdapterError, OutputExistsError,
+            OutputWriteError or VerificationError, as in safe_merge() (a failed verification's files are quarantined).
     """
-    # Every parameter, by name: the request checks them in the documented order.
-    return merge(MergeRequest.for_pretrained(**locals()))
+    return merge(MergeRequest.for_pretrained(**locals()))  # every parameter, by name, checked in the documented order
 
 
 def merge(request: MergeRequest) -> MergeReport:

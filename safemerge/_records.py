@@ -163,6 +163,22 @@ class MergePlan:
 
 
 @dataclass(frozen=True)
+class ServingCheck:
+    """What one serving runtime does with the merged model of one policy (safemerge._decide.serving.SERVING_RULES)."""
+
+    policy: str
+    #: "vllm" or "llama.cpp".
+    runtime: str
+    #: The table's behaviour for this architecture ("honours-head", "head-is-embedding", "refuses-untied",
+    #: "not-served"), or "not-in-table" where the runtime's code was not read for it.
+    behaviour: str
+    #: True: served as merged; False: served differently or not at all; None: not in the table.
+    ok: bool | None
+    #: Where in the runtime's code (file:line), "" when not in the table.
+    source: str
+
+
+@dataclass(frozen=True)
 class TieInspection:
     """Read-only findings of inspect_ties(): tie groups, config flags and what each policy would do."""
 
@@ -174,6 +190,8 @@ class TieInspection:
     #: What each policy would do, one plan per policy.
     plans: tuple[MergePlan, ...]
     notes: tuple[str, ...] = ()
+    #: What each serving runtime does with each merging policy's result (docs/how-to/serving.md).
+    serving: tuple[ServingCheck, ...] = ()
 
     def plan(self, policy: str | TiePolicy) -> MergePlan:
         """The plan of one policy."""
@@ -294,7 +312,7 @@ class MergeReport:
     actions: tuple[Action, ...]
     verification: Verification | None
     versions: tuple[tuple[str, str], ...]
-    #: Where the result may not run (serving runtimes that load this architecture only tied), and what to do.
+    #: Where the result would be served differently or not at all (serving runtimes read from their code), and the fix.
     serving_notes: tuple[str, ...] = ()
     #: The base was quantized (QLoRA): the weights merged into and the quantization gap; None for a 16-bit base.
     quantized_base: QuantizedBase | None = None
@@ -319,50 +337,6 @@ class MergeReport:
             "outcome": outcome,
             **data,
         }
-
-
-Severity = Literal["error", "silent", "warning", "info"]
-
-#: error: the load will fail; silent: it loads but computes something else; warning: worth a look; info: figures.
-SEVERITIES: tuple[Severity, ...] = ("error", "silent", "warning", "info")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One thing the adapter doctor found: what, how bad, the evidence, and the fix."""
-
-    code: str
-    severity: Severity
-    message: str
-    evidence: tuple[str, ...]
-    fix: str
-
-    def __str__(self) -> str:
-        lines = [f"[{self.severity}] {self.message}"]
-        lines += [f"    evidence: {e}" for e in self.evidence]
-        if self.fix:
-            lines.append(f"    fix: {self.fix}")
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class DoctorReport:
-    """What doctor() found about loading `adapter` onto `base`, before any weight is loaded."""
-
-    base: str
-    adapter: str
-    findings: tuple[Finding, ...]
-
-    @property
-    def ok(self) -> bool:
-        """No finding says the load will fail or be silently wrong."""
-        return not any(f.severity in ("error", "silent") for f in self.findings)
-
-    def by_severity(self, *severities: Severity) -> tuple[Finding, ...]:
-        return tuple(f for f in self.findings if f.severity in severities)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": REPORT_SCHEMA_VERSION, "ok": self.ok, **to_jsonable(self)}
 
 
 def to_jsonable(value: Any) -> Any:

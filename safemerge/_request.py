@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from safemerge._decide import rules as _policy
+from safemerge._decide import serving as _serving
 from safemerge._decide.analysis import require_peft_model
 from safemerge._model import compat as _compat
 from safemerge._model import inputs as _inputs
@@ -56,6 +57,8 @@ class MergeRequest:
     original_base: str | None = None
     #: The quantization the base's files record (merge_pretrained), None for a 16-bit base.
     quantization: _quantized.Quantization | None = None
+    #: Runtimes the merge will be served with ("vllm", "llama.cpp"): a plan they would serve wrong is refused.
+    serve_with: tuple[str, ...] = ()
 
     @classmethod
     def for_model(
@@ -72,9 +75,11 @@ class MergeRequest:
         tokenizer: Any,
         base_weights: str | None = None,
         original_base: str | None = None,
+        serve_with: str | Sequence[str] | None = None,
     ) -> MergeRequest:
         """safe_merge()'s request: the options, then the PEFT model (nothing changed), then the output."""
         tie_policy = _policy.parse_policy(policy)
+        runtimes = _serving.parse_runtimes(serve_with)
         _inputs.check_tolerance(logits_tolerance)
         peft_model = require_peft_model(model)
         _inputs.check_not_offloaded(peft_model)
@@ -95,6 +100,7 @@ class MergeRequest:
             extras=Extras(tokenizer=tokenizer, base=getattr(config, "base_model_name_or_path", None)),
             base_weights=base_weights,
             original_base=original_base,
+            serve_with=runtimes,
         )
 
     @classmethod
@@ -104,6 +110,7 @@ class MergeRequest:
         """merge_pretrained()'s request (`options`: its keyword arguments): the options, then the local inputs and
         the output, before the doctor reads anything."""
         request = cls(target=Path(save_directory), policy=_policy.parse_policy(options.pop("policy")), base=base)
+        options["serve_with"] = _serving.parse_runtimes(options.get("serve_with"))
         _inputs.check_tolerance(options.get("logits_tolerance"))
         options["dtype"], out_dtype = parse_dtype(options.get("dtype")), parse_dtype(options.get("out_dtype"))
         options["out_dtype"] = out_dtype if isinstance(out_dtype, torch.dtype) else None  # "auto": the checkpoint's

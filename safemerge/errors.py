@@ -7,6 +7,7 @@ The tree::
     │   └── QuantizedBaseError        a quantized base without base_weights, or one safemerge cannot dequantize
     ├── AdapterMismatchError          the doctor found that the adapter does not fit the base (nothing loaded)
     ├── TiedWeightsError              the tie policy forbids this merge (nothing was changed)
+    ├── ServingTargetError            a runtime named in serve_with would serve the merge wrong or not load it
     ├── UnsupportedAdapterError       the adapter model cannot be represented by a merged model
     ├── NonFiniteWeightsError         the adapter or the merged weights hold NaN or Inf
     ├── OutputExistsError             save_directory is not empty and overwrite=False (also a FileExistsError)
@@ -25,7 +26,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from safemerge._records import DoctorReport, MergeReport, TieGroup
+    from safemerge._findings import DoctorReport
+    from safemerge._records import MergeReport, TieGroup
 
 __all__ = [
     "AdapterMismatchError",
@@ -37,6 +39,7 @@ __all__ = [
     "QuantizedBaseError",
     "SafeMergeError",
     "SafeMergeWarning",
+    "ServingTargetError",
     "TiedWeightsError",
     "UnsupportedAdapterError",
     "UploadError",
@@ -83,6 +86,30 @@ class TiedWeightsError(SafeMergeError):
         super().__init__(message)
         self.policy = policy
         self.groups = groups
+
+
+class ServingTargetError(SafeMergeError):
+    """A runtime named in `serve_with` would compute the merged model differently, or refuse to load it (the table
+    safemerge._decide.serving.SERVING_RULES, read from the runtimes' code); nothing was merged or changed.
+
+    Not a TiedWeightsError: the policy allows the merge, the serving target does not. `runtime`, `model_type`,
+    `behaviour` ("head-is-embedding", "refuses-untied", "not-served") and `policy` say which.
+
+    Example message::
+
+        policy='untie' saves lm_head.weight apart from the embedding, and vLLM (vllm==0.33.0) refuses to load (or
+        convert) a gemma2 checkpoint that has a head of its own (vllm/model_executor/models/gemma2.py:...). Fix: no
+        policy merges it tied: serve the base with the adapter unmerged: vLLM's LoRA support (vllm serve BASE
+        --enable-lora --lora-modules name=ADAPTER); or serve it with a runtime that honours the head (transformers).
+        Nothing was changed (serve_with=('vllm',)).
+    """
+
+    def __init__(self, message: str, *, runtime: str, model_type: str, behaviour: str, policy: str) -> None:
+        super().__init__(message)
+        self.runtime = runtime
+        self.model_type = model_type
+        self.behaviour = behaviour
+        self.policy = policy
 
 
 class UnsupportedAdapterError(SafeMergeError):
@@ -201,6 +228,7 @@ class UploadError(SafeMergeError, OSError):
 #: The `outcome` of a merge that raised, by the error's class (any other error: "error").
 _OUTCOMES: tuple[tuple[type[Exception], str], ...] = (
     (TiedWeightsError, "refused"),
+    (ServingTargetError, "refused"),
     (UnsupportedAdapterError, "refused"),
     (VerificationError, "not-faithful"),
     (AdapterMismatchError, "doctor-failed"),

@@ -55,12 +55,13 @@ def assert_merge_faithful(
     logits_tolerance: float | None = None,
     probe_inputs: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Assert that `merged` (a directory, loaded with transformers' own loader, or a model) computes what
-    `adapter_model` (the `peft.PeftModel` it was merged from) computes.
+    """Assert that `merged` (a directory, loaded with transformers' own loader, a model, or a `.gguf` file written
+    by llama.cpp's converter) computes what `adapter_model` (the `peft.PeftModel` it was merged from) computes.
 
     Checks what `safemerge verify` checks: the weight of every tied member (embedding, output head) against the
-    weight the adapter model uses for it, and logits on a probe batch within a tolerance set by the dtype. A merge
-    made by any tool can be checked; `adapter_model` is only read.
+    weight the adapter model uses for it, and logits on a probe batch within a tolerance set by the dtype. A GGUF
+    file is compared tensor by tensor (the head llama.cpp will use, the embedding, every other tensor), within each
+    tensor type's bound. A merge made by any tool can be checked; `adapter_model` is only read.
 
     Raises:
         AssertionError: listing every difference, with the figures.
@@ -68,13 +69,23 @@ def assert_merge_faithful(
             the meta device: the test is wrong, not the merge (a usage error, a ValueError, not an assertion).
     """
     __tracebackhide__ = True
+    from safemerge._checks.gguf import GGUFVerification
     from safemerge._checks.verify import verify_merged
 
     verification = verify_merged(merged, adapter_model, logits_tolerance=logits_tolerance, probe_inputs=probe_inputs)
-    if not verification.ok:
-        problems = listed_lines(verification.problems, limit=_MAX_LISTED)
-        raise AssertionError(
-            f"{merged if not isinstance(merged, torch.nn.Module) else type(merged).__name__} does not compute what "
-            f"the adapter model computes (max |logits difference| {verification.max_abs_logits_diff:.4g}, "
-            f"tolerance {verification.logits_tolerance:.3g}):\n  " + "\n  ".join(problems)
+    if verification.ok:
+        return
+    problems = listed_lines(verification.problems, limit=_MAX_LISTED)
+    if isinstance(verification, GGUFVerification):
+        figures = (
+            f"{len(verification.tensors)} tensors compared, the head as llama.cpp reads it: {verification.head_source}"
         )
+    else:
+        figures = (
+            f"max |logits difference| {verification.max_abs_logits_diff:.4g}, "
+            f"tolerance {verification.logits_tolerance:.3g}"
+        )
+    raise AssertionError(
+        f"{merged if not isinstance(merged, torch.nn.Module) else type(merged).__name__} does not compute what "
+        f"the adapter model computes ({figures}):\n  " + "\n  ".join(problems)
+    )

@@ -87,7 +87,8 @@ def test_the_verification_imports_no_engine_and_the_pipeline_imports_none() -> N
 #: The stages of one merge, in order: a module imports modules of its own stage or an earlier one, never a later one
 #: (docs/explanation.md, "Architecture"). A stage is a package, or a set of top-level modules.
 STAGES: tuple[tuple[str, ...], ...] = (
-    ("safemerge._version", "safemerge._text", "safemerge._records", "safemerge.errors"),  # records and errors
+    # records, findings, errors, capped lists
+    ("safemerge._version", "safemerge._text", "safemerge._records", "safemerge._findings", "safemerge.errors"),
     ("safemerge._model",),  # access to models and files
     ("safemerge._decide",),  # pure decisions: ties, effective weights, rules, the plan, serving
     ("safemerge._doctor",),  # the adapter doctor (reads files only)

@@ -121,8 +121,8 @@ def test_without_any_tokenizer_the_card_says_so(
 
 
 def test_an_untied_gemma2_merge_says_where_it_will_not_run(tmp_path: Path) -> None:
-    """vLLM loads Gemma2 only tied (safemerge._decide.serving.SERVING_RULES): the report, the card and the CLI say
-    so."""
+    """vLLM 0.33.0 refuses to load a Gemma2 checkpoint with a head of its own, llama.cpp's converter drops it
+    (safemerge._decide.serving.SERVING_RULES): the report and the card say so."""
     config = transformers.Gemma2Config(
         vocab_size=96,
         hidden_size=32,
@@ -139,10 +139,12 @@ def test_an_untied_gemma2_merge_says_where_it_will_not_run(tmp_path: Path) -> No
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["embed_tokens", "lm_head"]))
     perturb(model)
     report = safemerge.safe_merge(model, tmp_path / "merged", policy="untie")
-    (note,) = report.serving_notes
-    assert "vLLM loads gemma2 models only with tie_word_embeddings=True" in note and "no policy keeps it tied" in note
-    assert note in (tmp_path / "merged" / "README.md").read_text()
-    assert report.to_dict()["serving_notes"] == [note]
+    vllm, llama_cpp = report.serving_notes
+    assert "vLLM (vllm==0.33.0) refuses to load (or convert) a gemma2 checkpoint" in vllm
+    assert "llama.cpp (llama-cpp-python==0.3.36) computes gemma2 logits with the input embedding" in llama_cpp
+    assert all("Fix: no policy merges it tied" in note for note in report.serving_notes)
+    assert vllm in (tmp_path / "merged" / "README.md").read_text()
+    assert report.to_dict()["serving_notes"] == [vllm, llama_cpp]
 
 
 def test_an_untied_llama_merge_has_no_serving_note(

@@ -9,10 +9,11 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
+from safemerge._checks.gguf import GGUFVerification, verify_gguf
 from safemerge._decide.analysis import Analysis, analyse, require_peft_model
 from safemerge._model import compat as _compat
 from safemerge._model import inputs as _inputs
@@ -301,20 +302,30 @@ def verify_merged(
     *,
     logits_tolerance: float | None = None,
     probe_inputs: Mapping[str, torch.Tensor] | None = None,
-) -> Verification:
+) -> Verification | GGUFVerification:
     """Check a merged model, made by any tool, against the adapter model it should compute. Read-only.
 
     Args:
-        merged: a directory (loaded with transformers' own loader, as users will load it) or a loaded model.
+        merged: a directory (loaded with transformers' own loader, as users will load it), a loaded model, or a
+            `.gguf` file (llama.cpp's converter's output: compared weight by weight, see `verify_gguf`).
         model: the `peft.PeftModel` the merge came from (base + adapter).
 
     Returns:
         A Verification: `ok` is True when the probe logits match within the tolerance and every tied member holds
-        the weight the adapter model uses for it. `max_abs_logits_diff` is the figure of the model checked.
+        the weight the adapter model uses for it. `max_abs_logits_diff` is the figure of the model checked. For a
+        GGUF file, a GGUFVerification: `ok` when every tensor llama.cpp reads is within its type's bound.
 
     Raises:
-        InputError: `merged` looks like a local path and is no model directory, or `model`'s weights are on meta.
+        InputError: `merged` looks like a local path and is no model directory (nor a GGUF file), `model`'s weights
+            are on meta, or a GGUF file is given with logits_tolerance/probe_inputs (it is checked without logits).
     """
+    if is_gguf(merged):
+        if logits_tolerance is not None or probe_inputs is not None:
+            raise InputError(
+                f"'{merged}' is a GGUF file: it is compared weight by weight, without logits, so logits_tolerance "
+                "and probe_inputs do not apply. Nothing was loaded. Fix: leave them out (CLI: --logits-tolerance)."
+            )
+        return verify_gguf(merged, model)
     if not isinstance(merged, torch.nn.Module):
         _inputs.local_path(merged, "merged model", holds=_inputs.MODEL_CONFIG)
     peft_model = require_peft_model(model)
@@ -336,6 +347,11 @@ def verify_merged(
     return dataclasses.replace(
         verification, reloaded_tensors_compared=len(verification.members), ties_after_reload=tie_groups(loaded)
     )
+
+
+def is_gguf(merged: object) -> TypeGuard[str | os.PathLike[str]]:
+    """Whether `merged` names a GGUF file (by its suffix: llama.cpp's tools all write `.gguf`)."""
+    return isinstance(merged, str | os.PathLike) and os.fspath(merged).lower().endswith(".gguf")
 
 
 def _load_merged(merged: str | os.PathLike[str], like: torch.nn.Module) -> Any:

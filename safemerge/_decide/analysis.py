@@ -44,15 +44,17 @@ class Analysis:
         self.tied = dataclasses.replace(self.tied, params=(), effective={}, untied_changes={})
 
     def serving_notes(self, plan: MergePlan) -> tuple[str, ...]:
-        """Where the result of `plan` may not run, and what to do instead."""
-        return _serving.notes(self.facts.model_type, plan, self.inspection.plans)
+        """Where the result of `plan` would be served differently or not at all, and the fix."""
+        return _serving.notes(self.facts.model_type, plan, self.inspection.plans, self.facts.head)
 
-    def plan_or_refuse(self, policy: TiePolicy) -> MergePlan:
-        """The plan of `policy`; TiedWeightsError with the fix if it does not merge this model."""
+    def plan_or_refuse(self, policy: TiePolicy, serve_with: tuple[str, ...] = ()) -> MergePlan:
+        """The plan of `policy`; TiedWeightsError with the fix if it does not merge this model, ServingTargetError
+        if a runtime of `serve_with` would serve its result wrong."""
         plan = self.plan(policy)
         if not plan.merges:
             message = _policy.refusal_message(plan, self.inspection.plans)
             raise TiedWeightsError(message, policy=policy.value, groups=self.tied.groups)
+        _serving.refuse_unservable(self.facts.model_type, plan, self.inspection.plans, self.facts.head, serve_with)
         return plan
 
 
@@ -110,12 +112,14 @@ def analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> Anal
     logits, called = _run(model, probe, found.member_modules)
     tied = find_tied_weights(root, found, called, declared, _compat.ties_kept_whatever_the_flag(root))
     facts = model_facts(root, declared)
+    plans = tuple(make_plan(tied, facts, policy) for policy in TiePolicy)
     inspection = TieInspection(
         groups=tied.groups,
         config_flags=facts.flags,
         declared_ties=tuple(declared.items()),
-        plans=tuple(make_plan(tied, facts, policy) for policy in TiePolicy),
+        plans=plans,
         notes=tuple(_notes(facts.split_in_base)),
+        serving=tuple(c for plan in plans for c in _serving.checks(facts.model_type, plan, facts.head)),
     )
     return Analysis(inspection, tied, facts, probe, logits)
 

@@ -10,13 +10,14 @@ decided by the structure; two that differ mean it depends on the trained values.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from safemerge._decide import rules as _policy
+from safemerge._decide import serving as _serving
 from safemerge._decide.analysis import Analysis, analyse, require_peft_model
 from safemerge._decide.plan import make_plan
 from safemerge._model.walk import base_parameters, storage_groups
@@ -28,7 +29,11 @@ _SEEDS = (1, 2)
 
 
 def check_before_training(
-    model: Any, *, policy: TiePolicy | str, probe_inputs: Mapping[str, torch.Tensor] | None = None
+    model: Any,
+    *,
+    policy: TiePolicy | str,
+    probe_inputs: Mapping[str, torch.Tensor] | None = None,
+    serve_with: str | Sequence[str] | None = None,
 ) -> TrainingCheck:
     """Say, before training, what `policy` will do with this adapter at merge time; refuse now if it will refuse.
 
@@ -37,6 +42,8 @@ def check_before_training(
             bit for bit as it was.
         policy: "keep", "untie" or "refuse".
         probe_inputs: forward inputs for the probe pass (default: a generated batch of token ids).
+        serve_with: the runtimes the merge will be served with ("vllm", "llama.cpp"): a plan one of them would
+            serve differently, or refuse, is refused now, as safe_merge(serve_with=...) will refuse it.
 
     Returns:
         A TrainingCheck; `outcome` is "merges" or "depends-on-training" (then `reason` says what decides), and
@@ -44,10 +51,15 @@ def check_before_training(
 
     Raises:
         TiedWeightsError: the policy will refuse to merge this adapter whatever values training gives it.
+        ServingTargetError: the trained adapter's merge will be served wrong by a runtime of `serve_with`.
     """
-    check, groups = _forecast(model, policy, probe_inputs)
+    runtimes = _serving.parse_runtimes(serve_with)
+    check, groups, analysis = _forecast(model, policy, probe_inputs)
     if check.outcome == "refuses":
         raise TiedWeightsError(check.reason, policy=check.policy, groups=groups)
+    if check.outcome == "merges":  # the trained values do not change where the plan's result can be served
+        every = [make_plan(analysis.tied, analysis.facts, p, figures=False) for p in TiePolicy]
+        _serving.refuse_unservable(analysis.facts.model_type, check.plan, every, analysis.facts.head, runtimes)
     return check
 
 
@@ -58,9 +70,9 @@ def forecast(model: Any, *, policy: TiePolicy | str) -> TrainingCheck:
 
 def _forecast(
     model: Any, policy: TiePolicy | str, probe_inputs: Mapping[str, torch.Tensor] | None
-) -> tuple[TrainingCheck, tuple[TieGroup, ...]]:
-    """The check, and the tie groups after a training step (their figures are made up; which members change and
-    whether alike are not)."""
+) -> tuple[TrainingCheck, tuple[TieGroup, ...], Analysis]:
+    """The check, the tie groups after a training step (their figures are made up; which members change and
+    whether alike are not), and that step's analysis."""
     tie_policy = _policy.parse_policy(policy)
     peft_model = require_peft_model(model)
     trainable = _trainable_tied_tensors(peft_model)
@@ -74,13 +86,13 @@ def _forecast(
             f"two independent training runs of this adapter would be merged differently ({plans[0].reason} / "
             f"{plans[1].reason}): the trained values decide"
         )
-        return TrainingCheck(tie_policy.value, "depends-on-training", reason, plans[0], members), groups
+        return TrainingCheck(tie_policy.value, "depends-on-training", reason, plans[0], members), groups, analyses[0]
     plan = plans[0]
     if not plan.merges:
         every = [make_plan(analyses[0].tied, analyses[0].facts, p, figures=False) for p in TiePolicy]
         message = _policy.refusal_message(plan, every, before_training=True)
-        return TrainingCheck(tie_policy.value, "refuses", message, plan, members), groups
-    return TrainingCheck(tie_policy.value, "merges", plan.reason, plan, members), groups
+        return TrainingCheck(tie_policy.value, "refuses", message, plan, members), groups, analyses[0]
+    return TrainingCheck(tie_policy.value, "merges", plan.reason, plan, members), groups, analyses[0]
 
 
 def _trainable_tied_tensors(peft_model: Any) -> dict[int, tuple[tuple[str, ...], torch.Tensor]]:

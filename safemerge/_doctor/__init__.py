@@ -22,7 +22,7 @@ from safemerge._doctor.coverage import check_base_weights, check_dora, check_lay
 from safemerge._doctor.key_names import ADAPTER_MARKERS, check_non_peft_naming, normalise_names
 from safemerge._doctor.peft_config import build_peft_config, report_scaling
 from safemerge._doctor.shapes import explain_shapes
-from safemerge._records import DoctorReport
+from safemerge._findings import DoctorReport
 
 __all__ = ["doctor"]
 

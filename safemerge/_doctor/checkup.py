@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from safemerge._doctor.codes import BY_CODE
-from safemerge._records import SEVERITIES, DoctorReport, Finding, Severity
+from safemerge._findings import SEVERITIES, DoctorReport, Finding, Severity
 from safemerge._text import listed_lines
 
 #: Tensor names and their shapes, as an adapter file holds them or PEFT would save them.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from safemerge._records import Severity
+from safemerge._findings import Severity
 
 
 @dataclass(frozen=True)

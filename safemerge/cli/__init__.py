@@ -19,9 +19,10 @@ from typing import Any
 
 from safemerge._model import inputs as _inputs
 from safemerge._output.claim import write_json_atomic
-from safemerge._records import MergeReport, TieInspection, Verification
+from safemerge._records import MergeReport, TieInspection
 from safemerge.cli._arguments import build_parser
 from safemerge.cli._runtime import EXIT_TERMINATED, output_configured, sigterm_unwinds
+from safemerge.cli._verdicts import gguf_verdict, verdict
 from safemerge.errors import InputError, OutputExistsError, SafeMergeError, failure_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -165,6 +166,7 @@ def _merge_request(args: argparse.Namespace) -> Any:
         trust_remote_code=args.trust_remote_code,
         base_weights=args.base_weights,
         original_base=args.original_base,
+        serve_with=args.serve_with,
     )
 
 
@@ -222,6 +224,7 @@ def _checked_inputs(*pairs: tuple[str, str]) -> None:
 
 def _inspect(args: argparse.Namespace) -> int:
     from safemerge._decide.analysis import inspect_ties
+    from safemerge._decide.serving import parse_runtimes
     from safemerge._pretrained import load_inputs
 
     if (args.adapter is None) == (args.peft_config is None):
@@ -232,17 +235,24 @@ def _inspect(args: argparse.Namespace) -> int:
         )
     if args.peft_config is not None:
         return _inspect_before_training(args)
+    serve_with = parse_runtimes(args.serve_with)
     _checked_inputs((args.base, "base model"), (args.adapter, "adapter"))
     model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map, hub=_hub(args))
     inspection = inspect_ties(model)
     _emit(args, inspection.to_dict(), inspection_table(inspection))
-    refused = args.policy is not None and not inspection.plan(args.policy).merges
-    return EXIT_FAILED if refused else EXIT_OK
+    if args.policy is None:
+        return EXIT_OK
+    plan = inspection.plan(args.policy)
+    unservable = [
+        c for c in inspection.serving if c.policy == plan.policy and c.runtime in serve_with and c.ok is False
+    ]
+    return EXIT_FAILED if not plan.merges or unservable else EXIT_OK
 
 
 def _inspect_before_training(args: argparse.Namespace) -> int:
     """What --policy will do with an adapter trained from --peft-config on BASE: the check a training run makes."""
-    from safemerge._decide.forecast import forecast
+    from safemerge._decide.forecast import check_before_training, forecast
+    from safemerge._decide.serving import parse_runtimes
     from safemerge._pretrained import load_untrained_inputs
 
     if args.policy is None:
@@ -254,6 +264,7 @@ def _inspect_before_training(args: argparse.Namespace) -> int:
             f"The PEFT config '{args.peft_config}' is not a file; nothing was loaded. Fix: pass the "
             "adapter_config.json you will train with (peft_config.save_pretrained(DIR) writes one)."
         )
+    serve_with = parse_runtimes(args.serve_with)
     _checked_inputs((args.base, "base model"))
     model = load_untrained_inputs(
         args.base, args.peft_config, dtype=args.dtype, device_map=args.device_map, hub=_hub(args)
@@ -262,7 +273,11 @@ def _inspect_before_training(args: argparse.Namespace) -> int:
     lines = [f"policy {check.policy!r} once trained: {check.outcome}", f"  {check.reason}"]
     lines += [f"  {action.code}: {action.detail}" for action in check.plan.actions if action.code != "peft-merge"]
     _emit(args, check.to_dict(), lines)
-    return EXIT_FAILED if check.outcome == "refuses" else EXIT_OK
+    if check.outcome == "refuses":
+        return EXIT_FAILED
+    if serve_with:  # ServingTargetError (exit 1) when a named runtime would serve the trained merge wrong
+        check_before_training(model, policy=args.policy, serve_with=serve_with)
+    return EXIT_OK
 
 
 def inspection_table(inspection: TieInspection) -> list[str]:
@@ -289,19 +304,42 @@ def inspection_table(inspection: TieInspection) -> list[str]:
     for plan in inspection.plans:
         lines.append(f"{plan.policy:<7} {'yes' if plan.merges else 'no':<7} {plan.reason}")
         lines += [f"{'':<16}{action.code}: {action.detail}" for action in plan.actions if action.code != "peft-merge"]
+    lines += _serving_lines(inspection)
     lines += [f"note: {note}" for note in inspection.notes]
     return lines
 
 
+def _serving_lines(inspection: TieInspection) -> list[str]:
+    """Where each merging policy's result can be served (docs/how-to/serving.md has the table)."""
+    if not inspection.serving:
+        return []
+    words = {True: "serves it as merged", False: None, None: "not in safemerge's table"}
+    lines = ["policy  where its merge can be served"]
+    for plan in inspection.plans:
+        found = [c for c in inspection.serving if c.policy == plan.policy]
+        if found:
+            said = [f"{c.runtime}: {words[c.ok] or c.behaviour.replace('-', ' ').upper()}" for c in found]
+            lines.append(f"{plan.policy:<7} " + "; ".join(said))
+    return lines
+
+
 def _verify(args: argparse.Namespace) -> int:
-    from safemerge._checks.verify import verify_merged
+    from safemerge._checks.gguf import GGUFVerification, open_gguf
+    from safemerge._checks.verify import is_gguf, verify_merged
     from safemerge._pretrained import load_inputs
 
-    _checked_inputs((args.base, "base model"), (args.adapter, "adapter"), (args.merged, "merged model"))
+    gguf = is_gguf(args.merged)
+    if gguf:  # before the models load: the gguf package is there and the file is one
+        open_gguf(args.merged)
+    merged = () if gguf else ((args.merged, "merged model"),)
+    _checked_inputs((args.base, "base model"), (args.adapter, "adapter"), *merged)
     model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map, hub=_hub(args))
     logging.getLogger("safemerge").info("loading %s and comparing it with the adapter model", args.merged)
     verification = verify_merged(args.merged, model, logits_tolerance=args.logits_tolerance)
-    _emit(args, {"merged": args.merged, **verification.to_dict()}, _verdict(args, verification))
+    lines = (
+        gguf_verdict(args, verification) if isinstance(verification, GGUFVerification) else verdict(args, verification)
+    )
+    _emit(args, {"merged": args.merged, **verification.to_dict()}, lines)
     return EXIT_OK if verification.ok else EXIT_FAILED
 
 
@@ -326,21 +364,6 @@ def _doctor(args: argparse.Namespace) -> int:
     if unreadable:
         return EXIT_USAGE
     return EXIT_OK if report.ok else EXIT_FAILED
-
-
-def _verdict(args: argparse.Namespace, v: Verification) -> list[str]:
-    verdict = "FAITHFUL" if v.ok else "NOT FAITHFUL"
-    lines = [
-        f"{args.merged}: {verdict} to {args.base} + {args.adapter}",
-        f"  max |logits difference| vs the adapter model: {v.max_abs_logits_diff:.3g} "
-        f"(tolerance {v.logits_tolerance:.3g}, {v.probe_tokens} probe tokens)",
-    ]
-    lines += [
-        f"  {m.name}: max |difference| from its weight in the adapter model {m.max_abs_diff_vs_adapter:.3g}"
-        for m in v.members
-    ]
-    lines += [f"  problem: {p}" for p in v.problems]
-    return lines
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, loading, tolerance],
         help="check a merged model made by any tool against the adapter model",
     )
-    verify.add_argument("merged", metavar="MERGED", help="merged model directory to check")
+    verify.add_argument(
+        "merged", metavar="MERGED", help="merged model directory, or a .gguf file (llama.cpp), to check"
+    )
     verify.add_argument("--base", required=True, help="base model the adapter was trained on")
     verify.add_argument("--adapter", required=True, help="the PEFT adapter that was merged")
     return parser
@@ -68,6 +70,7 @@ def _shared_groups() -> tuple[argparse.ArgumentParser, ...]:
     )
     loading.add_argument("--device-map", default=None, help="accelerate device map for big models, e.g. auto")
     loading.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+
     tolerance = argparse.ArgumentParser(add_help=False)
     tolerance.add_argument(
         "--logits-tolerance",
@@ -118,6 +121,17 @@ def _add_merge(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     )
     merge.add_argument("--report", type=Path, default=None, metavar="PATH", help="write the JSON report here")
     _add_quantized(merge)
+    _add_serve_with(merge)
+
+
+def _add_serve_with(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--serve-with",
+        default=None,
+        metavar="RUNTIMES",
+        help="where the merge will be served, comma-separated: vllm, llama.cpp; a plan one of them would serve "
+        "differently or refuse to load is refused (exit 1)",
+    )
 
 
 def _add_quantized(merge: argparse.ArgumentParser) -> None:
@@ -157,3 +171,4 @@ def _add_inspect(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
         default=None,
         help="the policy to answer for (with --peft-config, required); exit 1 if it will not merge",
     )
+    _add_serve_with(inspect)
