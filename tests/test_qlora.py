@@ -53,6 +53,7 @@ def qlora_files(base_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFac
 
 def trained(base: Path, kind: str, compute: torch.dtype = torch.float32) -> Any:
     """The PEFT model right after QLoRA training: the adapter on the 4-bit base, its tensors changed."""
+    torch.manual_seed(0)  # LoRA's A is drawn from the global generator: the same adapter whatever ran before
     model = peft.get_peft_model(load_4bit(base, compute), ADAPTERS[kind](LLAMA))
     perturb(model)
     return model.eval()
