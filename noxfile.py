@@ -37,8 +37,8 @@ def tests(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def matrix(session: nox.Session) -> None:
     """Run every merge case of the matrix (in memory and reloaded, and the low-memory engine against the in-memory
-    one), the pre-training check on every case, every fault, the doctor on every case and every corpus merge, on the
-    current releases."""
+    one), the pre-training check on every case, every fault, the doctor on every case, every corpus merge, and the
+    QLoRA, serving and GGUF cases, on the current releases."""
     tests = (
         "tests/test_merge.py",
         "tests/test_low_memory.py",
@@ -46,6 +46,9 @@ def matrix(session: nox.Session) -> None:
         "tests/test_faults.py",
         "tests/test_doctor.py",
         "tests/test_corpus.py",
+        "tests/test_qlora.py",
+        "tests/test_serving.py",
+        "tests/test_gguf.py",
     )
     _test(session, args=(*tests, "--full-matrix"))
 
