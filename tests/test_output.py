@@ -233,3 +233,25 @@ def test_failed_swap_or_rename_is_an_output_write_error(  # type: ignore[no-unty
     with pytest.raises(safemerge.OutputWriteError, match=r"Could not put the merged model at .*new.*Fix:"):
         safemerge.safe_merge(model, tmp_path / "new", policy="untie")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"]
+
+
+@pytest.mark.parametrize("variant", ["in-memory", "reloaded"])
+def test_an_output_filled_by_another_program_during_the_merge_is_not_replaced(  # type: ignore[no-untyped-def]
+    build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str
+) -> None:
+    """Without overwrite, files another program puts at OUT while safemerge runs are never swapped out and deleted."""
+    out = tmp_path / "merged"
+    save = _output.write_staging
+
+    def save_then_fill(held, write):  # type: ignore[no-untyped-def]
+        result = save(held, write)
+        if not out.exists():  # once, after the model is written (the tokenizer and card are written the same way)
+            out.mkdir()
+            (out / "users_file.txt").write_text("precious")
+        return result
+
+    monkeypatch.setattr(_output, "write_staging", save_then_fill)
+    with pytest.raises(safemerge.OutputExistsError, match=r"was filled by another program .* Fix: run again"):
+        safemerge.safe_merge(build("llama", "lora-attention", variant), out, policy="untie")
+    assert sorted(p.name for p in out.iterdir()) == ["users_file.txt"]
+    assert (out / "users_file.txt").read_text() == "precious"

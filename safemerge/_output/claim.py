@@ -126,8 +126,10 @@ def _name_max(directory: Path) -> int:
 class Claim:
     """Ownership of an output directory for one run: the locked temporary sibling and what is written in it."""
 
-    def __init__(self, target: Path, work: Path, lock_fd: int, created: list[Path]) -> None:
+    def __init__(self, target: Path, work: Path, lock_fd: int, created: list[Path], *, overwrite: bool) -> None:
         self.target = target
+        #: Replace a non-empty target (with overwrite=False, one filled while the merge ran is refused, not replaced).
+        self.overwrite = overwrite
         self.work = work
         self.staging = work / "model"
         #: accelerate's offload folder of a low-memory merge (transformers only writes there what it cannot read
@@ -148,7 +150,7 @@ class Claim:
             OutputExistsError: another program filled the target while safemerge ran.
         """
         try:
-            if self.target.is_dir() and any(self.target.iterdir()):
+            if self.overwrite and self.target.is_dir() and any(self.target.iterdir()):
                 self._replace()
             else:
                 self._rename_into_place()
@@ -243,7 +245,7 @@ def claim(target: Path, *, overwrite: bool) -> Iterator[Claim]:
     except BaseException:
         _remove_empty(created)
         raise
-    held = Claim(target, work, fd, created)
+    held = Claim(target, work, fd, created, overwrite=overwrite)
     try:
         _recover(work, target)
         check_target(target, overwrite=overwrite)  # again, now that no other safemerge run can change it
