@@ -119,7 +119,7 @@ def _stand_in_for(request: MergeRequest, model: Any) -> StandIn | None:
     if quantization is None or request.base_weights is None:
         return None
     logger.info("the base is quantized (%s): merging into %s weights", quantization, request.base_weights)
-    return stand_in(model, quantization, request.base_weights, request.original_base, request.source)
+    return stand_in(model, quantization, request.base_weights, request.original_base, request.source.original)
 
 
 def _merge_and_save(

@@ -145,7 +145,7 @@ class MergeRequest:
             )
         original = self.original_base
         if self.base_weights == "original":
-            original = _quantized.original_source(None, original, self.source.base, quantized=self.base)
+            original = _quantized.original_source(None, original, self.source.original.base, quantized=self.base)
         return dataclasses.replace(self, quantization=quantization, original_base=original)
 
     def _check_loading(self) -> None:

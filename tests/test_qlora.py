@@ -216,3 +216,13 @@ def test_other_quantization_methods_are_refused_naming_what_is_supported(
         (base / name).symlink_to(base_dirs["llama"] / name)
     with pytest.raises(QuantizedBaseError, match=r"quantized with 'gptq'; .* only when they are bitsandbytes 4-bit or"):
         merge_pretrained(str(base), str(saved_adapter("llama", "lora-attention")), tmp_path / "out", policy="untie")
+
+
+def test_the_original_checkpoint_is_read_without_the_quantized_repositorys_revision() -> None:
+    """--revision names a revision of the pre-quantized repository, not of the 16-bit original: only the token and
+    trust_remote_code carry over (the hub itself is the boundary this suite cannot reach)."""
+    from safemerge._model.load import Source
+
+    given = Source(revision="4bit-branch", adapter_revision="a", token="hf_x", trust_remote_code=True)
+    assert given.original == Source(token="hf_x", trust_remote_code=True)
+    assert "revision" not in given.original.base and given.original.base["token"] == "hf_x"

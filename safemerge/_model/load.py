@@ -46,6 +46,12 @@ class Source:
         return {"trust_remote_code": self.trust_remote_code} | _given(revision=self.revision, token=self.token)
 
     @property
+    def original(self) -> Source:
+        """How a quantized base's 16-bit original is read: the token and trust_remote_code, not the revision (that
+        is the quantized repository's)."""
+        return Source(token=self.token, trust_remote_code=self.trust_remote_code)
+
+    @property
     def adapter(self) -> dict[str, Any]:
         """from_pretrained / download options for the adapter."""
         return _given(revision=self.adapter_revision, token=self.token)
