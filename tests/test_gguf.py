@@ -196,3 +196,27 @@ def test_a_missing_gguf_file_is_a_usage_error(case: Callable[[str], Case], capsy
     missing = c.merged.parent / "nothing.gguf"
     assert main(["verify", str(missing), "--base", str(c.base), "--adapter", str(c.adapter)]) == 2
     assert f"The GGUF file '{missing}' does not exist" in capsys.readouterr().err
+
+
+def test_a_file_of_the_base_without_the_adapter_fails_however_small_the_change(tmp_path: Path) -> None:
+    """A bf16 LoRA on q/v whose change (6e-4) is below F16's bound scaled by the tensor's largest weight: the file of
+    the unmerged base is nearer the weight without the adapter than the merged one, and that fails it."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    base = tf.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    base.float().save_pretrained(tmp_path / "base32")
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.002)
+    verification = safemerge.verify_merged(write_gguf(tmp_path / "base32", tmp_path / "base.gguf", "F16"), model)
+    failed = {t.gguf_name: t.note for t in verification.tensors if t.ok is False}
+    assert set(failed) == {"blk.0.attn_q.weight", "blk.0.attn_v.weight"}
+    assert all(note.startswith("nearer") and "without the adapter" in note for note in failed.values())
+    assert not verification.ok and "does not hold the merged weights" in verification.problems[0]

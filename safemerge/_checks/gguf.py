@@ -122,12 +122,15 @@ def verify_gguf(
     tied = analyse(peft_model, None).tied.effective
     layout = _FileLayout.read(reader, [p.name for p in base_parameters(root)])
     effective = _effective_weights(root, tied)
+    before = _base_weights(root)
     eps = float(torch.finfo(_dtype(root)).eps) if _dtype(root).is_floating_point else 0.0
     embed, head = _embedding_name(root), output_embedding_name(root)
     checks: list[GGUFTensorCheck] = []
     problems: list[str] = []
     for gname, hf_name, role in layout.order(embed, head):
         others = {n: effective for n in (embed, head) if n and n != hf_name and role != "tensor"}
+        if hf_name is not None:  # the weight without the adapter: a file nearer it lacks the adapter's change
+            others[f"{hf_name} without the adapter"] = lambda _, name=hf_name: before(name)
         check = _check(layout, gname, hf_name, role, effective, others, (eps, tolerance))
         checks.append(check)
         if check.ok is False or (check.ok is None and role != "tensor"):
@@ -140,6 +143,12 @@ def verify_gguf(
         notes=tuple(layout.notes(checks)),
         problems=tuple(problems),
     )
+
+
+def _base_weights(root: torch.nn.Module) -> Callable[[str], np.ndarray]:
+    """The weight each parameter holds without the adapter (the base layer's), as float32."""
+    params = {p.name: p for p in base_parameters(root)}
+    return lambda name: params[name].tensor.detach().float().cpu().numpy()
 
 
 def _dtype(root: torch.nn.Module) -> torch.dtype:
@@ -269,8 +278,8 @@ def _check(
         return GGUFTensorCheck(gname, None, role, qtype, None, None, None, "skipped: no parameter maps to it")
     gguf = _gguf()
     shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists the fastest dimension first
-    got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
-    want, got, note = _layout.as_stored(layout.arch, hf_name, effective(hf_name), got, layout.heads)
+    raw = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+    want, got, note = _layout.as_stored(layout.arch, hf_name, effective(hf_name), raw.copy(), layout.heads)
     if note and note.startswith("skipped"):
         return GGUFTensorCheck(gname, hf_name, role, qtype, None, None, None, note)
     if got.shape != want.shape:
@@ -281,7 +290,7 @@ def _check(
         return GGUFTensorCheck(gname, hf_name, role, qtype, diff, None, None, f"skipped: no known bound for {qtype}")
     ok = diff <= tol
     for other, value in others.items():
-        alternative = value(other)
+        alternative = _layout.as_stored(layout.arch, hf_name, value(other), raw.copy(), layout.heads)[0]
         if alternative.shape == want.shape and _nearer(got, alternative, want):
             ok, note = False, f"nearer {other} than {hf_name}"
     return GGUFTensorCheck(gname, hf_name, role, qtype, diff, tol, ok, note or "")
@@ -322,7 +331,8 @@ def _problem(check: GGUFTensorCheck, layout: _FileLayout) -> str:
             "every input token is embedded differently (a tied head's change folded into the shared embedding, "
             "as a plain merge_and_unload() does). Fix: merge with safemerge (safemerge merge) and convert again."
         )
+    near = f" ({check.note})" if check.note.startswith("nearer") else ""
     return (
-        f"{check.gguf_name} differs from the adapter model's {check.hf_name} {figures}: the file does not hold the "
-        "merged weights. Fix: convert the merged model again, from the directory `safemerge verify` passes."
+        f"{check.gguf_name} differs from the adapter model's {check.hf_name} {figures}{near}: the file does not hold "
+        "the merged weights. Fix: convert the merged model again, from the directory `safemerge verify` passes."
     )
