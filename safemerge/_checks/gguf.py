@@ -9,6 +9,7 @@ with, which is not always the tensor the file stores under that role.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -130,7 +131,7 @@ def verify_gguf(
     for gname, hf_name, role in layout.order(embed, head):
         others = {n: effective for n in (embed, head) if n and n != hf_name and role != "tensor"}
         if hf_name is not None:  # the weight without the adapter: a file nearer it lacks the adapter's change
-            others[f"{hf_name} without the adapter"] = lambda _, name=hf_name: before(name)
+            others[f"{hf_name} without the adapter"] = functools.partial(_without_adapter, before, hf_name)
         check = _check(layout, gname, hf_name, role, effective, others, (eps, tolerance))
         checks.append(check)
         if check.ok is False or (check.ok is None and role != "tensor"):
@@ -143,6 +144,10 @@ def verify_gguf(
         notes=tuple(layout.notes(checks)),
         problems=tuple(problems),
     )
+
+
+def _without_adapter(before: Callable[[str], np.ndarray], name: str, _: str) -> np.ndarray:
+    return before(name)
 
 
 def _base_weights(root: torch.nn.Module) -> Callable[[str], np.ndarray]:
