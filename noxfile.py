@@ -102,5 +102,6 @@ def docs(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy, strict on the package."""
     session.install(TORCH)
-    session.install("-e", ".", "mypy")
+    # The optional extras too: mypy reads bitsandbytes and gguf where safemerge imports them.
+    session.install("-e", ".[qlora,gguf]", "mypy")
     session.run("mypy")
