@@ -308,7 +308,7 @@ def perturb(model: Any, seed: int = 1) -> None:
             if param.requires_grad and id(param) not in seen:
                 seen.add(id(param))
                 noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-                param.add_(0.05 * noise.to(param.dtype))
+                param.add_(0.05 * noise.to(param.device, param.dtype))
 
 
 def trained(arch: Arch, base_dir: Path, kind: str) -> Any:

@@ -168,3 +168,36 @@ def test_cuda_with_modules_offloaded_to_the_cpu_is_refused(
     with pytest.raises(safemerge.InputError, match=r"offload.*Nothing was changed\. Fix: merge with the low-memory"):
         safemerge.safe_merge(model, tmp_path / "b", policy="untie")
     assert not (tmp_path / "b").exists()
+
+
+@needs_cuda
+def test_a_qlora_model_on_cuda_merges_its_dequantized_weights_as_on_the_cpu(
+    base_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """QLoRA where it is trained: nf4 on the GPU. The merge writes the weights the CPU merge writes, and the user's
+    4-bit model still computes exactly what it did."""
+    pytest.importorskip("bitsandbytes", reason="the QLoRA merge needs bitsandbytes (the safemerge[qlora] extra)")
+    import transformers
+
+    from tests.models import ADAPTERS, logits, perturb, sample_ids
+
+    def trained(device: str) -> Any:
+        config = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+        )
+        base = transformers.AutoModelForCausalLM.from_pretrained(
+            base_dirs["llama"], quantization_config=config, device_map=device, dtype=torch.float32
+        )
+        torch.manual_seed(0)  # the same adapter on both devices
+        model = peft.get_peft_model(base, ADAPTERS["lora-attention"](ARCHS["llama"]))
+        perturb(model)
+        return model.eval()
+
+    model = trained("cuda")
+    ids = sample_ids().to("cuda")
+    before = logits(model, ids)
+    report = safemerge.safe_merge(model, tmp_path / "gpu", policy="untie", base_weights="dequantized")
+    _assert_faithful(report)
+    assert torch.equal(logits(model, ids), before), "the user's 4-bit model computes what it did"
+    safemerge.safe_merge(trained("cpu"), tmp_path / "cpu", policy="untie", base_weights="dequantized")
+    _assert_same_tensors(tmp_path / "gpu", tmp_path / "cpu")
