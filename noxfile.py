@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tarfile
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
@@ -21,11 +24,19 @@ LOWEST = [
 ]
 
 
-def _test(session: nox.Session, *pins: str, args: tuple[str, ...] = ()) -> None:
+#: llama.cpp's converter (convert_hf_to_gguf.py) as published on PyPI: the llama-cpp-python sdist vendors llama.cpp.
+#: Pinned by its hash (the serving table and safemerge's GGUF layout were read from this release).
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+LLAMA_CPP_PYTHON_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+#: What the converter runs from: its script, its model classes, and the gguf-py it puts first on sys.path.
+CONVERTER_PATHS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+
+def _test(session: nox.Session, *pins: str, args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
     session.install(TORCH)
     session.install("-e", ".[test]", *pins)
     session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
-    session.run("pytest", *args, *session.posargs)
+    session.run("pytest", *args, *session.posargs, env=env)
 
 
 @nox.session(python="3.11")
@@ -64,6 +75,45 @@ def tests_transformers4(session: nox.Session) -> None:
 def trl(session: nox.Session) -> None:
     """SafeMergeCallback under TRL's SFTTrainer (TRL is an optional dependency; the other sessions skip its test)."""
     _test(session, "trl", args=("tests/test_training.py",))
+
+
+@nox.session(python="3.11")
+def gguf_converter(session: nox.Session) -> None:
+    """safemerge verify on GGUF files written by llama.cpp's own converter from tiny merged models (Llama untied and
+    keep pass; an untied Gemma2 and a plain merge_and_unload() of a tied Llama with an lm_head LoRA fail). The
+    converter comes from the llama-cpp-python sdist on PyPI, pinned by hash, kept in nox's cache."""
+    converter = _llama_cpp_converter(session)
+    env = {"SAFEMERGE_GGUF_CONVERTER": str(converter), "HF_HUB_OFFLINE": "1"}
+    # sentencepiece: the converter reads a tokenizer.model with it (the only tokenizer Gemma2's conversion takes).
+    _test(session, "sentencepiece", args=("tests/test_gguf_converter.py", "-n", "0"), env=env)
+
+
+def _llama_cpp_converter(session: nox.Session) -> Path:
+    """convert_hf_to_gguf.py and what it imports, extracted from the pinned llama-cpp-python sdist (downloaded with
+    pip, hash-checked, once: nox's cache keeps it)."""
+    name = LLAMA_CPP_PYTHON.replace("-", "_").replace("==", "-")
+    root = Path(session.cache_dir) / name
+    script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    download = Path(session.create_tmp()) / "sdist"
+    download.mkdir(exist_ok=True)
+    pinned = download / "requirements.txt"
+    pinned.write_text(f"{LLAMA_CPP_PYTHON} --hash=sha256:{LLAMA_CPP_PYTHON_SHA256}\n")
+    session.run(
+        "python", "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
+        "-r", str(pinned), "-d", str(download),
+    )  # fmt: skip
+    wanted = tuple(f"{name}/vendor/llama.cpp/{path}" for path in CONVERTER_PATHS)
+    unpacked = download / "unpacked"
+    with tarfile.open(download / f"{name}.tar.gz") as sdist:
+        members = [m for m in sdist.getmembers() if m.name.startswith(wanted) and (m.isfile() or m.isdir())]
+        if any(".." in Path(m.name).parts for m in members):
+            session.error(f"{name}.tar.gz names a path outside its folder: not extracted")
+        sdist.extractall(unpacked, members=members)
+    # Moved into the cache whole: an interrupted extraction never leaves a converter missing some of its modules.
+    (unpacked / name).rename(root)
+    return script
 
 
 @nox.session(python="3.11")

@@ -27,8 +27,12 @@ def converter_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) 
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model_dir: Path, path: Path, qtype: str = "F32") -> Path:
-    """Convert the model saved in `model_dir` to `path`, 2-D tensors stored as `qtype` (F32, F16, BF16, Q8_0, Q4_0)."""
+def write_gguf(
+    model_dir: Path, path: Path, qtype: str = "F32", *, drop: tuple[str, ...] = (), head_as_output: bool = False
+) -> Path:
+    """Convert the model saved in `model_dir` to `path`, 2-D tensors stored as `qtype` (F32, F16, BF16, Q8_0, Q4_0),
+    without the GGUF tensors named in `drop` (a damaged or truncated conversion); `head_as_output`: a Gemma2 head
+    stored as output.weight, as a tool other than the converter might."""
     config = json.loads((model_dir / "config.json").read_text())
     model_type, layers = config["model_type"], config["num_hidden_layers"]
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
@@ -40,15 +44,19 @@ def write_gguf(model_dir: Path, path: Path, qtype: str = "F32") -> Path:
     writer.add_head_count_kv(n_kv)
     writer.add_embedding_length(config["hidden_size"])
     for name, data in load_file(model_dir / "model.safetensors").items():
-        if model_type == "gemma2" and name == "lm_head.weight":
+        if model_type == "gemma2" and name == "lm_head.weight" and not head_as_output:
             continue  # the converter drops it: llama.cpp's gemma2 graph uses the token embedding
         data = data.astype(np.float32)
         if model_type == "gemma2" and name.endswith("norm.weight"):
             data = data + np.float32(1)
         if model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = converter_permute(data, n_head, n_head if "q_proj" in name else n_kv)
-        new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        new_name = (
+            "output.weight" if name == "lm_head.weight" else names.get_name(name, try_suffixes=(".weight", ".bias"))
+        )
         assert new_name is not None, name
+        if new_name in drop:
+            continue
         _add(writer, new_name, data, qtype if data.ndim == 2 else "F32")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -220,3 +220,46 @@ def test_a_file_of_the_base_without_the_adapter_fails_however_small_the_change(t
     assert set(failed) == {"blk.0.attn_q.weight", "blk.0.attn_v.weight"}
     assert all(note.startswith("nearer") and "without the adapter" in note for note in failed.values())
     assert not verification.ok and "does not hold the merged weights" in verification.problems[0]
+
+
+@pytest.mark.parametrize("variant", ["in-memory", "reloaded"])
+def test_a_tensor_the_file_lacks_is_reported_missing_one_by_one(
+    case: Callable[[str], Case], variant: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file without two of the adapter model's tensors fails on each of them; without output.weight too, the head
+    is the embedding llama.cpp falls back to (and differs), not a missing tensor."""
+    c = case("llama-untie")
+    dropped = ("blk.0.ffn_down.weight", "blk.0.attn_q.weight", "output.weight")
+    path = write_gguf(c.merged, c.merged.parent / f"model.dropped.{variant}.gguf", drop=dropped)
+    v = safemerge.verify_merged(path, c.model(variant))
+    missing = [(t.gguf_name, t.hf_name, t.ok) for t in v.tensors if t.qtype == "missing"]
+    assert missing == [
+        ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight", False),
+        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight", False),
+    ]
+    assert (v.head_source, _row(v, "head").ok, _row(v, "embedding").ok) == ("token_embd.weight", False, True)
+    assert [p.split(" is missing")[0] for p in v.problems[1:]] == [
+        "blk.0.attn_q.weight (the adapter model's model.layers.0.self_attn.q_proj.weight)",
+        "blk.0.ffn_down.weight (the adapter model's model.layers.0.mlp.down_proj.weight)",
+    ]
+    assert all("Fix: convert the merged model again" in p for p in v.problems[1:])
+    assert main(["verify", str(path), "--base", str(c.base), "--adapter", str(c.adapter), "-v"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "  tensor    blk.0.ffn_down.weight missing vs model.layers.0.mlp.down_proj.weight: not compared MISSING" in out
+    )
+
+
+def test_a_gemma2_file_with_an_output_tensor_is_still_served_with_the_embedding(case: Callable[[str], Case]) -> None:
+    """llama.cpp's gemma2 graph never reads output.weight: the head is token_embd.weight whatever the file holds."""
+    c = case("gemma2-untie")
+    path = write_gguf(c.merged, c.merged.parent / "model.with-output.gguf", head_as_output=True)
+    v = safemerge.verify_merged(path, c.reloaded())
+    assert v.head_source == "token_embd.weight" and [(t.role, t.ok) for t in v.tensors[:2]] == [
+        ("head", False),
+        ("embedding", True),
+    ]
+    assert [(t.gguf_name, t.note) for t in v.tensors if t.hf_name is None] == [
+        ("output.weight", "skipped: no parameter maps to it")
+    ]
+    assert "llama.cpp's gemma2 graph has no output tensor: the logits are computed with token_embd.weight" in v.notes

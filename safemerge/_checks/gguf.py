@@ -44,7 +44,8 @@ class GGUFTensorCheck:
     hf_name: str | None
     #: "head" (the tensor llama.cpp computes the logits with), "embedding" or "tensor".
     role: str
-    #: The GGUF tensor type: "F32", "F16", "BF16", "Q8_0", "Q4_K", ...
+    #: The GGUF tensor type: "F32", "F16", "BF16", "Q8_0", "Q4_K", ...; "missing" for a tensor of the adapter model
+    #: that gguf's tables name but the file lacks.
     qtype: str
     #: max |dequantized tensor - effective weight| (None when not compared).
     max_abs_diff: float | None
@@ -136,6 +137,13 @@ def verify_gguf(
         checks.append(check)
         if check.ok is False or (check.ok is None and role != "tensor"):
             problems.append(_problem(check, layout))
+    # The head's weight is checked in the tensor llama.cpp uses for it, whatever the file lacks; an alias (a tied
+    # member) is saved once, under the name of the tensor it shares.
+    skip = _aliases(root) | ({head} if any(c.role == "head" for c in checks) and head else set())
+    for gname, hf_name in layout.missing(skip):
+        role = "head" if hf_name == head else "embedding" if hf_name == embed else "tensor"
+        checks.append(GGUFTensorCheck(gname, hf_name, role, "missing", None, None, False, "missing from the file"))
+        problems.append(_problem(checks[-1], layout))
     return GGUFVerification(
         path=os.fspath(path),
         architecture=layout.arch,
@@ -144,6 +152,17 @@ def verify_gguf(
         notes=tuple(layout.notes(checks)),
         problems=tuple(problems),
     )
+
+
+def _aliases(root: torch.nn.Module) -> set[str]:
+    """The parameters that share their tensor with one named before them (a tied head)."""
+    seen: set[int] = set()
+    found = set()
+    for p in base_parameters(root):
+        if id(p.tensor) in seen:
+            found.add(p.name)
+        seen.add(id(p.tensor))
+    return found
 
 
 def _without_adapter(before: Callable[[str], np.ndarray], name: str, _: str) -> np.ndarray:
@@ -202,10 +221,18 @@ class _FileLayout:
     #: GGUF name -> parameter name, from gguf's tables.
     hf_of: dict[str, str]
     unmapped: list[str]
+    #: GGUF name -> parameter name for every parameter gguf's tables name, in the file or not.
+    expected: dict[str, str]
+    #: llama.cpp's graph of `arch` has no output tensor (gguf's tables have none for it either).
+    no_output: bool
 
     @property
     def head(self) -> str:
-        return _layout.head_source(self.arch, set(self.tensors))
+        return _layout.head_source(set(self.tensors), self.no_output)
+
+    def missing(self, skip: set[str]) -> Iterator[tuple[str, str]]:
+        """(GGUF name, parameter name) of each parameter gguf's tables name that the file lacks."""
+        return ((g, n) for g, n in self.expected.items() if g not in self.tensors and n not in skip)
 
     @classmethod
     def read(cls, reader: Any, names: list[str]) -> _FileLayout:
@@ -226,13 +253,16 @@ class _FileLayout:
         n_head = int(field(f"{arch}.attention.head_count") or 0)
         n_kv = int(field(f"{arch}.attention.head_count_kv") or n_head)
         tensors = {t.name: t for t in reader.tensors}
-        hf_of: dict[str, str] = {}
+        expected: dict[str, str] = {}
         for name in names:  # the first parameter wins: the embedding comes before a head tied to it
             mapped = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-            if mapped is not None and mapped in tensors:
-                hf_of.setdefault(mapped, name)
+            if mapped is not None:
+                expected.setdefault(mapped, name)
+        hf_of = {g: n for g, n in expected.items() if g in tensors}
         unmapped = [n for n in tensors if n not in hf_of]
-        return cls(reader, arch, (n_head, n_kv), tensors, hf_of, unmapped)
+        # llama.cpp's graphs read an output tensor exactly where gguf's tables (the same commit's) name one
+        no_output = arch in _layout.NO_OUTPUT_ARCHS or gguf.MODEL_TENSOR.OUTPUT not in gguf.MODEL_TENSORS[by_name[arch]]
+        return cls(reader, arch, (n_head, n_kv), tensors, hf_of, unmapped, expected, no_output)
 
     def order(self, embed: str | None, head: str | None) -> Iterator[tuple[str, str | None, str]]:
         """(GGUF name, parameter name, role): the head as llama.cpp computes it, the embedding, then the rest."""
@@ -249,7 +279,7 @@ class _FileLayout:
         if self.head == "token_embd.weight":
             why = (
                 f"llama.cpp's {self.arch} graph has no output tensor"
-                if self.arch in _layout.NO_OUTPUT_ARCHS
+                if self.no_output
                 else "the file has no output.weight"
             )
             yield f"{why}: the logits are computed with token_embd.weight"
@@ -310,6 +340,12 @@ def _nearer(got: np.ndarray, alternative: np.ndarray, want: np.ndarray) -> bool:
 
 def _problem(check: GGUFTensorCheck, layout: _FileLayout) -> str:
     """What is wrong with `check`, why it matters, and the fix."""
+    if check.qtype == "missing":
+        return (
+            f"{check.gguf_name} (the adapter model's {check.hf_name}) is missing from the file: llama.cpp refuses a "
+            f"file without a tensor its {layout.arch} graph needs, or computes without this weight. Fix: convert the "
+            "merged model again, from the directory `safemerge verify` passes."
+        )
     figures = (
         f"by {check.max_abs_diff:.3g} (tolerance {check.tolerance:.3g})"
         if check.max_abs_diff is not None and check.tolerance is not None
@@ -319,7 +355,7 @@ def _problem(check: GGUFTensorCheck, layout: _FileLayout) -> str:
     if check.role == "head":
         why = (
             f"llama.cpp's {layout.arch} graph computes the logits with the token embedding"
-            if layout.arch in _layout.NO_OUTPUT_ARCHS
+            if layout.no_output
             else "the file has no output.weight, so llama.cpp computes the logits with the token embedding"
             if check.gguf_name == "token_embd.weight"
             else "the file's output head is not the adapter model's"

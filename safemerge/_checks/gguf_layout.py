@@ -11,7 +11,8 @@ import numpy as np
 
 #: Graphs without an output tensor: llama.cpp computes the logits with the token embedding (gemma.cpp:20,
 #: gemma2.cpp:37, command-r.cpp:21, cohere2.cpp:29-30). Other graphs read `output.weight` when the file has one
-#: (llama.cpp:41-45, qwen2.cpp:26-30, gemma3.cpp:41-45), else the token embedding.
+#: (llama.cpp:41-45, qwen2.cpp:26-30, gemma3.cpp:41-45), else the token embedding. safemerge._checks.gguf adds
+#: every architecture whose gguf tables have no output tensor (bitnet, openelm, lfm2moe, ... in gguf 0.19).
 NO_OUTPUT_ARCHS = frozenset({"gemma", "gemma2", "command-r", "cohere2"})
 #: `LlamaModel.permute` reorders the rows of Q and K (conversion/llama.py:176-181, applied at 260-264): undone here.
 PERMUTED_QK = frozenset({"llama"})
@@ -62,9 +63,10 @@ def unpermute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.nd
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def head_source(arch: str, names: set[str]) -> str:
-    """The tensor llama.cpp computes the logits with, for a file of `arch` holding the tensors `names`."""
-    return "output.weight" if "output.weight" in names and arch not in NO_OUTPUT_ARCHS else "token_embd.weight"
+def head_source(names: set[str], no_output: bool) -> str:
+    """The tensor llama.cpp computes the logits with, for a file holding the tensors `names` of an architecture whose
+    graph has no output tensor (`no_output`) or reads one when the file has it."""
+    return "output.weight" if "output.weight" in names and not no_output else "token_embd.weight"
 
 
 def as_stored(

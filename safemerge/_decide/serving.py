@@ -86,9 +86,12 @@ SERVING_RULES: tuple[ServingRule, ...] = (
         "gguf's command-r/cohere2 tables have no output tensor); src/models/command-r.cpp:21, cohere2.cpp:29-30",
     ),
     ServingRule(
-        "llama.cpp", _LLAMA_CPP, ("gemma3", "gemma3_text", "llama", "qwen2"), "honours-head",
-        "vendor/llama.cpp/src/models/gemma3.cpp:41-45, llama.cpp:41-45, qwen2.cpp:26-30 (output.weight when the "
-        "file has one, else token_embd)",
+        "llama.cpp", _LLAMA_CPP,
+        ("cohere2_moe", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text", "gemma4", "gemma4_text", "llama", "qwen2"),
+        "honours-head",
+        "vendor/llama.cpp/src/models/cohere2moe.cpp:60-65, gemma3.cpp:41-45, gemma3n.cpp:28-32, gemma4.cpp:50-54, "
+        "llama.cpp:41-45, qwen2.cpp:26-30 (output.weight when the file has one, else token_embd; the converter "
+        "keeps lm_head.weight for these)",
     ),
 )  # fmt: skip
 

@@ -54,6 +54,6 @@ def _tensor_line(c: GGUFTensorCheck) -> str:
         if c.max_abs_diff is not None and c.tolerance is not None
         else "not compared"
     )
-    verdict = {True: "ok", False: "DIFFERS", None: "-"}[c.ok]
+    verdict = "MISSING" if c.qtype == "missing" else {True: "ok", False: "DIFFERS", None: "-"}[c.ok]
     note = f" [{c.note}]" if c.note else ""
     return f"{c.role:<9} {c.gguf_name} {c.qtype} vs {c.hf_name}: {figures} {verdict}{note}"
