@@ -5,6 +5,7 @@ the same checkpoint as the in-memory engine writes."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from safemerge import QuantizedBaseError, TiedWeightsError, merge_pretrained
+from safemerge import InputError, QuantizedBaseError, TiedWeightsError, merge_pretrained
 from safemerge.cli import main
 from tests.models import logits, needs_low_memory, sample_ids
 from tests.test_faults import hashes
@@ -129,7 +131,7 @@ def test_a_pre_quantized_base_without_a_choice_is_refused_on_the_low_memory_engi
     base, adapter = prequantized("nf4"), qlora_files("lora-attention")
     with pytest.raises(QuantizedBaseError, match=r"(?s)pre-quantized checkpoint.*Fix: pass base_weights='dequantized'"):
         merge_pretrained(str(base), str(adapter), tmp_path / "out", policy="untie", low_memory=True)
-    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name != "int8-tiles"]  # no output, no staging left
 
 
 def test_the_tie_policies_refuse_on_the_low_memory_engine_as_on_a_16_bit_base(
@@ -140,7 +142,7 @@ def test_the_tie_policies_refuse_on_the_low_memory_engine_as_on_a_16_bit_base(
         merge_pretrained(
             str(base), str(adapter), tmp_path / "out", policy="keep", base_weights="dequantized", low_memory=True
         )
-    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name != "int8-tiles"]  # no output, no staging left
 
 
 def test_original_on_the_low_memory_engine_merges_the_16_bit_weights_and_reports_the_gap(
@@ -155,3 +157,19 @@ def test_original_on_the_low_memory_engine_merges_the_16_bit_weights_and_reports
     assert low.quantized_base is not None and high.quantized_base is not None
     assert str(base_dirs["llama"]) in low.quantized_base.weights_from
     assert 0.01 < low.quantized_base.quantization_gap == pytest.approx(high.quantized_base.quantization_gap)
+
+
+def test_an_8_bit_weight_in_a_layout_bitsandbytes_does_not_read_is_refused_with_nothing_written(
+    prequantized: Callable[[str], Path], qlora_files: Callable[[str], Path], tmp_path: Path
+) -> None:
+    base = tmp_path / "int8-tiles"
+    shutil.copytree(prequantized("int8"), base)
+    weights = tensors(base)
+    weights["model.layers.0.self_attn.q_proj.weight_format"] = torch.tensor(1, dtype=torch.uint8)
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"layout 1 \(weight_format\).*Fix: merge into the 16-bit checkpoint"):
+        merge_pretrained(
+            str(base), str(qlora_files("lora-attention")), tmp_path / "out", policy="untie",
+            base_weights="dequantized", low_memory=True,
+        )  # fmt: skip
+    assert not [p for p in tmp_path.iterdir() if p.name != "int8-tiles"]  # no output, no staging left

@@ -43,6 +43,7 @@ class DequantizedWeights(Mapping[str, torch.Tensor]):
         self._names = [name for name in self._files if name not in hidden]
         self._known = set(self._names)
         self._compute_dtype, self._dtype = compute_dtype, dtype
+        _check_layouts(self._files, tuple(name for name in hidden if name.endswith("." + _FORMAT)))
 
     def __contains__(self, name: object) -> bool:  # Mapping's own would read (and dequantize) the tensor
         return name in self._known
@@ -61,8 +62,8 @@ class DequantizedWeights(Mapping[str, torch.Tensor]):
         if not parts:
             value = tensors[name]
             return value.to(self._dtype) if self._dtype is not None and value.is_floating_point() else value
-        if name[: -len("weight")] + _SCALE in tensors:
-            return _dequantize_8bit(name, tensors, self._compute_dtype)
+        if (scale := name[: -len("weight")] + _SCALE) in tensors:
+            return _quantized.dequantize_8bit(tensors[name], tensors[scale], self._compute_dtype)
         import bitsandbytes as bnb
 
         state = bnb.functional.QuantState.from_dict(
@@ -101,16 +102,17 @@ def _read(files: Mapping[str, str], names: tuple[str, ...]) -> dict[str, torch.T
     return tensors
 
 
-def _dequantize_8bit(name: str, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    prefix = name[: -len("weight")]
-    layout = tensors.get(prefix + _FORMAT)
-    if layout is not None and int(layout.item()) != 0:
-        raise InputError(
-            f"The 8-bit weight {name} is stored in bitsandbytes' layout {int(layout.item())} (a GPU tile layout), "
-            "which safemerge cannot dequantize from the file: only the row layout (0) is. Nothing was written. Fix: "
-            "merge in memory (drop --low-memory), where bitsandbytes reads it."
-        )
-    return _quantized.dequantize_8bit(tensors[name], tensors[prefix + _SCALE], dtype)
+def _check_layouts(files: Mapping[str, str], layouts: tuple[str, ...]) -> None:
+    """Refuse an 8-bit weight stored in another layout than rows, before anything is read for the merge."""
+    for name, layout in _read(files, layouts).items():
+        if int(layout.item()) != 0:
+            weight = name[: -len(_FORMAT)] + "weight"
+            raise InputError(
+                f"The 8-bit weight {weight} is stored in bitsandbytes' layout {int(layout.item())} (weight_format), "
+                "and bitsandbytes reads only the row layout (0): the weights the adapter was trained against cannot "
+                "be dequantized from this checkpoint, in memory either. Nothing was written. Fix: merge into the "
+                "16-bit checkpoint the base was quantized from (--base-weights original --original-base PATH)."
+            )
 
 
 def checkpoint_files(base: str, hub: Mapping[str, Any]) -> dict[str, str]:
