@@ -31,16 +31,23 @@ pytestmark = [
 __all__ = ["qlora_files"]  # the fixture, shared with tests/test_qlora.py
 
 
+#: BitsAndBytesConfig options of the quantizations load_4bit (nf4, double quantization) does not make.
+OTHER_KINDS: dict[str, dict[str, Any]] = {
+    "int8": {"load_in_8bit": True},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+}
+
+
 @pytest.fixture(scope="module")
 def prequantized(base_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """The tiny tied Llama loaded quantized and saved as it is, by quantization: "nf4" (double quantization, float32
-    compute), "nf4-bfloat16" (bfloat16 compute), "int8" (LLM.int8)."""
+    compute), "nf4-bfloat16" (bfloat16 compute), "fp4" (without double quantization), "int8" (LLM.int8)."""
     root, made = tmp_path_factory.mktemp("prequantized"), {}
 
     def get(kind: str) -> Path:
         if kind not in made:
-            if kind == "int8":
-                config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+            if kind in OTHER_KINDS:
+                config = transformers.BitsAndBytesConfig(**OTHER_KINDS[kind])
                 model = transformers.AutoModelForCausalLM.from_pretrained(
                     base_dirs["llama"], quantization_config=config, device_map="cpu", dtype=torch.float32
                 )
@@ -97,7 +104,8 @@ def test_the_cli_merges_a_pre_quantized_checkpoint_on_the_low_memory_engine(
 
 
 @pytest.mark.parametrize(
-    ("kind", "adapter_kind"), [("nf4", "lora-attention"), ("nf4", "lora-head"), ("int8", "lora-attention")]
+    ("kind", "adapter_kind"),
+    [("nf4", "lora-attention"), ("nf4", "lora-head"), ("fp4", "lora-attention"), ("int8", "lora-attention")],
 )
 def test_the_low_memory_and_the_in_memory_engines_write_the_same_checkpoint(
     prequantized: Callable[[str], Path],
