@@ -29,6 +29,7 @@ from safemerge._model import quantized as _quantized
 from safemerge._model import undo as _undo
 from safemerge._model.rows import Value
 from safemerge._model.stand_in import StandIn, stand_in
+from safemerge._model.stand_in import loaded as loaded_stand_in
 from safemerge._model.walk import tie_groups
 from safemerge._output import claim as _output
 from safemerge._output import ship as _ship
@@ -53,6 +54,11 @@ class Engine(Protocol):
 
     def model(self, held: _output.Claim) -> Any:
         """The PEFT model to merge: the one given, or one loaded now (offloaded into `held.offload`)."""
+
+    def trained(self) -> Any:
+        """The model as trained, where `model()` gave the 16-bit stand-in of an adapter on a quantized base (the
+        low-memory engine reads a pre-quantized checkpoint's weights dequantized, or the 16-bit original): the
+        adapter on the quantized base, loaded now to measure against. None where `model()` gave the model as trained."""
 
     def execute(self, model: Any, plan: MergePlan, tied: TiedWeights) -> tuple[Any, list[Action]]:
         """Carry out `plan`: the merged model (its structure, for the low-memory engine) and the actions taken."""
@@ -81,7 +87,7 @@ def run(request: MergeRequest, engine: Engine) -> MergeReport:
     """Run the merge `request` asks with `engine`; the report (the errors are safe_merge's and merge_pretrained's)."""
     with _output.claim(request.target, overwrite=request.overwrite) as held:
         model = engine.model(held)
-        stand_in = _stand_in_for(request, model)
+        stand_in = _stand_in_for(request, model, engine.trained())
         model = stand_in.model if stand_in is not None else model
         refuse_non_finite_adapter(model)
         logger.info("inspecting tied weights and probing the adapter model (%s)", engine.holds)
@@ -90,6 +96,7 @@ def run(request: MergeRequest, engine: Engine) -> MergeReport:
             analysis.quantized_base = stand_in.measure(
                 analysis.probe, analysis.adapter_logits, request.logits_tolerance
             )
+            stand_in.trained = None  # measured: one the engine loaded for it is freed before the merge
             logger.info("%s", analysis.quantized_base)
         plan = analysis.plan_or_refuse(request.policy, request.serve_with)
         logger.info("merging under policy %r: %s", request.policy.value, plan.reason)
@@ -112,8 +119,12 @@ def run(request: MergeRequest, engine: Engine) -> MergeReport:
     return _pushed(request, report)
 
 
-def _stand_in_for(request: MergeRequest, model: Any) -> StandIn | None:
-    """The 16-bit stand-in merged in place of a PEFT model on a quantized base (QLoRA), None for a 16-bit base."""
+def _stand_in_for(request: MergeRequest, model: Any, trained: Any) -> StandIn | None:
+    """The 16-bit stand-in merged in place of a PEFT model on a quantized base (QLoRA), None for a 16-bit base.
+    `trained`: the model as trained, where the engine gave the stand-in itself (`Engine.trained`)."""
+    if trained is not None:
+        assert request.quantization is not None and request.base_weights is not None
+        return loaded_stand_in(model, trained, request.quantization, request.base_weights, request.original_base)
     quantization = _quantized.in_memory(model)
     _quantized.check_choice(quantization, request.base_weights, request.original_base, where="loaded in memory")
     if quantization is None or request.base_weights is None:

@@ -18,6 +18,8 @@ from safemerge._engines.in_memory import InMemory
 from safemerge._engines.low_memory import LowMemory, freed_memory_returned
 from safemerge._model import inputs as _inputs
 from safemerge._model import load as _load
+from safemerge._model.prequantized import load_dequantized_adapter_model
+from safemerge._model.quantized import Quantization
 from safemerge._output import ship as _ship
 from safemerge._records import MergeReport, TiePolicy
 from safemerge._request import MergeRequest
@@ -111,11 +113,31 @@ def merge(request: MergeRequest) -> MergeReport:
         model = load_inputs(base, adapter, dtype=request.dtype, device_map=request.device_map, hub=hub)
         return _pipeline.run(request, InMemory(model, owned=True))
 
-    def load_offloaded(offload_folder: str) -> Any:
-        return load_inputs(base, adapter, dtype=request.dtype, hub=hub, offload_folder=offload_folder)
-
     with freed_memory_returned():
-        return _pipeline.run(request, LowMemory(load_offloaded))
+        return _pipeline.run(request, _low_memory(request, base, adapter, hub))
+
+
+def _low_memory(request: MergeRequest, base: str, adapter: str, hub: _load.Source) -> LowMemory:
+    """The low-memory engine for `request`. A pre-quantized base: the 16-bit stand-in offloaded (the base's weights
+    read dequantized when each layer is loaded, or the 16-bit original's), and the adapter on the quantized base,
+    loaded on the CPU (about a quarter of the 16-bit model for 4-bit) to measure against."""
+    quantization = request.quantization
+    if quantization is None:
+        return LowMemory(lambda folder: load_inputs(base, adapter, dtype=request.dtype, hub=hub, offload_folder=folder))
+
+    def load_stand_in(folder: str) -> Any:
+        if request.base_weights == "original":
+            assert request.original_base is not None
+            original = dataclasses.replace(hub, revision=None)  # the revision is the quantized repository's
+            dtype = quantization.compute_dtype
+            return load_inputs(request.original_base, adapter, dtype=dtype, hub=original, offload_folder=folder)
+        return load_inputs(base, adapter, dtype=request.dtype, hub=hub, offload_folder=folder, dequantize=quantization)
+
+    def load_trained() -> Any:
+        logger.info("loading the adapter on the quantized base (the model as trained) on the CPU, to measure against")
+        return load_inputs(base, adapter, dtype=request.dtype, device_map="cpu", hub=hub)
+
+    return LowMemory(load_stand_in, load_trained)
 
 
 def load_untrained_inputs(
@@ -146,15 +168,19 @@ def load_inputs(
     device_map: Any = None,
     hub: _load.Source | None = None,
     offload_folder: str | None = None,
+    dequantize: Quantization | None = None,
 ) -> Any:
     """The adapter model (with `offload_folder`, its base's weights offloaded there and to the checkpoint: the
-    low-memory merge's); a load that fails is an InputError that names the inputs and the loader's reason."""
+    low-memory merge's; with `dequantize` too, the pre-quantized base read as a 16-bit model, its weights dequantized
+    as they are loaded); a load that fails is an InputError that names the inputs and the loader's reason."""
     with _inputs.load_failures_as_input_errors(
         f"Could not load the base '{base}' with the adapter '{adapter}'",
         "Nothing was written. Fix: check that both are complete and belong together (safemerge doctor BASE ADAPTER "
         "explains most mismatches).",
     ):
         hub, dtype = hub or _load.Source(), _load.parse_dtype(dtype)
+        if dequantize is not None:
+            return load_dequantized_adapter_model(base, adapter, dequantize, dtype=dtype, hub=hub)
         if offload_folder is not None:
             load = _load.load_offloaded_adapter_model
             return load(base, adapter, offload_folder=offload_folder, dtype=dtype, hub=hub)

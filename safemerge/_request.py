@@ -22,7 +22,7 @@ from safemerge._model.load import Source, parse_dtype
 from safemerge._output import claim as _output
 from safemerge._output.ship import Extras
 from safemerge._records import TiePolicy
-from safemerge.errors import InputError, QuantizedBaseError
+from safemerge.errors import InputError
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,12 +137,6 @@ class MergeRequest:
         if quantization is None:
             return self
         _quantized.require_bitsandbytes()
-        if self.low_memory:
-            raise QuantizedBaseError(
-                f"The base '{self.base}' is a pre-quantized checkpoint ({quantization}), and the low-memory engine "
-                "does not dequantize yet. Nothing was loaded or written. Fix: merge in memory (drop low_memory; CLI: "
-                "--low-memory): the dequantized model takes the memory of one 16-bit model."
-            )
         original = self.original_base
         if self.base_weights == "original":
             original = _quantized.original_source(None, original, self.source.original.base, quantized=self.base)

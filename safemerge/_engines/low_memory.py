@@ -333,15 +333,21 @@ class LowMemory:
     returns_model = False
     saved_as = " as safetensors shards, a block of rows at a time"
 
-    def __init__(self, load_model: Callable[[str], Any]) -> None:
-        """`load_model(offload_folder)` loads the adapter model with the base's weights offloaded."""
+    def __init__(self, load_model: Callable[[str], Any], load_trained: Callable[[], Any] | None = None) -> None:
+        """`load_model(offload_folder)` loads the adapter model with the base's weights offloaded; for a quantized
+        base, the 16-bit stand-in (its weights read dequantized, or the original's), and `load_trained()` the
+        model as trained (the adapter on the quantized base) beside it."""
         self._load_model = load_model
+        self._load_trained = load_trained
         self._streamed = Streamed(torch.nn.Module())
         self._dtype: torch.dtype | None = None  # the saved dtype, if cast
         self._written: dict[str, Fingerprint] = {}
 
     def model(self, held: Claim) -> Any:
         return self._load_model(str(held.offload))
+
+    def trained(self) -> Any:
+        return self._load_trained() if self._load_trained is not None else None
 
     def execute(self, model: Any, plan: MergePlan, tied: TiedWeights) -> tuple[Any, list[Action]]:
         self._streamed, actions = execute(model, plan, tied)

@@ -168,8 +168,6 @@ def load_offloaded_adapter_model(
     """
     import peft
 
-    from safemerge._model.walk import base_parameters, is_peft_wrapper, plain_lora, wrapped_base
-
     config = peft.PeftConfig.from_pretrained(adapter, **hub.adapter)
     config.inference_mode = True
     cls = model_class_for(transformers.AutoConfig.from_pretrained(base, **hub.base), config.task_type)
@@ -177,7 +175,17 @@ def load_offloaded_adapter_model(
     model = cls.from_pretrained(
         base, dtype=dtype or "auto", device_map=all_on_disk(cls, base, hub), offload_folder=offload_folder, **hub.base
     )
-    load_tie_groups(model.eval())
+    return with_offloaded_adapter(model.eval(), adapter, config, hub)
+
+
+def with_offloaded_adapter(model: Any, adapter: str, config: Any, hub: Source = Source()) -> Any:
+    """`model` (its weights offloaded) with the adapter `adapter` (`config`: its PEFT config) injected and loaded;
+    every module that holds a tied weight, and the base layers a PEFT layer reads outside its forward, loaded."""
+    import peft
+
+    from safemerge._model.walk import base_parameters, is_peft_wrapper, plain_lora, wrapped_base
+
+    load_tie_groups(model)
     peft_model = peft.get_peft_model(model, config)
     in_base = {id(p.tensor) for p in base_parameters(peft_model.get_base_model())}
     made: dict[int, torch.nn.Parameter] = {}  # by the meta parameter: one the adapter shares stays shared
@@ -272,6 +280,11 @@ def all_on_disk(cls: Any, path: str, hub: Source = Source()) -> dict[str, str]:
     config = transformers.AutoConfig.from_pretrained(path, **hub.base)
     with init_empty_weights():  # Auto classes have from_config, model classes _from_config
         skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    return disk_map(skeleton)
+
+
+def disk_map(skeleton: torch.nn.Module) -> dict[str, str]:
+    """all_on_disk()'s device map for a model built on meta."""
     seen = Counter(id(p) for _, p in skeleton.named_parameters(remove_duplicate=False))
     leaves = [
         (sum(p.numel() for p in module.parameters()), name)

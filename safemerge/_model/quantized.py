@@ -186,6 +186,24 @@ def _no_original(why: str) -> str:
     )
 
 
+def dequantize_4bit(data: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-bit weight (bitsandbytes' packed data and its QuantState) dequantized by bitsandbytes into `dtype`: the
+    one dequantization of both engines (the quantized model in memory, a pre-quantized checkpoint's files)."""
+    import bitsandbytes as bnb
+
+    dense: torch.Tensor = bnb.functional.dequantize_4bit(data, state)
+    return dense.to(dtype)
+
+
+def dequantize_8bit(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An 8-bit weight (int8 rows and each row's scale, SCB) dequantized by bitsandbytes (int8 * SCB / 127) into
+    `dtype`. Not PEFT's dequantize_bnb_weight: it writes the scale into the layer's state when missing there."""
+    import bitsandbytes as bnb
+
+    dense: torch.Tensor = bnb.functional.int8_vectorwise_dequant(data, scale)
+    return dense.to(dtype)
+
+
 @contextlib.contextmanager
 def no_cpu_packing(model: torch.nn.Module) -> Iterator[None]:
     """Run forwards of a 4-bit model without bitsandbytes' CPU repacking, then put the switch back.

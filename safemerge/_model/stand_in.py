@@ -62,13 +62,24 @@ def stand_in(
     dtype = quantization.compute_dtype
     if base_weights == "dequantized":
         base = dequantized_copy(peft_model.get_base_model(), dtype)
-        weights_from = f"the quantized weights dequantized to {str(dtype)[6:]}"
     else:
         assert original is not None
         task_type = getattr(peft_model.active_peft_config, "task_type", None)
         base = load_pretrained(original, task_type=task_type, dtype=dtype, hub=hub)
-        weights_from = f"the 16-bit checkpoint '{original}' in {str(dtype)[6:]}"
-    return StandIn(with_same_adapter(peft_model, base), peft_model, quantization, base_weights, weights_from)
+    return loaded(with_same_adapter(peft_model, base), peft_model, quantization, base_weights, original)
+
+
+def loaded(
+    model: Any, trained: Any, quantization: _quantized.Quantization, base_weights: str, original: str | None
+) -> StandIn:
+    """The stand-in `model` (the adapter on the 16-bit weights `base_weights` names, in the compute dtype: built by
+    stand_in(), or loaded by the low-memory engine from a pre-quantized checkpoint's files) for `trained`."""
+    dtype = str(quantization.compute_dtype)[6:]
+    if base_weights == "dequantized":
+        weights_from = f"the quantized weights dequantized to {dtype}"
+    else:
+        weights_from = f"the 16-bit checkpoint '{original}' in {dtype}"
+    return StandIn(model, trained, quantization, base_weights, weights_from)
 
 
 def dequantized_copy(base: torch.nn.Module, dtype: torch.dtype) -> Any:
@@ -107,19 +118,15 @@ _ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "l
 
 def dequantized_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """A bitsandbytes layer's weight, dequantized into `dtype`, read without changing the layer."""
-    import bitsandbytes as bnb
-
     weight: Any = module.weight
     if type(module).__name__ == "Linear8bitLt":
-        # Not PEFT's dequantize_bnb_weight: it writes the scale into the layer's state when missing there.
         layer: Any = module
         scale = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
-        dense: torch.Tensor = bnb.functional.int8_vectorwise_dequant(weight.data, scale)
-        return dense.to(dtype)
+        return _quantized.dequantize_8bit(weight.data, scale, dtype)
     state = weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         return _unpacked(weight.data, state).to(dtype)
-    return bnb.functional.dequantize_4bit(weight.data, state).to(dtype)
+    return _quantized.dequantize_4bit(weight.data, state, dtype)
 
 
 def _unpacked(data: torch.Tensor, state: Any) -> torch.Tensor:
