@@ -43,6 +43,7 @@ from safemerge.errors import (
     UnsupportedAdapterError,
     UploadError,
     VerificationError,
+    VocabularyError,
 )
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ __all__ = [
     "UploadError",
     "Verification",
     "VerificationError",
+    "VocabularyError",
     "__version__",
     "check_before_training",
     "doctor",

@@ -4,10 +4,12 @@ tokenizer and the saved dtype, then the pipeline with one engine: in memory, or 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -18,8 +20,9 @@ from safemerge._engines.in_memory import InMemory
 from safemerge._engines.low_memory import LowMemory, freed_memory_returned
 from safemerge._model import inputs as _inputs
 from safemerge._model import load as _load
+from safemerge._model import vocabulary as _vocabulary
 from safemerge._output import ship as _ship
-from safemerge._records import MergeReport, TiePolicy
+from safemerge._records import MergeReport, TiePolicy, VocabularyResize
 from safemerge._request import MergeRequest
 from safemerge.errors import AdapterMismatchError
 
@@ -91,6 +94,8 @@ def merge(request: MergeRequest) -> MergeReport:
     """merge_pretrained()'s merge of a checked request: the doctor, then the pipeline with the engine it asks for."""
     assert request.base is not None and request.adapter is not None
     base, adapter, hub = request.base, request.adapter, request.source
+    tokenizer, source = _ship.find_tokenizer([(adapter, hub.adapter), (base, hub.base)])
+    vocabulary = _checked_vocabulary(base, adapter, hub, tokenizer, source)
     logger.info("checking that %s fits %s (doctor)", adapter, base)
     checkup = doctor(base, adapter, **dataclasses.asdict(hub))
     if not checkup.ok:
@@ -101,21 +106,60 @@ def merge(request: MergeRequest) -> MergeReport:
             "nothing was loaded or merged:\n" + "\n".join(str(f) for f in bad),
             report=checkup,
         )
-    tokenizer, source = _ship.find_tokenizer([(adapter, hub.adapter), (base, hub.base)])
     extras = _ship.Extras(tokenizer=tokenizer, tokenizer_source=source, base=base, adapter=adapter)
     request = request.with_inputs(extras, request.out_dtype or _load.checkpoint_dtype(base, hub))
+    request = dataclasses.replace(request, vocabulary=vocabulary)
     if request.quantization is not None and request.dtype is None:
         # The compute dtype, not the loader's default for the unquantized layers (transformers 4: float16).
         request = dataclasses.replace(request, dtype=request.quantization.compute_dtype)
+    size = vocabulary.after if vocabulary is not None else None
     if not request.low_memory:
-        model = load_inputs(base, adapter, dtype=request.dtype, device_map=request.device_map, hub=hub)
+        model = load_inputs(base, adapter, dtype=request.dtype, device_map=request.device_map, hub=hub, vocab_size=size)
         return _pipeline.run(request, InMemory(model, owned=True))
 
     def load_offloaded(offload_folder: str) -> Any:
-        return load_inputs(base, adapter, dtype=request.dtype, hub=hub, offload_folder=offload_folder)
+        return load_inputs(base, adapter, dtype=request.dtype, hub=hub, offload_folder=offload_folder, vocab_size=size)
 
     with freed_memory_returned():
         return _pipeline.run(request, LowMemory(load_offloaded))
+
+
+def _checked_vocabulary(
+    base: str, adapter: str, hub: _load.Source, tokenizer: Any, source: str | None
+) -> VocabularyResize | None:
+    """The resize the adapter was trained with (its tensors, the tokenizer saved beside it), once every new row is
+    known to come from the adapter and the tokenizer fits the merged model: VocabularyError otherwise."""
+    layers, vocabulary = _read_vocabulary(base, adapter, hub, tokenizer if source == adapter else None)
+    if vocabulary is not None:
+        _vocabulary.refuse_missing_rows(vocabulary)
+    if layers is not None:
+        _vocabulary.refuse_large_tokenizer(tokenizer, vocabulary.after if vocabulary else layers.size, source)
+    return vocabulary
+
+
+def _read_vocabulary(
+    base: str, adapter: str, hub: _load.Source, tokenizer: Any
+) -> tuple[_vocabulary.VocabularyLayers | None, VocabularyResize | None]:
+    """The base's vocabulary modules and the resize the adapter was trained with (`tokenizer`: the one saved beside
+    it, or None), from the files (a hub adapter's config and weights are downloaded as the doctor downloads them).
+    (None, None) where the files cannot be read: the doctor says why."""
+    import transformers
+
+    try:
+        adapter_dir = Path(adapter)
+        if not adapter_dir.is_dir():
+            from huggingface_hub import snapshot_download
+
+            names = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+            adapter_dir = Path(snapshot_download(adapter, allow_patterns=names, **hub.adapter))
+        task_type = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
+        config = transformers.AutoConfig.from_pretrained(base, **hub.base)
+        layers = _vocabulary.vocabulary_layers(_load.on_meta(_load.model_class_for(config, task_type), config))
+        if layers is None:
+            return None, None
+        return layers, _vocabulary.read_resize(adapter_dir, layers, _vocabulary.tokenizer_size(tokenizer))
+    except Exception:  # (unreadable inputs: the doctor, which runs next, explains them)
+        return None, None
 
 
 def load_untrained_inputs(
@@ -146,6 +190,7 @@ def load_inputs(
     device_map: Any = None,
     hub: _load.Source | None = None,
     offload_folder: str | None = None,
+    vocab_size: int | None = None,
 ) -> Any:
     """The adapter model (with `offload_folder`, its base's weights offloaded there and to the checkpoint: the
     low-memory merge's); a load that fails is an InputError that names the inputs and the loader's reason."""
@@ -156,6 +201,7 @@ def load_inputs(
     ):
         hub, dtype = hub or _load.Source(), _load.parse_dtype(dtype)
         if offload_folder is not None:
-            load = _load.load_offloaded_adapter_model
-            return load(base, adapter, offload_folder=offload_folder, dtype=dtype, hub=hub)
-        return _load.load_adapter_model(base, adapter, dtype=dtype, device_map=device_map, hub=hub)
+            offloaded = _load.load_offloaded_adapter_model
+            return offloaded(base, adapter, offload_folder=offload_folder, dtype=dtype, hub=hub, vocab_size=vocab_size)
+        load = _load.load_adapter_model
+        return load(base, adapter, dtype=dtype, device_map=device_map, hub=hub, vocab_size=vocab_size)

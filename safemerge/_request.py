@@ -21,7 +21,7 @@ from safemerge._model import quantized as _quantized
 from safemerge._model.load import Source, parse_dtype
 from safemerge._output import claim as _output
 from safemerge._output.ship import Extras
-from safemerge._records import TiePolicy
+from safemerge._records import TiePolicy, VocabularyResize
 from safemerge.errors import InputError, QuantizedBaseError
 
 
@@ -59,6 +59,8 @@ class MergeRequest:
     quantization: _quantized.Quantization | None = None
     #: Runtimes the merge will be served with ("vllm", "llama.cpp"): a plan they would serve wrong is refused.
     serve_with: tuple[str, ...] = ()
+    #: The base's vocabulary resized as the adapter was trained (merge_pretrained), None when it was not.
+    vocabulary: VocabularyResize | None = None
 
     @classmethod
     def for_model(

@@ -123,12 +123,18 @@ def load_adapter_model(
     dtype: torch.dtype | str | None = None,
     device_map: Any = None,
     hub: Source = Source(),
+    vocab_size: int | None = None,
 ) -> Any:
-    """The adapter model: `base` loaded with the right class, `adapter` loaded onto it with PEFT."""
+    """The adapter model: `base` loaded with the right class (its vocabulary resized to `vocab_size`, as training
+    resized it), `adapter` loaded onto it with PEFT."""
     import peft
+
+    from safemerge._model.vocabulary import resize
 
     adapter_config = peft.PeftConfig.from_pretrained(adapter, **hub.adapter)
     model = load_pretrained(base, task_type=adapter_config.task_type, dtype=dtype, device_map=device_map, hub=hub)
+    if vocab_size is not None:
+        resize(model, vocab_size)
     logger.info("loading adapter %s with PeftModel.from_pretrained", adapter)
     return peft.PeftModel.from_pretrained(model, adapter, **hub.adapter).eval()
 
@@ -157,6 +163,7 @@ def load_offloaded_adapter_model(
     offload_folder: str,
     dtype: torch.dtype | str | None = None,
     hub: Source = Source(),
+    vocab_size: int | None = None,
 ) -> Any:
     """The adapter model with the base's weights left on disk: accelerate loads each layer's weights from the
     checkpoint when the layer runs. In memory: the adapter's own tensors, every module that holds a tied weight (the
@@ -168,6 +175,7 @@ def load_offloaded_adapter_model(
     """
     import peft
 
+    from safemerge._model.vocabulary import resize, unexpected_keys
     from safemerge._model.walk import base_parameters, is_peft_wrapper, plain_lora, wrapped_base
 
     config = peft.PeftConfig.from_pretrained(adapter, **hub.adapter)
@@ -178,6 +186,11 @@ def load_offloaded_adapter_model(
         base, dtype=dtype or "auto", device_map=all_on_disk(cls, base, hub), offload_folder=offload_folder, **hub.base
     )
     load_tie_groups(model.eval())
+    if vocab_size is not None:  # the embedding and head held: the adapter replaces their new rows
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                load_for_good(module)
+        resize(model, vocab_size)
     peft_model = peft.get_peft_model(model, config)
     in_base = {id(p.tensor) for p in base_parameters(peft_model.get_base_model())}
     made: dict[int, torch.nn.Parameter] = {}  # by the meta parameter: one the adapter shares stays shared
@@ -195,8 +208,8 @@ def load_offloaded_adapter_model(
             load_for_good(module)
     logger.info("loading adapter %s with set_peft_model_state_dict", adapter)
     loaded: Any = load_adapter_weights(peft_model, adapter, hub)
-    if loaded.unexpected_keys:
-        raise ValueError(f"adapter tensors that match no adapter layer: {', '.join(loaded.unexpected_keys[:6])}")
+    if unexpected := unexpected_keys(loaded.unexpected_keys, model if vocab_size is not None else None):
+        raise ValueError(f"adapter tensors that match no adapter layer: {', '.join(unexpected[:6])}")
     # The adapter file's tensors (with PEFT's saved embedding layers, each as big as the embedding) are held by
     # reference cycles until a collection: free them before the analysis allocates its own.
     del loaded
@@ -267,11 +280,7 @@ def all_on_disk(cls: Any, path: str, hub: Source = Source()) -> dict[str, str]:
     """A device map that offloads the model's weights to disk, but for one small untied module (a final norm) and
     the own tensors of the modules above it (BART's final_logits_bias), in memory: transformers 4 refuses
     {"": "disk"}, and accelerate before 1.4 a map all on disk."""
-    from accelerate import init_empty_weights
-
-    config = transformers.AutoConfig.from_pretrained(path, **hub.base)
-    with init_empty_weights():  # Auto classes have from_config, model classes _from_config
-        skeleton = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    skeleton = on_meta(cls, transformers.AutoConfig.from_pretrained(path, **hub.base))
     seen = Counter(id(p) for _, p in skeleton.named_parameters(remove_duplicate=False))
     leaves = [
         (sum(p.numel() for p in module.parameters()), name)
@@ -304,6 +313,14 @@ def all_on_disk(cls: Any, path: str, hub: Source = Source()) -> dict[str, str]:
 
     split(skeleton, "")
     return devices
+
+
+def on_meta(cls: Any, config: Any) -> Any:
+    """The model class built from `config` on the meta device: its modules and ties, no weights."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # Auto classes have from_config, model classes _from_config
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
 
 
 def load_tie_groups(model: torch.nn.Module) -> None:
