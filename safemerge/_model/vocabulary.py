@@ -201,15 +201,23 @@ def refuse_missing_rows(resize_: VocabularyResize) -> None:
     )
 
 
-def refuse_large_tokenizer(tokenizer: Any, rows: int, source: str | None) -> None:
-    """VocabularyError if the tokenizer that would ship has more tokens than the merged model has rows."""
+def refuse_large_tokenizer(tokenizer: Any, rows: int | None, source: str | None) -> None:
+    """VocabularyError if the tokenizer that would ship has more tokens than the merged model has `rows`."""
     size = tokenizer_size(tokenizer)
-    if size is None or size <= rows:
+    if size is None or rows is None or size <= rows:
         return
     where = f" from '{source}'" if source else ""
     raise VocabularyError(
         f"The tokenizer{where} has {size} tokens, and the merged model's vocabulary {rows}: served together, ids "
-        f"{rows}-{size - 1} would index past the embedding. Nothing was loaded or written. Fix: save the tokenizer "
-        "the adapter was trained with beside the adapter, with its embedding layers "
-        "(peft_model.save_pretrained(path, save_embedding_layers=True)), or merge with the base's tokenizer."
+        f"{rows}-{size - 1} would index past the embedding. Nothing was loaded or written. Fix: merge with the "
+        "tokenizer the adapter was trained with; if tokens were added for training, resize the base before "
+        "training (resize_token_embeddings) and save the adapter with save_embedding_layers=True."
     )
+
+
+def model_rows(model: Any) -> int | None:
+    """The vocabulary size `model`'s (text) config records (resize_token_embeddings keeps it), None if it has none."""
+    config = model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    size = getattr(text, "vocab_size", None)
+    return size if isinstance(size, int) else None
