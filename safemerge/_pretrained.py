@@ -190,10 +190,15 @@ def load_inputs(
     device_map: Any = None,
     hub: _load.Source | None = None,
     offload_folder: str | None = None,
-    vocab_size: int | None = None,
+    vocab_size: int | Literal["read"] | None = "read",
 ) -> Any:
     """The adapter model (with `offload_folder`, its base's weights offloaded there and to the checkpoint: the
-    low-memory merge's); a load that fails is an InputError that names the inputs and the loader's reason."""
+    low-memory merge's), its base resized to `vocab_size` ("read": the size the adapter's tensors say it was trained
+    with, VocabularyError if they lack new rows); a load that fails is an InputError that names the inputs and the
+    loader's reason."""
+    if vocab_size == "read":
+        vocabulary = _checked_vocabulary(base, adapter, hub or _load.Source(), None, None)
+        vocab_size = vocabulary.after if vocabulary is not None else None
     with _inputs.load_failures_as_input_errors(
         f"Could not load the base '{base}' with the adapter '{adapter}'",
         "Nothing was written. Fix: check that both are complete and belong together (safemerge doctor BASE ADAPTER "

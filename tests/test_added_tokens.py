@@ -206,6 +206,10 @@ def test_the_cli_says_the_base_was_resized(
     assert "resized the base's vocabulary from 128 to 136 tokens" in out
     assert "model.embed_tokens: saved whole (save_embedding_layers)" in out
     torch.testing.assert_close(merged_logits(tmp_path / "out"), adapter_logits(base, adapter), rtol=0, atol=1e-5)
+    # verify and inspect load the adapter model as the merge does: onto the base resized as training did.
+    argv = ["verify", str(tmp_path / "out"), "--base", str(base), "--adapter", str(adapter), "-q"]
+    assert main(argv) == 0
+    assert main(["inspect", str(base), str(adapter), "-q"]) == 0
 
 
 MISSING = (
