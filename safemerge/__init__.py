@@ -26,6 +26,7 @@ from safemerge._records import (
     TiePolicy,
     TrainingCheck,
     Verification,
+    VocabularyResize,
 )
 from safemerge._version import __version__
 from safemerge.errors import (
@@ -118,6 +119,7 @@ __all__ = [
     "Verification",
     "VerificationError",
     "VocabularyError",
+    "VocabularyResize",
     "__version__",
     "check_before_training",
     "doctor",
