@@ -72,7 +72,7 @@ def tokenizer(size: int) -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
 
 
-def config() -> transformers.Qwen2Config:
+def config(*, tied: bool = True) -> transformers.Qwen2Config:
     return transformers.Qwen2Config(
         vocab_size=BEFORE,
         hidden_size=32,
@@ -81,7 +81,7 @@ def config() -> transformers.Qwen2Config:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
 
 
@@ -92,14 +92,18 @@ def resized_base(base: Path, size: int = AFTER, **options: Any) -> Any:
     return model
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny tied base and its 128-token tokenizer."""
-    directory = tmp_path_factory.mktemp("qwen2-base")
+def save_base(directory: Path, *, tied: bool) -> Path:
+    """A tiny base and its 128-token tokenizer."""
     torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config()).save_pretrained(directory)
+    transformers.Qwen2ForCausalLM(config(tied=tied)).save_pretrained(directory)
     tokenizer(BEFORE).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny tied base."""
+    return save_base(tmp_path_factory.mktemp("qwen2-base"), tied=True)
 
 
 def trained(base: Path, layout: str, **resize: Any) -> Any:
@@ -292,3 +296,35 @@ def test_a_tokenizer_larger_than_the_merged_vocabulary_is_refused(base: Path, tm
     with pytest.raises(VocabularyError, match=f"The tokenizer {TOO_LARGE}"):
         safemerge.safe_merge(model, tmp_path / "out", policy="untie", tokenizer=tokenizer(AFTER))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("layout", "low_memory"),
+    [
+        pytest.param(
+            layout,
+            low_memory,
+            marks=[
+                *([needs_low_memory] if low_memory else []),
+                *([] if layout == "trainable-tokens" and not low_memory else [pytest.mark.full_matrix]),
+            ],
+            id=f"{layout}-{'low-memory' if low_memory else 'in-memory'}",
+        )
+        for layout in POLICIES
+        for low_memory in (False, True)
+    ],
+)
+def test_an_untied_base_resized_for_training_merges_from_files(tmp_path: Path, layout: str, low_memory: bool) -> None:
+    """Untied, the head's new rows are its own: PEFT saves it whole beside trainable tokens on the embedding."""
+    base = save_base(tmp_path / "base", tied=False)
+    adapter = tmp_path / "adapter"
+    trained(base, layout).save_pretrained(adapter)
+    tokenizer(AFTER).save_pretrained(adapter)
+    report = safemerge.merge_pretrained(str(base), str(adapter), tmp_path / "out", policy="keep", low_memory=low_memory)
+    assert report.vocabulary is not None and report.vocabulary.missing == ()
+    if layout == "trainable-tokens":
+        assert dict(report.vocabulary.sources) == {
+            "model.embed_tokens": "saved whole (save_embedding_layers), then trainable tokens 128-135",
+            "lm_head": "saved whole (save_embedding_layers)",
+        }
+    torch.testing.assert_close(merged_logits(tmp_path / "out"), adapter_logits(base, adapter), rtol=0, atol=1e-5)
