@@ -328,3 +328,23 @@ def test_an_untied_base_resized_for_training_merges_from_files(tmp_path: Path, l
             "lm_head": "saved whole (save_embedding_layers)",
         }
     torch.testing.assert_close(merged_logits(tmp_path / "out"), adapter_logits(base, adapter), rtol=0, atol=1e-5)
+
+
+def test_trainable_tokens_on_some_new_rows_leave_the_others_missing(base: Path, tmp_path: Path) -> None:
+    """Saved without the embedding layers, trainable tokens on 128-131 hold those rows only: 132-135 are named."""
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], trainable_token_indices=NEW[:4])
+    model = peft.get_peft_model(resized_base(base), config)
+    perturb(model)
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    tokenizer(AFTER).save_pretrained(tmp_path / "adapter")
+    rows = r"holds no values for the new rows 132-135 of model\.embed_tokens, lm_head: .* save_embedding_layers=True"
+    with pytest.raises(VocabularyError, match=rows):
+        safemerge.merge_pretrained(str(base), str(tmp_path / "adapter"), tmp_path / "out", policy="untie")
+    report = safemerge.doctor(str(base), str(tmp_path / "adapter"))
+    (finding,) = report.by_severity("silent")
+    assert finding.evidence == (
+        "model.embed_tokens: trainable tokens 128-131",
+        "lm_head: trainable tokens 128-131",
+        "model.embed_tokens: no values for rows 132-135",
+        "lm_head: no values for rows 132-135",
+    )

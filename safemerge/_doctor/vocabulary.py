@@ -18,7 +18,8 @@ def check_resized_vocabulary(
     base: Any, base_config: Any, adapter_dir: Path, config_data: dict[str, Any], actual: Shapes, checkup: Checkup
 ) -> tuple[Any, set[str]]:
     """The base's config as the merge resizes it (as it is, without a resize), and the adapter keys that are PEFT's
-    own saves of the vocabulary modules (optional: PEFT saves them whole only where it sees the resize)."""
+    own saves of the vocabulary modules (optional: PEFT saves them whole, and a tied head's trainable tokens apart,
+    only where it sees the resize)."""
     try:
         cls = model_class_for(base_config, config_data.get("task_type"))
         model = base if isinstance(base, torch.nn.Module) else on_meta(cls, base_config)
@@ -31,7 +32,7 @@ def check_resized_vocabulary(
     if resize is None:
         return base_config, set()
     _report(resize, checkup)
-    tails = (*_vocabulary.WHOLE, _vocabulary.COPY)
+    tails = (*_vocabulary.WHOLE, _vocabulary.COPY, *_vocabulary.DELTAS)  # a tied head's tokens: saved once or twice
     whole = {f"{_vocabulary.PREFIX}{module}.{tail}" for module in layers.modules for tail in tails}
     return _vocabulary.resized_config(base_config, resize.after), whole
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from safemerge._model.compat import declared_ties
 from safemerge._records import VocabularyResize
 from safemerge._text import listed
 from safemerge.errors import VocabularyError
@@ -28,9 +29,9 @@ PREFIX = "base_model.model."
 #: Key tails under a vocabulary module that hold the base layer's weight whole (PEFT's `save_embedding_layers`, the
 #: original module of `modules_to_save`): loaded into the base tensor, which a tied head shares.
 WHOLE = ("weight", "base_layer.weight", "token_adapter.base_layer.weight", "original_module.weight")
-#: The module's own trained copy (`modules_to_save`), and the trainable tokens' rows.
+#: The module's own trained copy (`modules_to_save`), and the trainable tokens' rows (beside LoRA, or standalone).
 COPY = "modules_to_save.weight"
-DELTA = "token_adapter.trainable_tokens_delta"
+DELTAS = ("token_adapter.trainable_tokens_delta", "trainable_tokens_delta")
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -59,7 +60,10 @@ def vocabulary_layers(model: Any) -> VocabularyLayers | None:
     if embed is None or getattr(embed_module, "weight", None) is None:
         return None
     head = names.get(id(head_module)) if head_module is not None else None
-    tied = head_module is not None and getattr(head_module, "weight", None) is embed_module.weight
+    # A model built on the meta device may not be tied yet: the ties its class declares count too.
+    tied = head is not None and (
+        getattr(head_module, "weight", None) is embed_module.weight or f"{head}.weight" in declared_ties(model)
+    )
     return VocabularyLayers(embed, head, tied, int(embed_module.weight.shape[0]))
 
 
@@ -102,19 +106,31 @@ def plan_resize(
     shared_whole = bool(whole) and layers.tied
     sources, missing = [], []
     for module in layers.modules:
-        trained = set(indices[module]) & set(new) if f"{PREFIX}{module}.{DELTA}" in shapes else set()
-        tokens_ = f"trainable tokens {ranges(sorted(trained))}" if trained else ""
+        trained = _trained_rows(module, layers, shapes, indices) & set(new)
+        by_tokens = f"trainable tokens {ranges(sorted(trained))}" if trained else ""
         if shapes.get(f"{PREFIX}{module}.{COPY}", (0,))[0] == after:
             sources.append((module, "its modules_to_save copy"))
         elif module in whole or shared_whole:
             where = "saved whole (save_embedding_layers)" if module in whole else "the tied embedding, saved whole"
-            sources.append((module, f"{where}{f', then {tokens_}' if tokens_ else ''}"))
+            sources.append((module, f"{where}{f', then {by_tokens}' if by_tokens else ''}"))
         else:
-            if tokens_:
-                sources.append((module, tokens_))
+            if by_tokens:
+                sources.append((module, by_tokens))
             if left := [row for row in new if row not in trained]:
                 missing.append((module, tuple(left)))
     return VocabularyResize(layers.size, after, tokens, _padding(after, tokens), tuple(sources), tuple(missing))
+
+
+def _trained_rows(module: str, layers: VocabularyLayers, shapes: Shapes, indices: Mapping[str, list[int]]) -> set[int]:
+    """The rows trainable tokens train on `module`: its own, and on a tied head the embedding's too (PEFT ties the
+    head's token layer to the embedding's and saves its rows once, with save_embedding_layers=False)."""
+    holders = [module, layers.embed] if layers.tied and module == layers.head else [module]
+    return {
+        row
+        for holder in holders
+        if holder is not None and any(f"{PREFIX}{holder}.{tail}" in shapes for tail in DELTAS)
+        for row in indices[holder]
+    }
 
 
 def _sizes(module: str, shapes: Shapes, *, is_head: bool) -> list[int]:
