@@ -83,7 +83,9 @@ def merge_pretrained(
     Raises:
         AdapterMismatchError: the doctor found that the adapter does not fit the base (nothing was loaded).
         InputError: an input is missing, damaged or does not load; a bad option or combination of options (see
-            safe_merge(); QuantizedBaseError for a pre-quantized base); nothing was loaded or written.
+            safe_merge(); QuantizedBaseError for a pre-quantized base; VocabularyError for an adapter trained on a
+            resized vocabulary that lacks some new rows, or a tokenizer larger than the merged vocabulary); nothing
+            was loaded or written.
         SafeMergeError: TiedWeightsError, ServingTargetError, UnsupportedAdapterError, OutputExistsError,
             OutputWriteError or VerificationError, as in safe_merge() (a failed verification's files are quarantined).
     """
@@ -91,7 +93,8 @@ def merge_pretrained(
 
 
 def merge(request: MergeRequest) -> MergeReport:
-    """merge_pretrained()'s merge of a checked request: the doctor, then the pipeline with the engine it asks for."""
+    """merge_pretrained()'s merge of a checked request: the vocabulary (a resize as training made, the tokenizer that
+    ships), the doctor, then the pipeline with the engine it asks for, the base resized as the adapter was trained."""
     assert request.base is not None and request.adapter is not None
     base, adapter, hub = request.base, request.adapter, request.source
     tokenizer, source = _ship.find_tokenizer([(adapter, hub.adapter), (base, hub.base)])
@@ -158,7 +161,7 @@ def _read_vocabulary(
         if layers is None:
             return None, None
         return layers, _vocabulary.read_resize(adapter_dir, layers, _vocabulary.tokenizer_size(tokenizer))
-    except Exception:  # (unreadable inputs: the doctor, which runs next, explains them)
+    except Exception:  # unreadable inputs: the doctor, which runs next, explains them
         return None, None
 
 

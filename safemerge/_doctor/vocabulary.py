@@ -24,7 +24,7 @@ def check_resized_vocabulary(
         cls = model_class_for(base_config, config_data.get("task_type"))
         model = base if isinstance(base, torch.nn.Module) else on_meta(cls, base_config)
         layers = _vocabulary.vocabulary_layers(model)
-    except Exception:  # (a base that cannot be built: expected_tensors reports it)
+    except Exception:  # a base that cannot be built: expected_tensors reports it
         return base_config, set()
     if layers is None:
         return base_config, set()
@@ -45,7 +45,7 @@ def _tokenizer_size(adapter_dir: Path) -> int | None:
         import transformers
 
         return len(transformers.AutoTokenizer.from_pretrained(str(adapter_dir)))
-    except Exception:  # (the merge loads it and says what is wrong with it)
+    except Exception:  # the merge loads it and says what is wrong with it
         return None
 
 
