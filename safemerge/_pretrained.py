@@ -83,9 +83,8 @@ def merge_pretrained(
     Raises:
         AdapterMismatchError: the doctor found that the adapter does not fit the base (nothing was loaded).
         InputError: an input is missing, damaged or does not load; a bad option or combination of options (see
-            safe_merge(); QuantizedBaseError for a pre-quantized base; VocabularyError for an adapter trained on a
-            resized vocabulary that lacks some new rows, or a tokenizer larger than the merged vocabulary); nothing
-            was loaded or written.
+            safe_merge(); QuantizedBaseError for a pre-quantized base; VocabularyError for added tokens the adapter
+            lacks rows for, or a tokenizer larger than the merged vocabulary); nothing was loaded or written.
         SafeMergeError: TiedWeightsError, ServingTargetError, UnsupportedAdapterError, OutputExistsError,
             OutputWriteError or VerificationError, as in safe_merge() (a failed verification's files are quarantined).
     """
