@@ -26,6 +26,7 @@ from safemerge._records import (
     TiePolicy,
     TrainingCheck,
     Verification,
+    VocabularyResize,
 )
 from safemerge._version import __version__
 from safemerge.errors import (
@@ -43,6 +44,7 @@ from safemerge.errors import (
     UnsupportedAdapterError,
     UploadError,
     VerificationError,
+    VocabularyError,
 )
 
 if TYPE_CHECKING:
@@ -116,6 +118,8 @@ __all__ = [
     "UploadError",
     "Verification",
     "VerificationError",
+    "VocabularyError",
+    "VocabularyResize",
     "__version__",
     "check_before_training",
     "doctor",

@@ -61,6 +61,7 @@ def safe_merge(
         ServingTargetError: a runtime of `serve_with` would serve the result wrong or not at all (nothing changed).
         UnsupportedAdapterError: no merged model can compute what this adapter model computes.
         QuantizedBaseError: a quantized base without `base_weights` (see docs/how-to/qlora.md); nothing changed.
+        VocabularyError: `tokenizer` has more tokens than the model's vocabulary; nothing changed.
         InputError: `save_directory` is the current directory, one above it, home or `/`, or its name is too long.
         OutputExistsError: `save_directory` is not empty and overwrite is False.
         OutputWriteError: the model could not be written or put in place (`save_directory` is as it was).

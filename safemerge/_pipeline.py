@@ -33,7 +33,7 @@ from safemerge._model.stand_in import loaded as loaded_stand_in
 from safemerge._model.walk import tie_groups
 from safemerge._output import claim as _output
 from safemerge._output import ship as _ship
-from safemerge._records import Action, MergePlan, MergeReport, Verification
+from safemerge._records import Action, MergePlan, MergeReport, Verification, VocabularyResize
 from safemerge._request import MergeRequest
 from safemerge.errors import SafeMergeWarning, VerificationError
 
@@ -115,7 +115,10 @@ def run(request: MergeRequest, engine: Engine) -> MergeReport:
     if snapshot is not None and not request.in_place:
         _put_back(snapshot)
     with_model = request.in_place and engine.returns_model
-    report = merge_report(plan, str(request.target), analysis, merged, actions, verification, with_model=with_model)
+    report = merge_report(
+        plan, str(request.target), analysis, merged, actions, verification, with_model=with_model,
+        vocabulary=request.vocabulary,
+    )  # fmt: skip
     return _pushed(request, report)
 
 
@@ -147,6 +150,8 @@ def _merge_and_save(
     merged, actions = engine.execute(model, plan, analysis.tied)
     if analysis.quantized_base is not None:
         actions.insert(0, Action("quantized-base", (), str(analysis.quantized_base)))
+    if request.vocabulary is not None:
+        actions.insert(0, Action("resize-vocabulary", (), str(request.vocabulary)))
     verification = None
     if request.verify:
         logger.info("checking the merged model's tied weights, ties and flags against the plan")
@@ -231,6 +236,7 @@ def merge_report(
     verification: Verification | None,
     *,
     with_model: bool = True,
+    vocabulary: VocabularyResize | None = None,
 ) -> MergeReport:
     """The report; without `with_model` it holds no model (a failed merge: the PEFT model is put back; a low-memory
     merge: none was built)."""
@@ -245,6 +251,7 @@ def merge_report(
         versions=_compat.versions(),
         serving_notes=analysis.serving_notes(plan),
         quantized_base=analysis.quantized_base,
+        vocabulary=vocabulary,
         model=merged if with_model else None,
     )
 

@@ -116,6 +116,7 @@ ActionCode = Literal[
     "push-to-hub",
     "retie-like-loader",
     "quantized-base",
+    "resize-vocabulary",
 ]
 
 
@@ -298,6 +299,33 @@ class QuantizedBase:
 
 
 @dataclass(frozen=True)
+class VocabularyResize:
+    """The base's vocabulary resized before the adapter is loaded, as training resized it (added tokens)."""
+
+    #: Rows of the base's embedding, and of the merged model's.
+    before: int
+    after: int
+    #: len() of the tokenizer saved beside the adapter, None without one.
+    tokenizer_size: int | None
+    #: The multiple the size was padded to (`resize_token_embeddings(pad_to_multiple_of=...)`), None if not padded.
+    pad_to_multiple_of: int | None
+    #: Where each vocabulary module's new rows come from: (module, source in words).
+    sources: tuple[tuple[str, str], ...]
+    #: Rows past `before` that nothing in the adapter holds: (module, rows); the merge refuses them.
+    missing: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def __str__(self) -> str:
+        padded = f", padded to a multiple of {self.pad_to_multiple_of}" if self.pad_to_multiple_of else ""
+        tokens = f" for a tokenizer of {self.tokenizer_size} tokens{padded}" if self.tokenizer_size else padded
+        rows = f"{self.before}-{self.after - 1}" if self.after - self.before > 1 else str(self.before)
+        sources = "; ".join(f"{module}: {source}" for module, source in self.sources)
+        return (
+            f"resized the base's vocabulary from {self.before} to {self.after} tokens{tokens}, as training did; "
+            f"the new rows {rows} come from the adapter ({sources})"
+        )
+
+
+@dataclass(frozen=True)
 class MergeReport:
     """Everything safe_merge() found, decided, did and measured. `model` is the merged model."""
 
@@ -316,6 +344,8 @@ class MergeReport:
     serving_notes: tuple[str, ...] = ()
     #: The base was quantized (QLoRA): the weights merged into and the quantization gap; None for a 16-bit base.
     quantized_base: QuantizedBase | None = None
+    #: The base's vocabulary was resized as training resized it (merge_pretrained); None when it was not.
+    vocabulary: VocabularyResize | None = None
     model: Any = field(default=None, repr=False, compare=False)
 
     @property

@@ -18,10 +18,11 @@ from safemerge._decide.analysis import require_peft_model
 from safemerge._model import compat as _compat
 from safemerge._model import inputs as _inputs
 from safemerge._model import quantized as _quantized
+from safemerge._model import vocabulary as _vocabulary
 from safemerge._model.load import Source, parse_dtype
 from safemerge._output import claim as _output
 from safemerge._output.ship import Extras
-from safemerge._records import TiePolicy
+from safemerge._records import TiePolicy, VocabularyResize
 from safemerge.errors import InputError
 
 
@@ -59,6 +60,8 @@ class MergeRequest:
     quantization: _quantized.Quantization | None = None
     #: Runtimes the merge will be served with ("vllm", "llama.cpp"): a plan they would serve wrong is refused.
     serve_with: tuple[str, ...] = ()
+    #: The base's vocabulary resized as the adapter was trained (merge_pretrained), None when it was not.
+    vocabulary: VocabularyResize | None = None
 
     @classmethod
     def for_model(
@@ -82,6 +85,7 @@ class MergeRequest:
         runtimes = _serving.parse_runtimes(serve_with)
         _inputs.check_tolerance(logits_tolerance)
         peft_model = require_peft_model(model)
+        _vocabulary.refuse_large_tokenizer(tokenizer, _vocabulary.model_rows(peft_model.get_base_model()), None)
         _inputs.check_not_offloaded(peft_model)
         quantization = _quantized.in_memory(peft_model)
         _quantized.check_choice(quantization, base_weights, original_base, where="loaded in memory")

@@ -4,7 +4,8 @@ The tree::
 
     SafeMergeError                    base of everything safemerge raises on purpose
     ├── InputError                    a path cannot be used, a file is damaged, weights on meta (a ValueError)
-    │   └── QuantizedBaseError        a quantized base without base_weights, or one safemerge cannot dequantize
+    │   ├── QuantizedBaseError        a quantized base without base_weights, or one safemerge cannot dequantize
+    │   └── VocabularyError           added tokens without their rows in the adapter, or a tokenizer the model lacks
     ├── AdapterMismatchError          the doctor found that the adapter does not fit the base (nothing loaded)
     ├── TiedWeightsError              the tie policy forbids this merge (nothing was changed)
     ├── ServingTargetError            a runtime named in serve_with would serve the merge wrong or not load it
@@ -44,6 +45,7 @@ __all__ = [
     "UnsupportedAdapterError",
     "UploadError",
     "VerificationError",
+    "VocabularyError",
 ]
 
 
@@ -174,6 +176,21 @@ class QuantizedBaseError(InputError):
         into. Nothing was loaded or changed. Choose base_weights (CLI: --base-weights): ... Fix: pass
         base_weights='dequantized' (the model you trained and evaluated) unless you want the adapter on the
         full-precision weights. ...
+    """
+
+
+class VocabularyError(InputError):
+    """The vocabulary does not add up, and nothing was loaded or written: the adapter was trained on a resized
+    vocabulary (added tokens) but holds no trained values for some new rows, or the tokenizer that would ship has
+    more tokens than the merged model has rows.
+
+    Example message::
+
+        The adapter was trained on a vocabulary resized from 128 to 136 tokens, but it holds no values for the new
+        rows 128-135 of model.embed_tokens, lm_head: merged, they would keep what resize_token_embeddings put there,
+        not what training learned. Nothing was loaded or written. Fix: save the adapter again with
+        peft_model.save_pretrained(path, save_embedding_layers=True), or train those rows (modules_to_save or
+        trainable_token_indices).
     """
 
 

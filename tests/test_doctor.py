@@ -370,8 +370,11 @@ def test_resized_vocabulary(base_dirs: dict[str, Path], tmp_path: Path) -> None:
     model = peft.get_peft_model(base, ADAPTERS["save-embed"](arch))
     perturb(model)
     model.save_pretrained(tmp_path / "a")
-    found = finding(safemerge.doctor(str(base_dirs["llama"]), str(tmp_path / "a")), "resized-vocabulary")
-    assert f"resize_token_embeddings({VOCAB + 4})" in found.fix and "ignore_mismatched_sizes" not in found.fix
+    report = safemerge.doctor(str(base_dirs["llama"]), str(tmp_path / "a"))
+    found = finding(report, "resized-vocabulary")
+    assert report.ok and found.severity == "info", "PEFT's own save of a resized vocabulary merges (issue 27)"
+    assert f"resized from {VOCAB} to {VOCAB + 4} tokens" in found.message and "the merge resizes" in found.message
+    assert found.fix == f"None needed: safemerge merge resizes the base to {VOCAB + 4} tokens itself, keeping its ties."
 
 
 def _classifier_adapter(tmp_path: Path, base_dir: Path, num_labels: int) -> Path:

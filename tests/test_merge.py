@@ -507,7 +507,7 @@ def test_a_model_on_the_meta_device_is_refused(build, base_dirs, tmp_path: Path,
 @needs_low_memory
 def test_a_model_offloaded_by_accelerate_is_not_refused(base_dirs, saved_adapter, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Weights on meta with accelerate's offload hook (as the low-memory engine loads them) have values on disk."""
-    from safemerge._model.load import load_offloaded_adapter_model
+    from safemerge._model.offload import load_offloaded_adapter_model
 
     model = load_offloaded_adapter_model(
         str(base_dirs["llama"]), str(saved_adapter("llama", "lora-attention")), offload_folder=str(tmp_path / "off")

@@ -22,6 +22,7 @@ from safemerge._doctor.coverage import check_base_weights, check_dora, check_lay
 from safemerge._doctor.key_names import ADAPTER_MARKERS, check_non_peft_naming, normalise_names
 from safemerge._doctor.peft_config import build_peft_config, report_scaling
 from safemerge._doctor.shapes import explain_shapes
+from safemerge._doctor.vocabulary import check_resized_vocabulary
 from safemerge._findings import DoctorReport
 
 __all__ = ["doctor"]
@@ -72,10 +73,13 @@ def doctor(
     if base_config is None:
         return checkup.report()
     check_recorded_base(base, config_data, checkup)
+    base_config, vocabulary_keys = check_resized_vocabulary(
+        base, base_config, adapter_dir, config_data, actual, checkup
+    )
     expected, meta_model = expected_tensors(base, base_config, peft_config, checkup)
     if expected is None or not actual:
         return checkup.report()
-    _compare(actual, expected, peft_config, base_config, meta_model, checkup)
+    _compare(actual, expected, peft_config, base_config, meta_model, checkup, optional=vocabulary_keys)
     if meta_model is not None and checkpoint_keys is not None:
         check_missing_head(meta_model, checkpoint_keys, actual, checkup)
     if meta_model is not None and not checkup.report().by_severity("error", "silent"):
@@ -84,13 +88,21 @@ def doctor(
 
 
 def _compare(
-    actual: Shapes, expected: Shapes, peft_config: Any, base_config: Any, peft_model: Any, checkup: Checkup
+    actual: Shapes,
+    expected: Shapes,
+    peft_config: Any,
+    base_config: Any,
+    peft_model: Any,
+    checkup: Checkup,
+    *,
+    optional: set[str],
 ) -> None:
-    """The adapter file's tensors against PEFT's expected ones: names first (renames mapped), then shapes."""
+    """The adapter file's tensors against PEFT's expected ones: names first (renames mapped), then shapes. The
+    `optional` ones may be absent (the vocabulary modules PEFT saves whole for a resized vocabulary)."""
     if check_non_peft_naming(actual, checkup):
         return
     renamed = normalise_names(actual, expected, checkup)
-    optional = {k for k in expected if ".base_layer." in k}  # embeddings saved alongside (save_embedding_layers)
+    optional |= {k for k in expected if ".base_layer." in k}  # embeddings saved alongside (save_embedding_layers)
     normal = {renamed.get(k, k): shape for k, shape in actual.items()}
     check_base_weights(normal, expected, peft_model, checkup)
     check_dora(normal, peft_config, checkup)

@@ -112,8 +112,10 @@ CODES: tuple[FindingCode, ...] = (
     FindingCode("rank-mismatch", ("error",), "the rank differs from `r`: the fix gives `r` or a `rank_pattern`"),
     FindingCode(
         "resized-vocabulary",
-        ("error",),
-        "the adapter's vocabulary differs: the fix gives `resize_token_embeddings(N)`",
+        ("error", "silent", "info"),
+        "the adapter was trained on a resized vocabulary (added tokens): info, the merge resizes the base the same "
+        "way and names where the new rows come from; silent, the adapter lacks some new rows (the merge refuses "
+        "it); error, a size no resize explains",
     ),
     FindingCode("num-labels", ("error",), "the classifier head's size differs: the fix gives `num_labels=N`"),
     FindingCode("other-base", ("error",), "hidden size / heads / intermediate size differ: another base"),

@@ -108,10 +108,10 @@ def _report_vocabulary(size: int, vocab: int | None, mismatched: list[Mismatch],
         "resized-vocabulary",
         "error",
         f"The adapter was trained with a vocabulary of {size} tokens; the base has {vocab}. Loading fails with "
-        "'size mismatch' (the tokenizer got new tokens and the embeddings were resized).",
+        "'size mismatch', and the merge resizes a base only to the larger vocabulary of added tokens.",
         evidence=[f"{k}: {list(h)} vs {list(w)}" for k, h, w in mismatched if vocab in w][:4],
-        fix=f"Resize the base before loading the adapter: base_model.resize_token_embeddings({size}), with the "
-        "adapter's tokenizer.",
+        fix=f"Merge onto the base the adapter was trained on (its vocabulary has {size} tokens), with the tokenizer "
+        "saved beside the adapter.",
     )
 
 

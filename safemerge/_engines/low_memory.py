@@ -35,7 +35,7 @@ from safemerge._checks.finite import refuse_non_finite_merged as refuse_merged
 from safemerge._decide.layer_merge import merged_parameters, unloaded
 from safemerge._decide.ties import TiedWeights
 from safemerge._engines import in_memory
-from safemerge._model.load import load_for_good, weights_loaded
+from safemerge._model.offload import load_for_good, weights_loaded
 from safemerge._model.probe import model_dtype
 from safemerge._model.reload import Fingerprint, LoadSpec
 from safemerge._model.rows import Value, block, row_blocks

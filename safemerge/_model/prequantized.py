@@ -19,7 +19,8 @@ import torch
 import transformers
 
 from safemerge._model import quantized as _quantized
-from safemerge._model.load import Source, disk_map, model_class_for, with_offloaded_adapter
+from safemerge._model.load import Source, model_class_for
+from safemerge._model.offload import disk_map, with_offloaded_adapter
 from safemerge.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -149,10 +150,12 @@ def load_dequantized_adapter_model(
     *,
     dtype: torch.dtype | str | None = None,
     hub: Source,
+    vocab_size: int | None = None,
 ) -> Any:
     """The adapter model on the pre-quantized checkpoint `base` read as a plain model in the compute dtype, its
     weights on disk (`DequantizedWeights` under accelerate's offload hooks), as `load_offloaded_adapter_model` loads
-    a 16-bit one. `dtype`: the dtype the unquantized tensors are read in (default: as stored)."""
+    a 16-bit one. `dtype`: the dtype the unquantized tensors are read in (default: as stored); `vocab_size`: the
+    vocabulary the adapter was trained with, where it was resized."""
     import peft
 
     _quantized.require_bitsandbytes()
@@ -171,7 +174,7 @@ def load_dequantized_adapter_model(
         dtype=dtype if isinstance(dtype, torch.dtype) else None,
     )
     model = _offloaded(cls, model_config, weights, quantization.compute_dtype)
-    return with_offloaded_adapter(model, adapter, config, hub)
+    return with_offloaded_adapter(model, adapter, config, hub, vocab_size)
 
 
 def _offloaded(cls: Any, config: Any, weights: DequantizedWeights, dtype: torch.dtype) -> Any:

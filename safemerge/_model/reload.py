@@ -70,7 +70,7 @@ def reload(
     `offload_folder`, its weights stay on disk and accelerate loads each layer's when the layer runs."""
     spec = like if isinstance(like, LoadSpec) else LoadSpec.like(like)
     if offload_folder is not None:
-        from safemerge._model.load import all_on_disk, load_tie_groups
+        from safemerge._model.offload import all_on_disk, load_tie_groups
 
         on_disk = all_on_disk(spec.loader, str(save_directory))
         offloaded = spec.loader.from_pretrained(
