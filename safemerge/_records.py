@@ -192,6 +192,11 @@ class TieInspection:
     notes: tuple[str, ...] = ()
     #: What each serving runtime does with each merging policy's result (docs/how-to/serving.md).
     serving: tuple[ServingCheck, ...] = ()
+    #: A quantized base (QLoRA), e.g. "bitsandbytes 4-bit nf4, double quantization (compute dtype bfloat16)": a merge
+    #: needs a `base_weights` choice. None for a 16-bit base.
+    quantization: str | None = None
+    #: The `base_weights` choice checked with the inspection (CLI: `inspect --base-weights`), None when none was made.
+    base_weights: str | None = None
 
     def plan(self, policy: str | TiePolicy) -> MergePlan:
         """The plan of one policy."""
@@ -214,6 +219,8 @@ class TrainingCheck:
     plan: MergePlan
     #: Tied members whose adapter layers have trainable tensors (what training can change).
     trainable_members: tuple[str, ...]
+    #: A quantized base (QLoRA training): the merge will need a `base_weights` choice. None for a 16-bit base.
+    quantization: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": REPORT_SCHEMA_VERSION, **to_jsonable(self)}
@@ -265,7 +272,7 @@ class Verification:
 class QuantizedBase:
     """A merge of an adapter trained on a quantized base (QLoRA): the weights it went into, and what that costs."""
 
-    #: The base's quantization, e.g. "bitsandbytes 4-bit nf4 (compute dtype bfloat16)".
+    #: The base's quantization, e.g. "bitsandbytes 4-bit nf4, double quantization (compute dtype bfloat16)".
     quantization: str
     #: "dequantized" (the weights the adapter was trained against) or "original" (the 16-bit checkpoint's).
     base_weights: str

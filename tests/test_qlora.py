@@ -4,6 +4,7 @@ into, the 16-bit stand-in, the figures, and the quantized model left computing e
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,16 @@ import pytest
 import torch
 import transformers
 
-from safemerge import QuantizedBaseError, TiedWeightsError, VerificationError, merge_pretrained, safe_merge
+from safemerge import (
+    QuantizedBaseError,
+    TiedWeightsError,
+    VerificationError,
+    check_before_training,
+    doctor,
+    inspect_ties,
+    merge_pretrained,
+    safe_merge,
+)
 from safemerge._model.quantized import no_cpu_packing
 from safemerge.cli import main
 from tests.models import ADAPTERS, ARCHS, logits, perturb, sample_ids
@@ -226,3 +236,101 @@ def test_the_original_checkpoint_is_read_without_the_quantized_repositorys_revis
     given = Source(revision="4bit-branch", adapter_revision="a", token="hf_x", trust_remote_code=True)
     assert given.original == Source(token="hf_x", trust_remote_code=True)
     assert "revision" not in given.original.base and given.original.base["token"] == "hf_x"
+
+
+NF4 = "bitsandbytes 4-bit nf4, double quantization (compute dtype float32)"
+
+
+def step_zero(base_dirs: dict[str, Path], kind: str = "lora-attention") -> Any:
+    """The QLoRA model as get_peft_model returns it, before the first training step."""
+    torch.manual_seed(0)
+    return peft.get_peft_model(load_4bit(base_dirs["llama"]), ADAPTERS[kind](LLAMA)).train()
+
+
+def test_check_before_training_says_the_choice_will_be_needed_and_leaves_the_model_as_it_was(
+    base_dirs: dict[str, Path],
+) -> None:
+    # Its probe forwards run in eval mode: on a CPU with AVX512-BF16, bitsandbytes would repack the 4-bit weights.
+    model = step_zero(base_dirs)
+    before, state = as_trained(model), quantized_state(model)
+    check = check_before_training(model, policy="untie")
+    assert check.outcome == "merges" and check.quantization == NF4
+    assert check.to_dict()["quantization"] == NF4
+    assert model.training
+    assert_unchanged(model, before, state)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_inspect_ties_shows_the_quantization_and_leaves_the_model_as_it_was(
+    qlora: Callable[..., Any], variant: str
+) -> None:
+    model = qlora(variant)
+    before, state = as_trained(model), quantized_state(model)
+    inspection = inspect_ties(model)
+    assert inspection.quantization == NF4 and inspection.base_weights is None
+    assert_unchanged(model, before, state)
+
+
+def test_a_16_bit_base_shows_no_quantization(make_adapter_model: Callable[[str, str], Any]) -> None:
+    model = make_adapter_model("llama", "lora-attention")
+    assert inspect_ties(model).quantization is None
+    assert check_before_training(model, policy="untie").quantization is None
+
+
+def test_cli_inspect_shows_the_quantization_and_checks_the_choice(
+    qlora_files: Callable[[str], Path], base_dirs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, adapter = str(qlora_files("pre-quantized")), str(qlora_files("lora-attention"))
+    assert main(["inspect", base, adapter, "-q"]) == 0
+    assert f"quantized base: {NF4}; a merge needs --base-weights (base_weights=): dequantized" in (
+        capsys.readouterr().out
+    )
+    assert main(["inspect", base, adapter, "--base-weights", "dequantized", "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["quantization"] == NF4 and out["base_weights"] == "dequantized"
+    assert main(["inspect", base, adapter, "--base-weights", "dequantized", "-q"]) == 0
+    assert f"quantized base: {NF4}; base weights: dequantized (chosen" in capsys.readouterr().out
+    assert main(["inspect", base, adapter, "--base-weights", "original", "-q"]) == 2
+    assert "is a pre-quantized checkpoint. Nothing was loaded or changed. Fix: pass original_base=" in (
+        capsys.readouterr().err
+    )
+    on_16_bit = ["inspect", str(base_dirs["llama"]), adapter, "--base-weights", "dequantized", "-q"]
+    assert main(on_16_bit) == 2
+    assert "this base is not quantized" in capsys.readouterr().err
+
+
+def test_cli_inspect_peft_config_says_the_merge_will_need_the_choice(
+    qlora_files: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps(ADAPTERS["lora-attention"](LLAMA).to_dict(), default=list))
+    argv = ["inspect", str(qlora_files("pre-quantized")), "--peft-config", str(config), "--policy", "untie"]
+    assert main([*argv, "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "policy 'untie' once trained: merges" in out
+    assert f"quantized base: {NF4}; a merge needs --base-weights" in out
+    assert main([*argv, "--base-weights", "dequantized", "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["quantization"] == NF4 and out["base_weights"] == "dequantized"
+
+
+def test_the_doctor_reports_a_pre_quantized_base_without_blocking(qlora_files: Callable[[str], Path]) -> None:
+    report = doctor(str(qlora_files("pre-quantized")), str(qlora_files("lora-attention")))
+    assert report.ok
+    # The adapter records the 16-bit directory it was trained from, not the pre-quantized one: another warning.
+    found = {(f.code, f.severity) for f in report.findings if f.severity != "info"}
+    assert found == {("quantized-base", "warning"), ("other-base-name", "warning")}
+    found = next(f for f in report.findings if f.code == "quantized-base")
+    assert NF4 in found.message and "--base-weights dequantized" in found.fix
+
+
+def test_the_doctor_reports_a_base_of_another_quantization_method(
+    base_dirs: dict[str, Path], saved_adapter: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    base = shutil.copytree(base_dirs["llama"], tmp_path / "awq")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "awq"}}))
+    report = doctor(str(base), str(saved_adapter("llama", "lora-attention")))
+    found = next(f for f in report.findings if f.code == "quantized-base")
+    assert found.severity == "warning" and "quantized with 'awq'" in found.message
+    assert "bitsandbytes 4-bit or 8-bit" in found.message and "16-bit checkpoint" in found.fix
