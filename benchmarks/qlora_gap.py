@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from merge_cost import LINEAR, build  # noqa: E402  (the same synthetic base as the cost benchmark)
+from merge_cost import LINEAR, build  # the same synthetic base as the cost benchmark
 
 
 def load_nf4(base: Path) -> Any:
@@ -78,20 +78,32 @@ def fine_tuned(model: Any, update: float) -> tuple[Any, float]:
     return peft_model.eval(), (error / total) ** 0.5
 
 
-def peft_into_4bit(peft_model: Any) -> float:
-    """max |logits difference| between PEFT's merge into the 4-bit layers and the model as trained, on safemerge's
-    probe (this changes `peft_model`: run it last)."""
-    import torch
-
+def as_trained(peft_model: Any) -> tuple[dict[str, Any], Any]:
+    """safemerge's probe and the logits of the model as trained on it (bitsandbytes' CPU repacking off)."""
     from safemerge._model.probe import make_probe, run_probe
-    from safemerge._model.quantized import no_cpu_packing
 
     probe = make_probe(peft_model.get_base_model(), [])
-    with torch.no_grad(), no_cpu_packing(peft_model):
-        trained, _ = run_probe(peft_model, probe)
-        merged = peft_model.merge_and_unload()
-        requantized, _ = run_probe(merged, probe)
-    return float((trained - requantized).abs().max())
+    return probe, run_probe(peft_model, probe)[0]
+
+
+def saved_vs_trained(out: Path, probe: dict[str, Any], trained: Any) -> float:
+    """max |logits difference| between the merged checkpoint written to `out`, loaded back, and the model as
+    trained."""
+    from transformers import AutoModelForCausalLM
+
+    from safemerge._model.probe import run_probe
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    return float((run_probe(merged, probe)[0] - trained).abs().max())
+
+
+def peft_into_4bit(peft_model: Any, probe: dict[str, Any], trained: Any) -> float:
+    """max |logits difference| between PEFT's merge into the 4-bit layers and the model as trained (this changes
+    `peft_model`: run it last)."""
+    from safemerge._model.probe import run_probe
+
+    merged = peft_model.merge_and_unload()
+    return float((run_probe(merged, probe)[0] - trained).abs().max())
 
 
 def main() -> None:
@@ -111,7 +123,8 @@ def main() -> None:
     start = time.monotonic()
     model = load_nf4(base)
     peft_model, nf4_error = fine_tuned(model, args.update)
-    figures: dict[str, Any] = {"load nf4 + adapter s": time.monotonic() - start}
+    figures: dict[str, Any] = {"load s": time.monotonic() - start}
+    probe, trained = as_trained(peft_model)
     for choice in ("dequantized", "original"):
         start = time.monotonic()
         out = args.work / f"out-qlora-{choice}"
@@ -119,8 +132,9 @@ def main() -> None:
         figures[f"{choice} s"] = time.monotonic() - start
         figures[choice] = report.quantized_base
         figures[f"{choice} verified"] = report.verification
+        figures[f"{choice} saved"] = saved_vs_trained(out, probe, trained)
     start = time.monotonic()
-    figures["peft 4-bit"] = peft_into_4bit(peft_model)
+    figures["peft 4-bit"] = peft_into_4bit(peft_model, probe, trained)
     figures["peft s"] = time.monotonic() - start
     show(args, figures, nf4_error, [transformers, peft, bitsandbytes, torch])
 
@@ -133,19 +147,24 @@ def show(args: argparse.Namespace, figures: dict[str, Any], nf4_error: float, mo
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {versions}")
     print(f"size {args.size}; nf4 + double quant, bfloat16 compute; LoRA r=16 on {', '.join(LINEAR)}")
     print(f"weights: LoRA update / weight = {args.update:g}; nf4 error / weight = {nf4_error:.3g} (Frobenius)")
-    print(f"fine-tune effect (model as trained vs its quantized base): {effect:.4g}")
-    rows = [
-        ("base_weights='dequantized'", dequantized.quantization_gap, figures["dequantized s"]),
-        ("base_weights='original'", original.quantization_gap, figures["original s"]),
-        ("PEFT merge_and_unload() into 4-bit", figures["peft 4-bit"], figures["peft s"]),
-    ]
-    print(f"{'merge':38}{'vs as trained':>15}{'/ effect':>10}{'wall s':>9}")
-    for name, gap, seconds in rows:
-        print(f"{name:38}{gap:>15.4g}{gap / effect:>9.1%}{seconds:>9.0f}")
+    print(
+        f"fine-tune effect (model as trained vs its quantized base): {effect:.4g}; loaded in {figures['load s']:.0f} s"
+    )
+    print("max |logits difference| against the model as trained, on safemerge's probe:")
+    print(f"{'merge':36}{'quantization gap':>17}{'saved merge':>12}{'/ effect':>10}{'wall s':>8}")
+    for choice in ("dequantized", "original"):
+        gap, saved = figures[choice].quantization_gap, figures[f"{choice} saved"]
+        name = f"base_weights={choice!r}"
+        print(f"{name:36}{gap:>17.4g}{saved:>12.4g}{saved / effect:>9.1%}{figures[f'{choice} s']:>8.0f}")
+    peft_gap, name = figures["peft 4-bit"], "PEFT merge_and_unload() into 4-bit"
+    print(f"{name:36}{'-':>17}{peft_gap:>12.4g}{peft_gap / effect:>9.1%}{figures['peft s']:>8.0f}")
     for choice in ("dequantized", "original"):
         v = figures[f"{choice} verified"]
-        print(f"{choice}: merged vs adapter on its 16-bit weights {v.max_abs_logits_diff:.3g} (tol {v.logits_tolerance:.3g})")
-    print(f"dequantized gap tolerance: {dequantized.gap_tolerance:.3g}")
+        print(
+            f"{choice}: verified, merged vs the adapter on its 16-bit weights {v.max_abs_logits_diff:.3g} "
+            f"(tolerance {v.logits_tolerance:.3g})"
+        )
+    print(f"dequantized: gap tolerance {dequantized.gap_tolerance:.3g}")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB")
 
 

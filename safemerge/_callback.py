@@ -15,6 +15,7 @@ from safemerge._decide.rules import parse_policy
 from safemerge._decide.serving import parse_runtimes
 from safemerge._merge import safe_merge
 from safemerge._model import inputs as _inputs
+from safemerge._model import quantized as _quantized
 from safemerge._model import undo as _undo
 from safemerge._output import claim as _output
 from safemerge._output.claim import write_json_atomic
@@ -79,6 +80,7 @@ class SafeMergeCallback(TrainerCallback):
         self.report_path = merged.with_name(merged.name + REPORT_SUFFIX)
         self.policy = parse_policy(policy)
         _check_options(merge_options)
+        _quantized.check_value(base_weights)
         parse_runtimes(merge_options.get("serve_with"))  # a misspelt runtime stops the script now
         self.merge_options = {**merge_options, "base_weights": base_weights, "original_base": original_base}
         #: The check made in on_train_begin, and the report of the merge made in on_train_end.

@@ -16,6 +16,7 @@ import transformers
 
 from safemerge import (
     QuantizedBaseError,
+    SafeMergeCallback,
     TiedWeightsError,
     VerificationError,
     check_before_training,
@@ -69,9 +70,25 @@ def trained(base: Path, kind: str, compute: torch.dtype = torch.float32) -> Any:
     return model.eval()
 
 
+def load_8bit(path: Path) -> Any:
+    """The base loaded in 8-bit (LLM.int8), on the CPU."""
+    config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, device_map="cpu", dtype=torch.float32
+    ).eval()
+
+
 @pytest.fixture
 def qlora(base_dirs: dict[str, Path], qlora_files: Callable[[str], Path]) -> Callable[..., Any]:
-    def make(variant: str, kind: str = "lora-attention", compute: torch.dtype = torch.float32) -> Any:
+    def make(variant: str, kind: str = "lora-attention", compute: torch.dtype = torch.float32, bits: int = 4) -> Any:
+        if bits == 8:
+            base = load_8bit(base_dirs["llama"])
+            if variant == "reloaded":
+                return peft.PeftModel.from_pretrained(base, qlora_files(kind)).eval()
+            torch.manual_seed(0)
+            model = peft.get_peft_model(base, ADAPTERS[kind](LLAMA))
+            perturb(model)
+            return model.eval()
         if variant == "in-memory":
             return trained(base_dirs["llama"], kind, compute)
         return peft.PeftModel.from_pretrained(load_4bit(base_dirs["llama"], compute), qlora_files(kind)).eval()
@@ -92,6 +109,11 @@ def quantized_state(model: Any) -> list[torch.Tensor]:
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is not None:
             tensors += [state.absmax.clone(), *([state.state2.absmax.clone()] if state.nested else [])]
+        scales = [
+            getattr(getattr(module, "weight", None), "SCB", None),
+            getattr(getattr(module, "state", None), "SCB", None),
+        ]
+        tensors += [scale.clone() for scale in scales if scale is not None]  # 8-bit: the row scales
     return tensors
 
 
@@ -165,16 +187,33 @@ def test_a_failed_merge_leaves_the_quantized_model_computing_exactly_what_it_did
     assert_unchanged(model, before, state)
 
 
-@pytest.mark.parametrize("policy", ["keep", "untie"])
-def test_tie_policies_behave_as_on_a_16_bit_base(qlora: Callable[..., Any], policy: str, tmp_path: Path) -> None:
-    model = qlora("in-memory", kind="lora-head")
-    if policy == "keep":
-        with pytest.raises(TiedWeightsError, match="Fix: use policy='untie'"):
-            safe_merge(model, tmp_path / "out", policy=policy, base_weights="dequantized")
-        return
-    report = safe_merge(model, tmp_path / "out", policy=policy, base_weights="dequantized")
-    assert report.ok and report.groups_after == ()
-    assert not json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"]
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", ["lora-head", "lora-both-ensure-tying"])
+def test_tie_policies_refuse_and_merge_as_on_a_16_bit_base(
+    qlora: Callable[..., Any], base_dirs: dict[str, Path], variant: str, kind: str, tmp_path: Path
+) -> None:
+    """bitsandbytes keeps the embeddings and lm_head unquantized and tied: each policy does what the 16-bit matrix
+    (tests/test_merge.py) says it does with this adapter."""
+    from tests.test_merge import MERGES, POLICIES, expected
+
+    model = qlora(variant, kind=kind)
+    base = model.get_base_model()
+    # The tie survives quantized loading (through PEFT's wrappers: their `weight` is the base layer's).
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    category, why = expected("llama", kind, variant)
+    for policy, merges in zip(POLICIES, MERGES[category], strict=True):
+        out = tmp_path / policy
+        if not merges:
+            with pytest.raises(TiedWeightsError, match=r"does not merge this model: .* Fix: .* Nothing was changed"):
+                safe_merge(model, out, policy=policy, base_weights="dequantized")
+            assert not out.exists()
+            continue
+        report = safe_merge(model, out, policy=policy, base_weights="dequantized", in_place=False)
+        assert report.ok and report.quantized_base is not None, (policy, why)
+        tied = json.loads((out / "config.json").read_text())["tie_word_embeddings"]
+        assert tied == bool(report.groups_after), policy
+        merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+        assert torch.allclose(logits(merged, sample_ids()), as_trained(model), atol=1e-5, rtol=0)
 
 
 def test_base_weights_on_a_16_bit_base_is_refused(
@@ -334,3 +373,63 @@ def test_the_doctor_reports_a_base_of_another_quantization_method(
     found = next(f for f in report.findings if f.code == "quantized-base")
     assert found.severity == "warning" and "quantized with 'awq'" in found.message
     assert "bitsandbytes 4-bit or 8-bit" in found.message and "16-bit checkpoint" in found.fix
+
+
+def test_a_qlora_training_run_ends_with_a_verified_merge(base_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """SafeMergeCallback in transformers' Trainer, on the 4-bit base: the choice is checked before the first step,
+    and the merge after the last reproduces the model as trained."""
+    from tests.test_training import trainer
+
+    model = step_zero(base_dirs)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    refused = trainer(model, tmp_path, SafeMergeCallback(tmp_path / "refused", policy="untie"))
+    with pytest.raises(QuantizedBaseError, match=r"(?s)bitsandbytes 4-bit nf4.*Fix: pass base_weights='dequantized'"):
+        refused.train()
+    assert refused.state.global_step == 0 and not (tmp_path / "refused").exists()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if p.requires_grad)
+    callback = SafeMergeCallback(tmp_path / "merged", policy="untie", base_weights="dequantized")
+    run = trainer(model, tmp_path, callback)
+    run.train()
+    report = callback.report
+    assert report is not None and report.ok and report.verified and run.state.global_step == 3
+    assert isinstance(run.model, peft.PeftModel) and callback.check and callback.check.quantization == NF4
+    quantized = report.quantized_base
+    assert quantized is not None and quantized.base_weights == "dequantized" and quantized.quantization_gap <= 1e-5
+    assert run.state.log_history[-1]["safemerge/quantization_gap"] == quantized.quantization_gap
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(logits(merged, sample_ids()), as_trained(run.model), atol=1e-5, rtol=0)
+
+
+def test_the_callback_checks_original_before_training(base_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from tests.test_training import trainer
+
+    model = step_zero(base_dirs)
+    model.get_base_model().config._name_or_path = str(tmp_path / "gone")  # the 16-bit checkpoint was deleted
+    callback = SafeMergeCallback(tmp_path / "merged", policy="untie", base_weights="original")
+    with pytest.raises(QuantizedBaseError, match=r"base_weights='original' needs the 16-bit weights.*Fix: pass or"):
+        trainer(model, tmp_path, callback).train()
+    with pytest.raises(ValueError, match="base_weights must be one of 'dequantized', 'original', got 'int4'"):
+        SafeMergeCallback(tmp_path / "merged", policy="untie", base_weights="int4")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_8_bit_base_is_refused_without_a_choice_and_dequantized_reproduces_it(
+    qlora: Callable[..., Any], variant: str, tmp_path: Path
+) -> None:
+    """LLM.int8 runs on the CPU (bitsandbytes >= 0.46): its matmul rounds activations to float16, so the 8-bit model
+    as trained is matched within float16's tolerance."""
+    model = qlora(variant, bits=8)
+    before, state = as_trained(model), quantized_state(model)
+    with pytest.raises(QuantizedBaseError, match=r"(?s)bitsandbytes 8-bit int8 .*'dequantized'.*Fix: pass base_weig"):
+        safe_merge(model, tmp_path / "refused", policy="untie")
+    assert not (tmp_path / "refused").exists()
+    assert_unchanged(model, before, state)
+    report = safe_merge(model, tmp_path / "out", policy="untie", base_weights="dequantized")
+    quantized = report.quantized_base
+    assert report.ok and quantized is not None and quantized.gap_tolerance is not None
+    assert quantized.quantization == "bitsandbytes 8-bit int8 (compute dtype float32)"
+    assert 0 < quantized.quantization_gap <= quantized.gap_tolerance < 0.1 < quantized.fine_tune_effect
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (logits(merged, sample_ids()) - before).abs().max() <= quantized.gap_tolerance
+    assert_unchanged(model, before, state)

@@ -142,13 +142,18 @@ def choice_message(quantization: Quantization, *, where: str) -> str:
     )
 
 
+def check_value(base_weights: str | None) -> None:
+    """ValueError for a `base_weights` that is none of the choices."""
+    if base_weights is not None and base_weights not in BASE_WEIGHTS:
+        raise ValueError(f"base_weights must be one of {', '.join(map(repr, BASE_WEIGHTS))}, got {base_weights!r}")
+
+
 def check_choice(
     quantization: Quantization | None, base_weights: str | None, original_base: str | None, *, where: str
 ) -> None:
     """The `base_weights` / `original_base` options against the base: valid values, a choice for a quantized base,
     none for a 16-bit one."""
-    if base_weights is not None and base_weights not in BASE_WEIGHTS:
-        raise ValueError(f"base_weights must be one of {', '.join(map(repr, BASE_WEIGHTS))}, got {base_weights!r}")
+    check_value(base_weights)
     if original_base is not None and base_weights != "original":
         raise QuantizedBaseError(
             "original_base (CLI: --original-base) names the 16-bit weights of base_weights='original', but "
