@@ -173,5 +173,6 @@ def inspect_ties(model: Any, *, probe_inputs: Mapping[str, torch.Tensor] | None 
 
     Returns:
         A TieInspection; `plan(policy)` is the merge plan `safe_merge` would execute under that policy.
+        `quantization` names a base quantized with bitsandbytes (QLoRA): safe_merge needs `base_weights` for it.
     """
     return analyse(require_peft_model(model), probe_inputs).inspection
