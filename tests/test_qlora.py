@@ -433,3 +433,23 @@ def test_an_8_bit_base_is_refused_without_a_choice_and_dequantized_reproduces_it
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
     assert (logits(merged, sample_ids()) - before).abs().max() <= quantized.gap_tolerance
     assert_unchanged(model, before, state)
+
+
+def test_other_quantization_methods_are_refused_in_memory_and_by_inspect(
+    make_adapter_model: Callable[[str, str], Any],
+    base_dirs: dict[str, Path],
+    saved_adapter: Callable[[str, str], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model = make_adapter_model("llama", "lora-attention")
+    model.get_base_model().config.quantization_config = {"quant_method": "hqq", "nbits": 4}  # as HQQ's loader records
+    with pytest.raises(QuantizedBaseError, match=r"quantized with 'hqq'; .* bitsandbytes 4-bit or 8-bit .* Fix: merge"):
+        safe_merge(model, tmp_path / "out", policy="untie")
+    with pytest.raises(QuantizedBaseError, match=r"quantized with 'hqq'"):
+        check_before_training(model, policy="untie")
+    base = shutil.copytree(base_dirs["llama"], tmp_path / "awq")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "awq"}}))
+    assert main(["inspect", str(base), str(saved_adapter("llama", "lora-attention")), "-q"]) == 2
+    assert "quantized with 'awq'; safemerge merges into quantized bases only when" in capsys.readouterr().err
