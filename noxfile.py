@@ -142,6 +142,16 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python="3.11")
+def bench_qlora(session: nox.Session) -> None:
+    """Figures of docs/how-to/qlora.md: the quantization gap of `base_weights="original"` against the fine-tune's
+    effect, the dequantized merge and PEFT's merge into the 4-bit layers, on the 1.24B model in nf4 on the CPU
+    (`nox -s bench_qlora -- --size small` for a quick run)."""
+    session.install(TORCH)
+    session.install("-e", ".[test,qlora]")
+    session.run("python", "benchmarks/qlora_gap.py", *session.posargs)
+
+
+@nox.session(python="3.11")
 def docs(session: nox.Session) -> None:
     """Build the documentation site into site/, warnings as errors (mkdocs strict mode)."""
     session.install("mkdocs>=1.6", "mkdocstrings[python]>=0.26")

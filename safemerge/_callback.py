@@ -6,7 +6,7 @@ import inspect
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -15,10 +15,12 @@ from safemerge._decide.rules import parse_policy
 from safemerge._decide.serving import parse_runtimes
 from safemerge._merge import safe_merge
 from safemerge._model import inputs as _inputs
+from safemerge._model import quantized as _quantized
 from safemerge._model import undo as _undo
 from safemerge._output import claim as _output
 from safemerge._output.claim import write_json_atomic
 from safemerge._records import MergeReport, TiePolicy, TrainingCheck
+from safemerge._request import checked_base_weights
 from safemerge.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -49,22 +51,38 @@ class SafeMergeCallback(TrainerCallback):
     process). In DDP runs the other processes wait at the trainer's next barrier while the main one merges; a merge
     longer than `ddp_timeout` needs a larger one.
 
+    QLoRA (the trainer's model on a bitsandbytes 4-bit or 8-bit base): `base_weights` is required, and checked before
+    the first step with `original_base` (the 16-bit checkpoint found, or QuantizedBaseError); the merge is written in
+    16 bits and verified against the model as trained (docs/how-to/qlora.md).
+
     Args:
         output_dir: where the merged model goes (not the trainer's `output_dir`: checkpoints live there).
         policy: "keep", "untie" or "refuse".
+        base_weights: a quantized base's weights to merge into, "dequantized" or "original" (safe_merge's).
+        original_base: with "original", the 16-bit checkpoint the base was quantized from (default: the one it was
+            loaded from).
         merge_options: more keyword arguments for `safe_merge` (`verify`, `overwrite`, `logits_tolerance`, ...);
             `serve_with=("vllm", "llama.cpp")` is also checked before training (check_before_training's).
     """
 
-    def __init__(self, output_dir: str | os.PathLike[str], *, policy: TiePolicy | str, **merge_options: Any) -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike[str],
+        *,
+        policy: TiePolicy | str,
+        base_weights: Literal["dequantized", "original"] | None = None,
+        original_base: str | None = None,
+        **merge_options: Any,
+    ) -> None:
         self.output_dir = Path(output_dir)
         #: Where on_train_end writes the merge's report: beside the merged directory, not inside it.
         merged = Path(os.path.abspath(self.output_dir))
         self.report_path = merged.with_name(merged.name + REPORT_SUFFIX)
         self.policy = parse_policy(policy)
         _check_options(merge_options)
+        _quantized.check_value(base_weights)
         parse_runtimes(merge_options.get("serve_with"))  # a misspelt runtime stops the script now
-        self.merge_options = merge_options
+        self.merge_options = {**merge_options, "base_weights": base_weights, "original_base": original_base}
         #: The check made in on_train_begin, and the report of the merge made in on_train_end.
         self.check: TrainingCheck | None = None
         self.report: MergeReport | None = None
@@ -80,6 +98,15 @@ class SafeMergeCallback(TrainerCallback):
         logger.info(
             "safemerge: policy %r %s once trained: %s", self.policy.value, self.check.outcome, self.check.reason
         )
+        # A QLoRA run without base_weights (or without the 16-bit checkpoint "original" needs) stops now.
+        options = self.merge_options
+        checked_base_weights(kwargs.get("model"), options["base_weights"], options["original_base"])
+        if self.check.quantization is not None:
+            logger.info(
+                "safemerge: quantized base (%s): merging into its %s weights",
+                self.check.quantization,
+                options["base_weights"],
+            )
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -145,5 +172,11 @@ def _figures(report: MergeReport) -> dict[str, Any]:
             "safemerge/max_abs_logits_diff": v.max_abs_logits_diff,
             "safemerge/logits_tolerance": v.logits_tolerance,
             "safemerge/reloaded_tensors_compared": v.reloaded_tensors_compared,
+        }
+    if (quantized := report.quantized_base) is not None:
+        figures |= {
+            "safemerge/base_weights": quantized.base_weights,
+            "safemerge/quantization_gap": quantized.quantization_gap,
+            "safemerge/fine_tune_effect": quantized.fine_tune_effect,
         }
     return figures

@@ -193,6 +193,11 @@ class TieInspection:
     notes: tuple[str, ...] = ()
     #: What each serving runtime does with each merging policy's result (docs/how-to/serving.md).
     serving: tuple[ServingCheck, ...] = ()
+    #: A quantized base (QLoRA), e.g. "bitsandbytes 4-bit nf4, double quantization (compute dtype bfloat16)": a merge
+    #: needs a `base_weights` choice. None for a 16-bit base.
+    quantization: str | None = None
+    #: The `base_weights` choice checked with the inspection (CLI: `inspect --base-weights`), None when none was made.
+    base_weights: str | None = None
 
     def plan(self, policy: str | TiePolicy) -> MergePlan:
         """The plan of one policy."""
@@ -215,6 +220,8 @@ class TrainingCheck:
     plan: MergePlan
     #: Tied members whose adapter layers have trainable tensors (what training can change).
     trainable_members: tuple[str, ...]
+    #: A quantized base (QLoRA training): the merge will need a `base_weights` choice. None for a 16-bit base.
+    quantization: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": REPORT_SCHEMA_VERSION, **to_jsonable(self)}
@@ -266,7 +273,7 @@ class Verification:
 class QuantizedBase:
     """A merge of an adapter trained on a quantized base (QLoRA): the weights it went into, and what that costs."""
 
-    #: The base's quantization, e.g. "bitsandbytes 4-bit nf4 (compute dtype bfloat16)".
+    #: The base's quantization, e.g. "bitsandbytes 4-bit nf4, double quantization (compute dtype bfloat16)".
     quantization: str
     #: "dequantized" (the weights the adapter was trained against) or "original" (the 16-bit checkpoint's).
     base_weights: str
@@ -319,10 +326,8 @@ class VocabularyResize:
         tokens = f" for a tokenizer of {self.tokenizer_size} tokens{padded}" if self.tokenizer_size else padded
         rows = f"{self.before}-{self.after - 1}" if self.after - self.before > 1 else str(self.before)
         sources = "; ".join(f"{module}: {source}" for module, source in self.sources)
-        return (
-            f"resized the base's vocabulary from {self.before} to {self.after} tokens{tokens}, as training did; "
-            f"the new rows {rows} come from the adapter ({sources})"
-        )
+        resized = f"resized the base's vocabulary from {self.before} to {self.after} tokens{tokens}, as training did"
+        return f"{resized}; the new rows {rows} come from the adapter ({sources})"
 
 
 @dataclass(frozen=True)

@@ -87,11 +87,7 @@ class MergeRequest:
         peft_model = require_peft_model(model)
         _vocabulary.refuse_large_tokenizer(tokenizer, _vocabulary.model_rows(peft_model.get_base_model()), None)
         _inputs.check_not_offloaded(peft_model)
-        quantization = _quantized.in_memory(peft_model)
-        _quantized.check_choice(quantization, base_weights, original_base, where="loaded in memory")
-        if base_weights == "original":
-            recorded = str(getattr(peft_model.get_base_model().config, "_name_or_path", "") or "") or None
-            original_base = _quantized.original_source(recorded, original_base, Source().base)
+        original_base = checked_base_weights(peft_model, base_weights, original_base)
         config = getattr(peft_model, "active_peft_config", None)
         return cls(
             target=_checked_target(save_directory, overwrite),
@@ -168,6 +164,17 @@ class MergeRequest:
         """The request completed from the inputs once the doctor passed: what is saved beside the weights (the
         tokenizer found), and the dtype to save in (`out_dtype`: the checkpoint's own, unless one was asked)."""
         return dataclasses.replace(self, extras=extras, out_dtype=self.out_dtype or out_dtype)
+
+
+def checked_base_weights(peft_model: Any, base_weights: str | None, original_base: str | None) -> str | None:
+    """`base_weights` checked against the PEFT model's base (a quantized one needs a choice, a 16-bit one takes none);
+    for "original", the 16-bit checkpoint found (`original_base`, or the one the base was loaded from)."""
+    quantization = _quantized.in_memory(peft_model)
+    _quantized.check_choice(quantization, base_weights, original_base, where="loaded in memory")
+    if base_weights != "original":
+        return original_base
+    recorded = str(getattr(peft_model.get_base_model().config, "_name_or_path", "") or "") or None
+    return _quantized.original_source(recorded, original_base, Source().base)
 
 
 def _checked_target(save_directory: str | os.PathLike[str], overwrite: bool) -> Path:

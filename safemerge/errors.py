@@ -171,11 +171,11 @@ class QuantizedBaseError(InputError):
 
     Example message::
 
-        The base is quantized (bitsandbytes 4-bit nf4 (compute dtype float32), in memory): the model that was trained
-        computes dequantized weights plus the adapter, and a merge has to choose the 16-bit weights the adapter goes
-        into. Nothing was loaded or changed. Choose base_weights (CLI: --base-weights): ... Fix: pass
-        base_weights='dequantized' (the model you trained and evaluated) unless you want the adapter on the
-        full-precision weights. ...
+        The base is quantized (bitsandbytes 4-bit nf4, double quantization (compute dtype float32), loaded in
+        memory): the model that was trained computes dequantized weights plus the adapter, and a merge has to choose
+        the 16-bit weights the adapter goes into. Nothing was loaded or changed. Choose base_weights (CLI:
+        --base-weights): ... Fix: pass base_weights='dequantized' (the model you trained and evaluated) unless you
+        want the adapter on the full-precision weights. ...
     """
 
 

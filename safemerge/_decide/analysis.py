@@ -15,6 +15,7 @@ from safemerge._decide.plan import ModelFacts, make_plan
 from safemerge._decide.ties import TiedWeights, adapted_weights, find_tied_weights
 from safemerge._model import compat as _compat
 from safemerge._model import probe as _probe
+from safemerge._model import quantized as _quantized
 from safemerge._model.walk import base_parameters, meta_parameters, output_embedding_name, tie_flags
 from safemerge._records import MergePlan, QuantizedBase, TieInspection, TiePolicy
 from safemerge._text import listed
@@ -113,6 +114,7 @@ def analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> Anal
     tied = find_tied_weights(root, found, called, declared, _compat.ties_kept_whatever_the_flag(root))
     facts = model_facts(root, declared)
     plans = tuple(make_plan(tied, facts, policy) for policy in TiePolicy)
+    quantization = _quantized.in_memory(model)
     inspection = TieInspection(
         groups=tied.groups,
         config_flags=facts.flags,
@@ -120,6 +122,7 @@ def analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> Anal
         plans=plans,
         notes=tuple(_notes(facts.split_in_base)),
         serving=tuple(c for plan in plans for c in _serving.checks(facts.model_type, plan, facts.head)),
+        quantization=str(quantization) if quantization is not None else None,
     )
     return Analysis(inspection, tied, facts, probe, logits)
 
@@ -170,5 +173,6 @@ def inspect_ties(model: Any, *, probe_inputs: Mapping[str, torch.Tensor] | None 
 
     Returns:
         A TieInspection; `plan(policy)` is the merge plan `safe_merge` would execute under that policy.
+        `quantization` names a base quantized with bitsandbytes (QLoRA): safe_merge needs `base_weights` for it.
     """
     return analyse(require_peft_model(model), probe_inputs).inspection

@@ -10,6 +10,7 @@ decided by the structure; two that differ mean it depends on the trained values.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -47,7 +48,9 @@ def check_before_training(
 
     Returns:
         A TrainingCheck; `outcome` is "merges" or "depends-on-training" (then `reason` says what decides), and
-        `plan` is the merge plan of the trained adapter, as `inspect` will show it.
+        `plan` is the merge plan of the trained adapter, as `inspect` will show it. `quantization` names a base
+        quantized with bitsandbytes (QLoRA): the merge will need `base_weights` ("dequantized" or "original";
+        docs/how-to/qlora.md). The quantized model's forwards run as in training (bitsandbytes' CPU repacking off).
 
     Raises:
         TiedWeightsError: the policy will refuse to merge this adapter whatever values training gives it.
@@ -77,6 +80,15 @@ def _forecast(
     peft_model = require_peft_model(model)
     trainable = _trainable_tied_tensors(peft_model)
     analyses = [_analysis_after_moving(peft_model, trainable, seed, probe_inputs) for seed in _SEEDS]
+    check, groups = _decided(tie_policy, trainable, analyses)
+    # A quantized base (QLoRA): the merge will need base_weights, whatever the policy decides.
+    return dataclasses.replace(check, quantization=analyses[0].inspection.quantization), groups, analyses[0]
+
+
+def _decided(
+    tie_policy: TiePolicy, trainable: dict[int, tuple[tuple[str, ...], torch.Tensor]], analyses: list[Analysis]
+) -> tuple[TrainingCheck, tuple[TieGroup, ...]]:
+    """What the policy does with the plans of the two moves: the check and the tie groups."""
     # Plans without figures: the moves are made up, only the structure they reveal counts.
     plans = [make_plan(a.tied, a.facts, tie_policy, figures=False) for a in analyses]
     members = tuple(sorted({name for names, _ in trainable.values() for name in names}))
@@ -86,13 +98,13 @@ def _forecast(
             f"two independent training runs of this adapter would be merged differently ({plans[0].reason} / "
             f"{plans[1].reason}): the trained values decide"
         )
-        return TrainingCheck(tie_policy.value, "depends-on-training", reason, plans[0], members), groups, analyses[0]
+        return TrainingCheck(tie_policy.value, "depends-on-training", reason, plans[0], members), groups
     plan = plans[0]
     if not plan.merges:
         every = [make_plan(analyses[0].tied, analyses[0].facts, p, figures=False) for p in TiePolicy]
         message = _policy.refusal_message(plan, every, before_training=True)
-        return TrainingCheck(tie_policy.value, "refuses", message, plan, members), groups, analyses[0]
-    return TrainingCheck(tie_policy.value, "merges", plan.reason, plan, members), groups, analyses[0]
+        return TrainingCheck(tie_policy.value, "refuses", message, plan, members), groups
+    return TrainingCheck(tie_policy.value, "merges", plan.reason, plan, members), groups
 
 
 def _trainable_tied_tensors(peft_model: Any) -> dict[int, tuple[tuple[str, ...], torch.Tensor]]:

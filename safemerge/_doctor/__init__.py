@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge._doctor.adapter_files import adapter_directory, check_tensors_exist, read_config, read_weights
-from safemerge._doctor.base_config import check_recorded_base, expected_tensors, read_base_config
+from safemerge._doctor.base_config import check_quantized_base, check_recorded_base, expected_tensors, read_base_config
 from safemerge._doctor.checkup import Checkup, Shapes
 from safemerge._doctor.coverage import check_base_weights, check_dora, check_layers_and_targets, check_missing_head
 from safemerge._doctor.key_names import ADAPTER_MARKERS, check_non_peft_naming, normalise_names
@@ -73,6 +73,7 @@ def doctor(
     if base_config is None:
         return checkup.report()
     check_recorded_base(base, config_data, checkup)
+    check_quantized_base(base_config, checkup)
     base_config, vocabulary_keys = check_resized_vocabulary(
         base, base_config, adapter_dir, config_data, actual, checkup
     )

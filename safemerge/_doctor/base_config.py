@@ -89,6 +89,36 @@ def _checkpoint_keys(base_dir: Path) -> set[str] | None:
     return None
 
 
+def check_quantized_base(base_config: Any, checkup: Checkup) -> None:
+    """A quantized base (a pre-quantized checkpoint's `quantization_config`, or a model loaded quantized): the adapter
+    loads onto it, and a merge needs the choice of the 16-bit weights it goes into, or refuses the method."""
+    from safemerge._model import quantized as _quantized
+    from safemerge.errors import QuantizedBaseError
+
+    try:
+        quantization = _quantized.from_config(base_config)
+    except QuantizedBaseError:
+        recorded = base_config.quantization_config
+        method = (recorded if isinstance(recorded, dict) else recorded.to_dict()).get("quant_method", "unknown")
+        checkup.add(
+            "quantized-base",
+            "warning",
+            f"The base is quantized with {str(method)!r}: the adapter may load onto it, and safemerge merges into "
+            "quantized bases only when they are bitsandbytes 4-bit or 8-bit (QLoRA); a merge is refused.",
+            fix="Merge into the 16-bit checkpoint the base was quantized from: pass it as BASE.",
+        )
+        return
+    if quantization is not None:
+        checkup.add(
+            "quantized-base",
+            "warning",
+            f"The base is quantized ({quantization}): the adapter loads onto it, and a merge must choose the 16-bit "
+            "weights the adapter goes into (docs/how-to/qlora.md).",
+            fix="Merge with --base-weights dequantized (the model as trained), or --base-weights original "
+            "--original-base PATH (the 16-bit checkpoint it was quantized from; the quantization gap is reported).",
+        )
+
+
 def check_recorded_base(base: Any, config_data: dict[str, Any], checkup: Checkup) -> None:
     """The base the adapter records (base_model_name_or_path) against the one given, by path or name."""
     recorded = config_data.get("base_model_name_or_path")

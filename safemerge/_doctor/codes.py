@@ -142,6 +142,12 @@ CODES: tuple[FindingCode, ...] = (
     ),
     FindingCode("base-not-buildable", ("warning",), "the base model class cannot be built from the base config"),
     FindingCode(
+        "quantized-base",
+        ("warning",),
+        "the base is quantized: bitsandbytes (QLoRA) needs `--base-weights` at the merge; GPTQ, AWQ, HQQ and other "
+        "methods are refused by the merge",
+    ),
+    FindingCode(
         "scaling",
         ("info",),
         "effective LoRA scaling per module (`lora_alpha / r`, or `/ sqrt(r)` with rslora)",

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from safemerge._model.quantized import no_cpu_packing
 from safemerge._model.walk import config_levels
 
 #: Relative logits tolerance per dtype: merging rounds W + dW once to the weight dtype, the adapter model does not.
@@ -108,7 +109,8 @@ def run_probe(
     device = model_device(model)
     try:
         model.eval()
-        with torch.no_grad(), _without_autocast_wrapper(model):
+        # A 4-bit base (QLoRA) computes as in training, and its weights are not repacked in place by the forward.
+        with torch.no_grad(), _without_autocast_wrapper(model), no_cpu_packing(model):
             output = model(**{k: v.to(device) for k, v in probe.items()})
     finally:
         model.train(was_training)

@@ -34,9 +34,12 @@ class Quantization:
     #: "nf4", "fp4" (4-bit) or "int8".
     quant_type: str
     compute_dtype: torch.dtype
+    #: 4-bit: the block scales quantized too (bnb_4bit_use_double_quant).
+    double_quant: bool = False
 
     def __str__(self) -> str:
-        return f"bitsandbytes {self.bits}-bit {self.quant_type} (compute dtype {str(self.compute_dtype)[6:]})"
+        double = ", double quantization" if self.double_quant else ""
+        return f"bitsandbytes {self.bits}-bit {self.quant_type}{double} (compute dtype {str(self.compute_dtype)[6:]})"
 
 
 def from_config(config: Any) -> Quantization | None:
@@ -63,7 +66,8 @@ def from_config(config: Any) -> Quantization | None:
     if data.get("load_in_8bit"):
         return Quantization(8, "int8", _dtype(field("dtype") or field("torch_dtype")))
     compute = data.get("bnb_4bit_compute_dtype") or "float32"
-    return Quantization(4, str(data.get("bnb_4bit_quant_type", "fp4")), _dtype(compute))
+    double = bool(data.get("bnb_4bit_use_double_quant"))
+    return Quantization(4, str(data.get("bnb_4bit_quant_type", "fp4")), _dtype(compute), double)
 
 
 def _dtype(name: Any) -> torch.dtype:
@@ -79,10 +83,17 @@ def in_memory(peft_model: Any) -> Quantization | None:
     found = from_config(base.config)
     if found is not None:
         return found
-    bits = {_BNB_LAYERS[type(m).__name__] for m in base.modules() if _bnb_layer(m)}
-    if not bits:
+    layers = [m for m in base.modules() if _bnb_layer(m)]
+    if not layers:
         return None
-    return Quantization(max(bits), "nf4" if max(bits) == 4 else "int8", torch.float32)
+    # Layers quantized by hand (bnb.nn.Linear4bit swapped in, no config): their first one says how.
+    layer: Any = next((m for m in layers if _BNB_LAYERS[type(m).__name__] == 4), layers[0])
+    if _BNB_LAYERS[type(layer).__name__] == 8:
+        return Quantization(8, "int8", torch.float32)
+    state = getattr(layer.weight, "quant_state", None)
+    quant_type = str(getattr(state, "quant_type", None) or getattr(layer.weight, "quant_type", "fp4"))
+    compute = getattr(layer, "compute_dtype", None) or torch.float32
+    return Quantization(4, quant_type, compute, bool(getattr(state, "nested", False)))
 
 
 def in_files(base: str, hub: Mapping[str, Any]) -> Quantization | None:
@@ -131,13 +142,18 @@ def choice_message(quantization: Quantization, *, where: str) -> str:
     )
 
 
+def check_value(base_weights: str | None) -> None:
+    """ValueError for a `base_weights` that is none of the choices."""
+    if base_weights is not None and base_weights not in BASE_WEIGHTS:
+        raise ValueError(f"base_weights must be one of {', '.join(map(repr, BASE_WEIGHTS))}, got {base_weights!r}")
+
+
 def check_choice(
     quantization: Quantization | None, base_weights: str | None, original_base: str | None, *, where: str
 ) -> None:
     """The `base_weights` / `original_base` options against the base: valid values, a choice for a quantized base,
     none for a 16-bit one."""
-    if base_weights is not None and base_weights not in BASE_WEIGHTS:
-        raise ValueError(f"base_weights must be one of {', '.join(map(repr, BASE_WEIGHTS))}, got {base_weights!r}")
+    check_value(base_weights)
     if original_base is not None and base_weights != "original":
         raise QuantizedBaseError(
             "original_base (CLI: --original-base) names the 16-bit weights of base_weights='original', but "

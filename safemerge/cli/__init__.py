@@ -9,6 +9,7 @@ nothing is left half-written and no input is changed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from safemerge._model import inputs as _inputs
 from safemerge._output.claim import write_json_atomic
 from safemerge._records import MergeReport, TieInspection
 from safemerge.cli._arguments import build_parser
+from safemerge.cli._quantized import checked_choice, state_lines
 from safemerge.cli._runtime import EXIT_TERMINATED, output_configured, sigterm_unwinds
 from safemerge.cli._verdicts import gguf_verdict, verdict
 from safemerge.errors import InputError, OutputExistsError, SafeMergeError, failure_report
@@ -237,8 +239,9 @@ def _inspect(args: argparse.Namespace) -> int:
         return _inspect_before_training(args)
     serve_with = parse_runtimes(args.serve_with)
     _checked_inputs((args.base, "base model"), (args.adapter, "adapter"))
+    checked_choice(args, _hub(args))
     model = load_inputs(args.base, args.adapter, dtype=args.dtype, device_map=args.device_map, hub=_hub(args))
-    inspection = inspect_ties(model)
+    inspection = dataclasses.replace(inspect_ties(model), base_weights=args.base_weights)
     _emit(args, inspection.to_dict(), inspection_table(inspection))
     if args.policy is None:
         return EXIT_OK
@@ -266,13 +269,15 @@ def _inspect_before_training(args: argparse.Namespace) -> int:
         )
     serve_with = parse_runtimes(args.serve_with)
     _checked_inputs((args.base, "base model"))
+    checked_choice(args, _hub(args))
     model = load_untrained_inputs(
         args.base, args.peft_config, dtype=args.dtype, device_map=args.device_map, hub=_hub(args)
     )
     check = forecast(model, policy=args.policy)
     lines = [f"policy {check.policy!r} once trained: {check.outcome}", f"  {check.reason}"]
     lines += [f"  {action.code}: {action.detail}" for action in check.plan.actions if action.code != "peft-merge"]
-    _emit(args, check.to_dict(), lines)
+    lines += state_lines(check.quantization, args.base_weights)
+    _emit(args, {**check.to_dict(), "base_weights": args.base_weights}, lines)
     if check.outcome == "refuses":
         return EXIT_FAILED
     if serve_with:  # ServingTargetError (exit 1) when a named runtime would serve the trained merge wrong
@@ -282,7 +287,7 @@ def _inspect_before_training(args: argparse.Namespace) -> int:
 
 def inspection_table(inspection: TieInspection) -> list[str]:
     """A readable table of an inspection."""
-    lines = []
+    lines = state_lines(inspection.quantization, inspection.base_weights)
     if not inspection.groups:
         lines.append("no tied weights: every policy merges this adapter like merge_and_unload()")
     for number, group in enumerate(inspection.groups, start=1):

@@ -134,14 +134,16 @@ def _add_serve_with(command: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_quantized(merge: argparse.ArgumentParser) -> None:
-    """The options of a merge onto a quantized base (QLoRA)."""
+def _add_quantized(merge: argparse.ArgumentParser, *, checked_only: bool = False) -> None:
+    """The options of a merge onto a quantized base (QLoRA); `checked_only`: inspect's, which checks the choice as
+    merge would and shows it."""
+    what = "the choice to check, as merge would" if checked_only else "required for a pre-quantized (bitsandbytes) base"
     merge.add_argument(
         "--base-weights",
         choices=["dequantized", "original"],
         default=None,
-        help="required for a pre-quantized (bitsandbytes) base: merge into its dequantized weights (the model as "
-        "trained) or into the original 16-bit checkpoint (--original-base)",
+        help=f"{what}: merge into its dequantized weights (the model as trained) or into the original 16-bit "
+        "checkpoint (--original-base)",
     )
     merge.add_argument(
         "--original-base",
@@ -171,4 +173,5 @@ def _add_inspect(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
         default=None,
         help="the policy to answer for (with --peft-config, required); exit 1 if it will not merge",
     )
+    _add_quantized(inspect, checked_only=True)
     _add_serve_with(inspect)
