@@ -57,15 +57,16 @@ def _lora_weight(layer: LoraLinear | LoraEmbedding, weight: torch.Tensor) -> Row
     def rows(start: int, stop: int) -> torch.Tensor:
         with torch.no_grad():
             block = weight[start:stop].to(wide, copy=True)  # never a view of W
-            for delta in deltas:
-                block += delta(start, stop)
+            for add_delta in deltas:
+                add_delta(block, start, stop)
             return block.to(weight.dtype)
 
     return Rows(weight.shape, weight.dtype, rows, weight.device)
 
 
 def _lora_delta(layer: LoraLinear | LoraEmbedding, adapter: str) -> Any:
-    """A function of a row range giving those rows of the adapter's delta, in float32; None without the adapter."""
+    """A function that adds rows [start, stop) of the adapter's delta to a float32 block of those rows of W (in place:
+    one fused multiply-add, no temporary as big as the block); None without the adapter."""
     if isinstance(layer, LoraEmbedding):
         if adapter not in layer.lora_embedding_A:
             return None
@@ -76,9 +77,9 @@ def _lora_delta(layer: LoraLinear | LoraEmbedding, adapter: str) -> Any:
         a, b, by_columns = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.fan_in_fan_out
     wide = torch.promote_types(a.dtype, torch.float32)
     a, b, scale = a.detach().to(wide), b.detach().to(wide), float(layer.scaling[adapter])
-    if by_columns:  # the weight's rows are the columns of B @ A
-        return lambda start, stop: (b @ a[:, start:stop]).T * scale
-    return lambda start, stop: (b[start:stop] @ a) * scale
+    if by_columns:  # the weight's rows are the columns of B @ A: (B @ A[:, rows]).T = A[:, rows].T @ B.T
+        return lambda block, start, stop: block.addmm_(a[:, start:stop].T, b.T, alpha=scale)
+    return lambda block, start, stop: block.addmm_(b[start:stop], a, alpha=scale)
 
 
 def merged_module(wrapper: torch.nn.Module) -> torch.nn.Module:
