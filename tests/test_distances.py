@@ -13,6 +13,7 @@ import torch
 import safemerge
 from safemerge._decide import layer_merge
 from safemerge._model.distances import Distances, row_checksums
+from safemerge._model.rows import Rows
 from tests.models import lora_tied_by_peft
 
 VARIANTS = ["in-memory", "reloaded"]
@@ -33,7 +34,8 @@ def _same_update_but_one_row(model: Any, bump: float) -> None:
 
 def _merged(layer: Any) -> torch.Tensor:
     """PEFT's own merge of one LoRA layer (its base weight plus get_delta_weight), in float32."""
-    return layer.get_base_layer().weight.detach().float() + layer.get_delta_weight("default").float()
+    with torch.no_grad():
+        return layer.get_base_layer().weight.float() + layer.get_delta_weight("default").float()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -145,17 +147,22 @@ def test_row_checksums_tell_a_one_ulp_change_and_a_swap() -> None:
     assert (row_checksums(swapped) != row_checksums(rows)).tolist() == [False, False, True]
 
 
+def _computed(tensor: torch.Tensor) -> Rows:
+    """`tensor` as a value computed a block of rows at a time, as a LoRA member's merged weight is."""
+    return Rows(tensor.shape, tensor.dtype, lambda start, stop: tensor[start:stop].clone(), tensor.device)
+
+
 def test_a_tensor_s_distance_is_read_from_the_survey() -> None:
-    """A tensor bit-identical to a surveyed value: its distance to each value compared with that one, without
-    computing either again; None for a tensor a bit off, or a value the survey never saw."""
+    """A tensor bit-identical to a surveyed computed value: its distance to each value compared with that one,
+    without computing either again; None for a tensor a bit off, or a value the survey never saw."""
     base = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
-    value = base + 1e-3
+    one, other = _computed(base + 1e-3), _computed(base - 1e-3)
     distances = Distances()
-    distances.survey([base, value])
-    assert distances.diff_from_checksums(value.clone(), value) == 0.0
-    assert distances.diff_from_checksums(base.clone(), value) == float((value - base).abs().max())
-    off = value.clone()
+    distances.survey([base, one, other])
+    assert distances.diff_from_checksums(base + 1e-3, one) == 0.0
+    assert distances.diff_from_checksums(base + 1e-3, other) == float(((base + 1e-3) - (base - 1e-3)).abs().max())
+    off = base + 1e-3
     off[5, 5] = torch.nextafter(off[5, 5], torch.tensor(10.0))
-    assert distances.diff_from_checksums(off, value) is None
-    assert distances.diff_from_checksums(value.clone(), value * 2) is None
-    assert distances.max_diff(base, value) == float((value - base).abs().max())
+    assert distances.diff_from_checksums(off, one) is None
+    assert distances.diff_from_checksums(base + 1e-3, _computed(base)) is None  # never surveyed
+    assert distances.max_diff(base, one) == float(((base + 1e-3) - base).abs().max())

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from safemerge._model.rows import Value, block, max_abs, row_blocks, row_max_abs_diff, value_key
+from safemerge._model.rows import Rows, Value, block, max_abs, row_blocks, row_max_abs_diff, value_key
 
-#: Odd 64-bit multipliers, one per column, for the row checksums (odd: no single changed bit pattern cancels).
+#: Seed of the random multipliers of the row checksums (fixed: the analysis's and the check's must be the same).
 _SEED = 0x5AFE
 
 
@@ -35,27 +35,34 @@ class Distances:
         distinct = list({value_key(v): v for v in values}.items())
         if not distinct or not distinct[0][1].numel() or len({(v.shape, v.dtype) for _, v in distinct}) > 1:
             return  # an empty or mixed group: the comparisons below compute what they need
+        keys = [k for k, _ in distinct]
+        # Figures of their own only for values computed on demand: a tensor's max is read from it when asked.
+        computed = [i for i, (_, v) in enumerate(distinct) if isinstance(v, Rows)]
         pairs = [(i, j) for i in range(len(distinct)) for j in range(i + 1, len(distinct))]
         diffs: dict[tuple[int, int], list[torch.Tensor]] = {pair: [] for pair in pairs}
         same = dict.fromkeys(pairs, True)
-        largest = [0.0] * len(distinct)
-        sums: list[list[torch.Tensor]] = [[] for _ in distinct]
+        largest = dict.fromkeys(computed, 0.0)
+        sums: dict[int, list[torch.Tensor]] = {i: [] for i in computed}
         for start, stop in row_blocks(distinct[0][1]):
             blocks = [block(v, start, stop) for _, v in distinct]
-            for i, b in enumerate(blocks):
-                largest[i] = max(largest[i], float(b.abs().max())) if b.numel() else largest[i]
-                sums[i].append(row_checksums(b))
+            wide = [b.float() for b in blocks]  # once per block, for every pair it is in
+            for i in computed:
+                largest[i] = max(largest[i], _largest(blocks[i]))
+                sums[i].append(row_checksums(blocks[i]))
             for i, j in pairs:
-                first, second = blocks[i], blocks[j].to(blocks[i].device)
-                same[i, j] = same[i, j] and torch.equal(first, second)
-                diffs[i, j].append(_row_max(first, second))
-        keys = [k for k, _ in distinct]
+                rows = _row_max(wide[i], wide[j].to(wide[i].device))
+                diffs[i, j].append(rows)
+                # |a - b| is 0 exactly where a == b, but NaN where both are the same infinity: torch.equal there.
+                nan = bool(rows.isnan().any())
+                same[i, j] = same[i, j] and (
+                    torch.equal(blocks[i], blocks[j].to(blocks[i].device)) if nan else not rows.any()
+                )
         for i, j in pairs:
             self.rows[keys[i], keys[j]] = self.rows[keys[j], keys[i]] = torch.cat(diffs[i, j])
             self.same[keys[i], keys[j]] = self.same[keys[j], keys[i]] = same[i, j]
-        for i, key in enumerate(keys):
-            self.largest[key] = largest[i]
-            self.checksums[key] = torch.cat(sums[i])
+        for i in computed:
+            self.largest[keys[i]] = largest[i]
+            self.checksums[keys[i]] = torch.cat(sums[i])
 
     def row_diff(self, a: Value, b: Value) -> torch.Tensor:
         """max |a - b| of every row (zeros for one tensor against itself)."""
@@ -107,31 +114,40 @@ class Distances:
 
 
 def row_checksums(rows: torch.Tensor) -> torch.Tensor:
-    """A 64-bit checksum of the bits of each row (each element of a 1-D tensor), on the CPU.
+    """A checksum of the bits of each row (each element of a 1-D tensor), on the CPU.
 
-    Sum over the row of (the element's bits) x (an odd 64-bit multiplier of its column), wrapping: any one element
-    that differs changes it, and several that differ cancel out with a chance of about 2**-64.
+    The row's bits as 16-bit integers, each times a random multiplier in [1, 2) of its column, summed in float64:
+    the integers and the sum are exact to well under 1, so any one element that differs changes it by at least 1,
+    and several that differ cancel out only by a coincidence of the random multipliers. A float64 matrix-vector
+    product: a few times cheaper than integer arithmetic.
     """
     flat = rows.detach().reshape(rows.shape[0], -1) if rows.dim() > 1 else rows.detach().reshape(-1, 1)
-    bits = _bits(flat).to(torch.int64)
-    return (bits * _multipliers(flat.shape[1]).to(bits.device)).sum(dim=1).cpu()
+    bits = _halfwords(flat)
+    return (bits.to(torch.float64) @ _multipliers(bits.shape[1]).to(bits.device)).cpu()
 
 
 @functools.cache
 def _multipliers(columns: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(_SEED)
-    return torch.randint(-(2**62), 2**62, (columns,), generator=generator, dtype=torch.int64) * 2 + 1
+    return torch.rand(columns, generator=torch.Generator().manual_seed(_SEED), dtype=torch.float64) + 1.0
 
 
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's elements reinterpreted as integers of the same width (bool and 8-bit types widened)."""
-    width = tensor.element_size()
-    if tensor.dtype == torch.bool or width == 1:
-        return tensor.to(torch.int16)
-    return tensor.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[width])
+def _halfwords(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as 16-bit integers, its last dimension widened to hold them (bool and 8-bit types as
+    16-bit integers of their value or bits)."""
+    if tensor.dtype == torch.bool or tensor.element_size() == 1:
+        return (tensor.view(torch.uint8) if tensor.dtype != torch.bool else tensor).to(torch.int16)
+    return tensor.contiguous().view(torch.int16)
+
+
+def _largest(rows: torch.Tensor) -> float:
+    """max |rows| (0 for none), without a temporary as big as the block."""
+    if not rows.numel():
+        return 0.0
+    low, high = torch.aminmax(rows)
+    return max(-float(low), float(high))
 
 
 def _row_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """max |a - b| of every row (every element of a 1-D tensor), in float32."""
-    diff = (a.float() - b.float()).abs()
-    return diff.flatten(1).amax(dim=1) if diff.dim() > 1 else diff.reshape(-1)
+    diff = a.float() - b.float()
+    return torch.linalg.vector_norm(diff.flatten(1), float("inf"), dim=1) if diff.dim() > 1 else diff.abs().reshape(-1)
