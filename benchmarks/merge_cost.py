@@ -76,7 +76,8 @@ def build(size: str, work: Path, *, tying: bool = False) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    base, adapter = work / f"base-{size}", work / f"adapter-{size}{'-tying' if tying else ''}"
+    # Named apart from the adapters of earlier versions (untrained embedding LoRA), which --work may still hold.
+    base, adapter = work / f"base-{size}", work / f"adapter-{size}-{'tying' if tying else 'trained'}"
     if not (base / "config.json").exists():
         config = LlamaConfig(
             **SIZES[size], num_attention_heads=32 if size == "full" else 8,
@@ -91,12 +92,18 @@ def build(size: str, work: Path, *, tying: bool = False) -> tuple[Path, Path]:
     model = LlamaForCausalLM.from_pretrained(base, dtype="auto")
     extra = {"ensure_weight_tying": True} if tying else {}
     lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=[*LINEAR, "embed_tokens", "lm_head"], **extra)
-    peft_model = peft.get_peft_model(model, lora)
+    # peft 0.21 makes the head's LoRA factors views of the embedding's, but casting a bf16 model's adapter to float32
+    # (autocast_adapter_dtype, the default) copies them apart: keep them in bf16 so that they stay one.
+    peft_model = peft.get_peft_model(model, lora, autocast_adapter_dtype=not tying)
     torch.manual_seed(1)
     with torch.no_grad():  # as after training: every factor non-zero, on both tied sides
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.normal_(0, 0.02)
+    if tying:
+        head, embed = peft_model.get_base_model().lm_head, peft_model.get_base_model().model.embed_tokens
+        if not torch.equal(head.lora_B["default"].weight, embed.lora_embedding_A["default"].T):
+            raise SystemExit(f"peft {peft.__version__} did not tie lm_head's LoRA to the embedding's")
     peft_model.save_pretrained(adapter)
     return base, adapter
 
