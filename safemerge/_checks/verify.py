@@ -26,7 +26,7 @@ from safemerge._model.reload import (
     fingerprints,
     reload,
 )
-from safemerge._model.rows import Rows, Value, max_abs_diff, same_weight_tolerance, scaled, value_key
+from safemerge._model.rows import Value, max_abs_diff, same_weight_tolerance, scaled, value_key
 from safemerge._model.walk import base_parameters, output_embedding_name, tie_flags, tie_groups
 from safemerge._records import MemberCheck, MergePlan, Verification
 from safemerge._text import listed
@@ -179,14 +179,14 @@ def _member_checks(
 
 
 def _member_diff(have: Value, want: Value, analysis: Analysis) -> float:
-    """max |have - want|, without computing `want` again where `have` holds bit for bit a value the analysis compared
-    with it (its row checksums tell which: the figure is the analysis's); computed in full otherwise."""
+    """max |have - want|: computed in full unless the engine put in place the tensor itself (of `want`, or of a value
+    the analysis compared with `want`: the figure is the analysis's)."""
     # The engine puts the effective tensor itself in place where it can: the same storage needs no comparison.
     if value_key(have) == value_key(want):
         return 0.0
-    # A merged weight computed on demand (Rows) was surveyed once; computing it again would cost as much.
-    if isinstance(want, Rows) and isinstance(have, torch.Tensor):
-        known = analysis.tied.distances.diff_from_checksums(have, want)
+    # A merged weight computed on demand (Rows) and kept by the analysis is put in place as the tensor it computed.
+    if isinstance(have, torch.Tensor):
+        known = analysis.tied.distances.known_diff(have, want)
         if known is not None:
             return known
     return max_abs_diff(have, want)  # on have's device

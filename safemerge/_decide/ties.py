@@ -74,8 +74,12 @@ class AdaptedWeights:
         return sorted(rows)
 
 
-def adapted_weights(root: torch.nn.Module) -> AdaptedWeights:
-    """Tie groups of `root` (a PEFT model's base model) and each member's weight after its own layer's merge."""
+def adapted_weights(root: torch.nn.Module, *, keep: bool = False) -> AdaptedWeights:
+    """Tie groups of `root` (a PEFT model's base model) and each member's weight after its own layer's merge.
+
+    `keep`: keep each merged weight computed on demand whole, as the survey computed it, for the in-memory engine to
+    put in the model (`Distances.take`) instead of computing it again.
+    """
     groups = storage_groups(base_parameters(root))
     merged_layers: dict[int, dict[str, Value]] = {}
     distances = Distances()
@@ -84,7 +88,7 @@ def adapted_weights(root: torch.nn.Module) -> AdaptedWeights:
         base = group[0].tensor.detach()
         merged = [_merged_value(p, merged_layers) for p in group]
         # One pass computes each merged weight once and every comparison the decisions and figures need.
-        distances.survey([base, *(v for v in merged if v is not None)])
+        distances.survey([base, *(v for v in merged if v is not None)], keep=keep)
         # Exact: any real delta, however small, counts as a change.
         adapted.append([None if v is None or distances.equal(v, base) else v for v in merged])
     return AdaptedWeights(groups, adapted, merged_layers, distances)
