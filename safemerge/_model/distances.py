@@ -40,7 +40,7 @@ class Distances:
         keys = [k for k, _ in distinct]
         # Figures of their own only for values computed on demand: a tensor's max is read from it when asked.
         computed = {i: v for i, (_, v) in enumerate(distinct) if isinstance(v, Rows)}
-        wholes = {i: torch.empty(v.shape, dtype=v.dtype, device=v.device) for i, v in computed.items() if keep}
+        wholes = {i: whole_of(v) for i, v in computed.items() if keep}
         pairs = [(i, j) for i in range(len(distinct)) for j in range(i + 1, len(distinct))]
         diffs: dict[tuple[int, int], list[torch.Tensor]] = {pair: [] for pair in pairs}
         same = dict.fromkeys(pairs, True)
@@ -125,6 +125,11 @@ class Distances:
         """`rows.same_weight_tolerance(reference)`, from the max |value| found in the survey."""
         eps = torch.finfo(reference.dtype).eps if reference.dtype.is_floating_point else 0.0
         return 4 * eps * self.max_abs(reference) if eps else 0.0
+
+
+def whole_of(value: Rows) -> torch.Tensor:
+    """Room for the whole of `value`, where it is computed (the one place the survey holds a value whole)."""
+    return torch.empty(value.shape, dtype=value.dtype, device=value.device)
 
 
 def _largest(rows: torch.Tensor) -> float:
