@@ -9,7 +9,7 @@ import torch
 
 from safemerge._decide.layer_merge import merged_parameters, unloaded
 from safemerge._model.distances import Distances
-from safemerge._model.rows import Value, equal, in_dtype, scaled
+from safemerge._model.rows import Rows, Value, equal, in_dtype, scaled
 from safemerge._model.walk import (
     BaseParameter,
     bare_module,
@@ -86,7 +86,7 @@ def adapted_weights(root: torch.nn.Module, *, keep: bool = False) -> AdaptedWeig
     adapted = []
     for group in groups:
         base = group[0].tensor.detach()
-        merged = [_merged_value(p, merged_layers) for p in group]
+        merged = _one_per_low_rank([_merged_value(p, merged_layers) for p in group])
         # One pass computes each merged weight once and every comparison the decisions and figures need.
         distances.survey([base, *(v for v in merged if v is not None)], keep=keep)
         # Exact: any real delta, however small, counts as a change.
@@ -227,6 +227,20 @@ def _same(effective: Mapping[str, Value], names: tuple[str, ...], distances: Dis
 def _spread(values: Sequence[Value], distances: Distances) -> float:
     """max |value - first value| (from the survey's pass: no value is computed again)."""
     return max(distances.max_diff(v, values[0]) for v in values)
+
+
+def _one_per_low_rank(values: list[Value | None]) -> list[Value | None]:
+    """`values`, each one computed from the same base tensor and equal LoRA factors as an earlier one replaced by that
+    one: decided from the factors (ensure_weight_tying gives the head the embedding's, transposed), one value,
+    computed once; two members whose factors differ in a single entry stay two values, compared in full."""
+    kept: list[Value | None] = []
+    for value in values:
+        low_rank = value.low_rank if isinstance(value, Rows) else None
+        twin = next(
+            (v for v in kept if isinstance(v, Rows) and v.low_rank and low_rank and v.low_rank.same_as(low_rank)), None
+        )
+        kept.append(twin if twin is not None else value)
+    return kept
 
 
 def _merged_value(p: BaseParameter, merged_layers: dict[int, dict[str, Value]]) -> Value | None:
