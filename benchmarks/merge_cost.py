@@ -158,7 +158,8 @@ def measure(command: list[str]) -> dict[str, object]:
 def steps(stderr: str, wall: float) -> list[tuple[str, float]]:
     """safemerge's progress lines ("[  12.3s] message") as (step, seconds until the next line); the rest of the wall
     time is Python's start, the imports before the first line, and the exit."""
-    lines = [(float(t), msg) for t, msg in re.findall(r"^\[\s*([0-9.]+)s\] (.*)$", stderr, re.M)]
+    # Progress bars end their lines with carriage returns: a step line may follow one on the same line.
+    lines = [(float(t), msg) for t, msg in re.findall(r"\[\s*([0-9.]+)s\] ([^\r\n]*)", stderr)]
     timed = [(msg, lines[i + 1][0] - t) for i, (t, msg) in enumerate(lines[:-1])]
     return [*timed, ("(start, imports, exit)", wall - lines[-1][0])]
 
