@@ -38,7 +38,8 @@ class TiedWeights:
     untied_changes: dict[str, Value]
     #: Names that share one tensor only in the merged model: the adapter gave them one modules_to_save copy.
     adapter_ties: tuple[tuple[str, ...], ...]
-    #: The figures of the one pass over each group's values (the in-memory check reads its row checksums).
+    #: The figures of the one pass over each group's values, and the values it kept whole (the in-memory engine
+    #: puts them in the model; the check in memory knows them by their storage).
     distances: Distances = field(default_factory=Distances)
 
 
