@@ -156,12 +156,17 @@ def measure(command: list[str]) -> dict[str, object]:
 
 
 def steps(stderr: str, wall: float) -> list[tuple[str, float]]:
-    """safemerge's progress lines ("[  12.3s] message") as (step, seconds until the next line); the rest of the wall
-    time is Python's start, the imports before the first line, and the exit."""
+    """safemerge's progress lines ("[  12.3s] message") as (step, seconds until the next line), after the time before
+    the first line (Python's start and the imports); the last step runs until the process exits, so they add up to
+    the wall time."""
     # Progress bars end their lines with carriage returns: a step line may follow one on the same line.
     lines = [(float(t), msg) for t, msg in re.findall(r"\[\s*([0-9.]+)s\] ([^\r\n]*)", stderr)]
-    timed = [(msg, lines[i + 1][0] - t) for i, (t, msg) in enumerate(lines[:-1])]
-    return [*timed, ("(start, imports, exit)", wall - lines[-1][0])]
+    if not lines:
+        return [("(no step lines)", wall)]
+    ends = [t for t, _ in lines[1:]] + [wall]
+    timed = [(msg, end - t) for (t, msg), end in zip(lines, ends, strict=True)]
+    timed[-1] = (f"{timed[-1][0]} (and the exit)", timed[-1][1])
+    return [("(Python's start and the imports)", lines[0][0]), *timed]
 
 
 def in_process(mode: str, base: Path, adapter: Path, out: Path, policy: str) -> float:
