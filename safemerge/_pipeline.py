@@ -51,6 +51,8 @@ class Engine(Protocol):
     returns_model: bool
     #: How the "save" action describes the files written ("" or " as ...").
     saved_as: str
+    #: The analysis keeps the tied members' merged weights whole for `execute` to put in the model (in memory).
+    keeps_values: bool
 
     def model(self, held: _output.Claim) -> Any:
         """The PEFT model to merge: the one given, or one loaded now (offloaded into `held.offload`)."""
@@ -91,7 +93,7 @@ def run(request: MergeRequest, engine: Engine) -> MergeReport:
         model = stand_in.model if stand_in is not None else model
         refuse_non_finite_adapter(model)
         logger.info("inspecting tied weights and probing the adapter model (%s)", engine.holds)
-        analysis = analyse(model, request.probe_inputs)
+        analysis = analyse(model, request.probe_inputs, keep_values=engine.keeps_values)
         if stand_in is not None:
             analysis.quantized_base = stand_in.measure(
                 analysis.probe, analysis.adapter_logits, request.logits_tolerance

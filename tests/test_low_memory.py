@@ -17,6 +17,7 @@ import safemerge
 from safemerge import _pretrained
 from safemerge._engines import low_memory
 from safemerge._model import compat as _compat
+from safemerge._model import distances as _distances
 from safemerge._model import rows as _rows
 from safemerge._model.reload import fingerprint
 from safemerge._model.rows import Rows
@@ -195,6 +196,7 @@ def test_no_tied_weight_is_held_whole(
         raise AssertionError(f"a {tuple(rows.shape)} value was computed whole")
 
     monkeypatch.setattr(Rows, "materialise", whole)
+    monkeypatch.setattr(_distances, "whole_of", whole)  # the in-memory engine's analysis keeps them whole
     base, adapter = str(base_dirs["llama"]), str(saved_adapter("llama", kind))
     report = safemerge.merge_pretrained(base, adapter, tmp_path / "low", policy=policy, low_memory=True)
     assert report.ok and report.verified

@@ -16,6 +16,7 @@ from safemerge._decide.ties import TiedWeights, adapted_weights, find_tied_weigh
 from safemerge._model import compat as _compat
 from safemerge._model import probe as _probe
 from safemerge._model import quantized as _quantized
+from safemerge._model.distances import Distances
 from safemerge._model.walk import base_parameters, meta_parameters, output_embedding_name, tie_flags
 from safemerge._records import MergePlan, QuantizedBase, TieInspection, TiePolicy
 from safemerge._text import listed
@@ -42,7 +43,7 @@ class Analysis:
 
     def drop_values(self) -> None:
         """Let go of the tied tensors and values the analysis holds (the figures stay)."""
-        self.tied = dataclasses.replace(self.tied, params=(), effective={}, untied_changes={})
+        self.tied = dataclasses.replace(self.tied, params=(), effective={}, untied_changes={}, distances=Distances())
 
     def serving_notes(self, plan: MergePlan) -> tuple[str, ...]:
         """Where the result of `plan` would be served differently or not at all, and the fix."""
@@ -103,11 +104,14 @@ def _refuse_meta_weights(model: Any) -> None:
     )
 
 
-def analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None) -> Analysis:
-    """Tie groups, effective weights, every policy's plan and the adapter model's probe logits. Read-only."""
+def analyse(model: Any, probe_inputs: Mapping[str, torch.Tensor] | None, *, keep_values: bool = False) -> Analysis:
+    """Tie groups, effective weights, every policy's plan and the adapter model's probe logits. Read-only.
+
+    `keep_values`: keep the tied members' merged weights computed on demand whole, for the in-memory engine.
+    """
     root = model.get_base_model()
     declared = _compat.declared_ties(root)
-    found = adapted_weights(root)
+    found = adapted_weights(root, keep=keep_values)
     probe = dict(probe_inputs) if probe_inputs is not None else _probe.make_probe(root, found.changed_rows())
     # One forward pass: the adapter model's logits, and which tied members' modules (PEFT layers or not) it calls.
     logits, called = _run(model, probe, found.member_modules)

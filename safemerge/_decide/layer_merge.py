@@ -12,7 +12,7 @@ from peft.tuners.lora import Embedding as LoraEmbedding
 from peft.tuners.lora import Linear as LoraLinear
 from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
-from safemerge._model.rows import Rows, Value
+from safemerge._model.rows import LowRank, Rows, Value
 from safemerge._model.walk import bare_module, is_peft_wrapper, plain_lora, wrapped_base
 
 
@@ -50,22 +50,30 @@ def merged_parameters(wrapper: torch.nn.Module) -> dict[str, Value]:
 def _lora_weight(layer: LoraLinear | LoraEmbedding, weight: torch.Tensor) -> Rows:
     """W + scaling * B @ A for every active adapter (what PEFT's merge adds: `get_delta_weight`), computed in float32
     (float64 for a float64 model) a block of rows at a time when read, and rounded once to W's dtype."""
-    deltas = [_lora_delta(layer, adapter) for adapter in layer.active_adapters]
-    deltas = [d for d in deltas if d is not None]
+    terms = tuple(term for term in (_lora_delta(layer, adapter) for adapter in layer.active_adapters) if term)
     wide = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for a float64 model
+
+    # Rounded to a narrower dtype at the end (bf16, fp16), one fused multiply-add per block: the float32 rounding it
+    # saves is far below the result's. In W's own dtype, PEFT's order: (B @ A) * scaling, then added.
+    fused = wide != weight.dtype
 
     def rows(start: int, stop: int) -> torch.Tensor:
         with torch.no_grad():
             block = weight[start:stop].to(wide, copy=True)  # never a view of W
-            for delta in deltas:
-                block += delta(start, stop)
+            for u, v, scale in terms:
+                if fused:
+                    block.addmm_(u[start:stop], v, alpha=scale)
+                else:
+                    block += torch.mm(u[start:stop], v).mul_(scale)
             return block.to(weight.dtype)
 
-    return Rows(weight.shape, weight.dtype, rows, weight.device)
+    return Rows(weight.shape, weight.dtype, rows, weight.device, low_rank=LowRank(weight, terms))
 
 
-def _lora_delta(layer: LoraLinear | LoraEmbedding, adapter: str) -> Any:
-    """A function of a row range giving those rows of the adapter's delta, in float32; None without the adapter."""
+def _lora_delta(layer: LoraLinear | LoraEmbedding, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """The adapter's delta as (u, v, scale), rows [start, stop) of it being `u[start:stop] @ v * scale` (u and v
+    contiguous, in float32: an embedding's and a tied head's equal factors give one computation); None without the
+    adapter."""
     if isinstance(layer, LoraEmbedding):
         if adapter not in layer.lora_embedding_A:
             return None
@@ -76,9 +84,9 @@ def _lora_delta(layer: LoraLinear | LoraEmbedding, adapter: str) -> Any:
         a, b, by_columns = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.fan_in_fan_out
     wide = torch.promote_types(a.dtype, torch.float32)
     a, b, scale = a.detach().to(wide), b.detach().to(wide), float(layer.scaling[adapter])
-    if by_columns:  # the weight's rows are the columns of B @ A
-        return lambda start, stop: (b @ a[:, start:stop]).T * scale
-    return lambda start, stop: (b[start:stop] @ a) * scale
+    if by_columns:  # the weight's rows are the columns of B @ A: (B @ A[:, rows]).T = A[:, rows].T @ B.T
+        return a.T.contiguous(), b.T.contiguous(), scale
+    return b.contiguous(), a.contiguous(), scale
 
 
 def merged_module(wrapper: torch.nn.Module) -> torch.nn.Module:

@@ -8,16 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from safemerge._decide.layer_merge import merged_parameters, unloaded
-from safemerge._model.rows import (
-    Value,
-    equal,
-    in_dtype,
-    max_abs_diff,
-    row_max_abs_diff,
-    same_weight_tolerance,
-    scaled,
-    value_key,
-)
+from safemerge._model.distances import Distances
+from safemerge._model.rows import Rows, Value, equal, in_dtype, scaled
 from safemerge._model.walk import (
     BaseParameter,
     bare_module,
@@ -46,6 +38,9 @@ class TiedWeights:
     untied_changes: dict[str, Value]
     #: Names that share one tensor only in the merged model: the adapter gave them one modules_to_save copy.
     adapter_ties: tuple[tuple[str, ...], ...]
+    #: The figures of the one pass over each group's values, and the values it kept whole (the in-memory engine
+    #: puts them in the model; the check in memory knows them by their storage).
+    distances: Distances = field(default_factory=Distances)
 
 
 @dataclass
@@ -57,17 +52,12 @@ class AdaptedWeights:
     adapted: list[list[Value | None]]
     #: For each PEFT wrapper that holds a tied member (by id): every parameter PEFT's merge leaves in its place.
     merged_layers: dict[int, dict[str, Value]]
-    #: Row-wise max |merged - base| of each merged weight, by what holds the merged value (computed once).
-    row_changes: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
+    #: Every comparison between a group's values, from one pass over their rows (each value computed once there).
+    distances: Distances = field(default_factory=Distances)
 
     def row_change(self, value: Value, base: torch.Tensor) -> torch.Tensor:
         """max |value - base| of every row; zero for the base tensor itself."""
-        key = value_key(value)
-        if key == value_key(base):
-            return torch.zeros(max(1, len(base) if base.dim() else 1), device=base.device)
-        if key not in self.row_changes:
-            self.row_changes[key] = row_max_abs_diff(value, base)
-        return self.row_changes[key]
+        return self.distances.row_diff(value, base)
 
     @property
     def member_modules(self) -> list[torch.nn.Module]:
@@ -85,12 +75,24 @@ class AdaptedWeights:
         return sorted(rows)
 
 
-def adapted_weights(root: torch.nn.Module) -> AdaptedWeights:
-    """Tie groups of `root` (a PEFT model's base model) and each member's weight after its own layer's merge."""
+def adapted_weights(root: torch.nn.Module, *, keep: bool = False) -> AdaptedWeights:
+    """Tie groups of `root` (a PEFT model's base model) and each member's weight after its own layer's merge.
+
+    `keep`: keep each merged weight computed on demand whole, as the survey computed it, for the in-memory engine to
+    put in the model (`Distances.take`) instead of computing it again.
+    """
     groups = storage_groups(base_parameters(root))
     merged_layers: dict[int, dict[str, Value]] = {}
-    adapted = [[_adapted_value(p, merged_layers) for p in group] for group in groups]
-    return AdaptedWeights(groups, adapted, merged_layers)
+    distances = Distances()
+    adapted = []
+    for group in groups:
+        base = group[0].tensor.detach()
+        merged = _one_per_low_rank([_merged_value(p, merged_layers) for p in group])
+        # One pass computes each merged weight once and every comparison the decisions and figures need.
+        distances.survey([base, *(v for v in merged if v is not None)], keep=keep)
+        # Exact: any real delta, however small, counts as a change.
+        adapted.append([None if v is None or distances.equal(v, base) else v for v in merged])
+    return AdaptedWeights(groups, adapted, merged_layers, distances)
 
 
 def find_tied_weights(
@@ -108,13 +110,14 @@ def find_tied_weights(
     """
     groups, params, one_module = [], [], []
     effective: dict[str, Value] = {}
+    distances = found.distances
     for group, merged in zip(found.groups, found.adapted, strict=True):
         inert = [id(member_module(p)) not in called for p in group]
         adapted = [None if dead else value for value, dead in zip(merged, inert, strict=True)]
-        values, changed, uniform = _settle(group[0].tensor.detach(), adapted, inert)
+        values, changed, uniform = _settle(group[0].tensor.detach(), adapted, inert, distances)
         effective.update(zip((p.name for p in group), values, strict=True))
         changes = [float(found.row_change(v, group[0].tensor.detach()).max()) if v.numel() else 0.0 for v in values]
-        groups.append(_tie_group(group, values, changes, changed, inert, uniform, declared, kept_tied))
+        groups.append(_tie_group(group, values, changes, (changed, inert, uniform), distances, declared, kept_tied))
         params.append(tuple(group))
         one_module.append(one_module_clusters(group))
     tied_names = set(effective)
@@ -125,6 +128,7 @@ def find_tied_weights(
         one_module=tuple(one_module),
         untied_changes=dict(_untied_changes(params, found.merged_layers, called, tied_names)),
         adapter_ties=_adapter_ties(root, [set(g.names) for g in groups]),
+        distances=distances,
     )
 
 
@@ -139,7 +143,9 @@ def member_module(p: BaseParameter) -> torch.nn.Module:
     return p.wrapper if p.wrapper is not None else p.owner
 
 
-def _settle(base: torch.Tensor, adapted: list[Value | None], inert: list[bool]) -> tuple[list[Value], list[bool], bool]:
+def _settle(
+    base: torch.Tensor, adapted: list[Value | None], inert: list[bool], distances: Distances
+) -> tuple[list[Value], list[bool], bool]:
     """Every member's effective weight (inert members follow the others where they agree), whether it differs from
     the base weight, and whether the members agree.
 
@@ -149,7 +155,8 @@ def _settle(base: torch.Tensor, adapted: list[Value | None], inert: list[bool]) 
     # A member that keeps the base weight exactly and one that changed differ, however small the change (in
     # bfloat16 a real change can be below the rounding tolerance); changed members may differ by rounding.
     mixed = any(v is None for v in live) and any(v is not None for v in live)
-    uniform = not mixed and _spread([base if v is None else v for v in live] or [base]) <= same_weight_tolerance(base)
+    spread = _spread([base if v is None else v for v in live] or [base], distances)
+    uniform = not mixed and spread <= distances.tolerance(base)
     shared = next((v for v in live if v is not None), None)
     if uniform and shared is not None:
         adapted = [shared if dead else v for v, dead in zip(adapted, inert, strict=True)]
@@ -162,12 +169,13 @@ def _tie_group(
     group: list[BaseParameter],
     values: list[Value],
     changes: list[float],
-    changed: list[bool],
-    inert: list[bool],
-    uniform: bool,
+    settled: tuple[list[bool], list[bool], bool],
+    distances: Distances,
     declared: Mapping[str, str],
     kept_tied: Sequence[frozenset[str]],
 ) -> TieGroup:
+    """The record of a group: `settled` is (changed, inert) per member and whether the members agree."""
+    changed, inert, uniform = settled
     base = group[0].tensor.detach()
     members = tuple(
         TieMember(
@@ -186,10 +194,10 @@ def _tie_group(
         shape=tuple(base.shape),
         dtype=str(base.dtype).removeprefix("torch."),
         declared=declares_tie(declared, [p.name for p in group]),
-        max_abs_spread=_spread(values),
+        max_abs_spread=_spread(values, distances),
         uniform=uniform,
         inseparable=inseparable,
-        separable=all(_same(effective, cluster) for cluster in inseparable),
+        separable=all(_same(effective, cluster, distances) for cluster in inseparable),
     )
 
 
@@ -212,18 +220,32 @@ def _inseparable_clusters(
     return tuple(tuple(n for n in order if n in c) for c in clusters)
 
 
-def _same(effective: Mapping[str, Value], names: tuple[str, ...]) -> bool:
+def _same(effective: Mapping[str, Value], names: tuple[str, ...], distances: Distances) -> bool:
     first = effective[names[0]]
-    return all(max_abs_diff(effective[n], first) <= same_weight_tolerance(first) for n in names)
+    return all(distances.max_diff(effective[n], first) <= distances.tolerance(first) for n in names)
 
 
-def _spread(values: Sequence[Value]) -> float:
-    """max |value - first value|."""
-    return max(max_abs_diff(v, values[0]) for v in values)
+def _spread(values: Sequence[Value], distances: Distances) -> float:
+    """max |value - first value| (from the survey's pass: no value is computed again)."""
+    return max(distances.max_diff(v, values[0]) for v in values)
 
 
-def _adapted_value(p: BaseParameter, merged_layers: dict[int, dict[str, Value]]) -> Value | None:
-    """The member's weight after PEFT's own merge of a copy of its layer; None where that is the base weight."""
+def _one_per_low_rank(values: list[Value | None]) -> list[Value | None]:
+    """`values`, each one computed from the same base tensor and equal LoRA factors as an earlier one replaced by that
+    one: decided from the factors (ensure_weight_tying gives the head the embedding's, transposed), one value,
+    computed once; two members whose factors differ in a single entry stay two values, compared in full."""
+    kept: list[Value | None] = []
+    for value in values:
+        low_rank = value.low_rank if isinstance(value, Rows) else None
+        twin = next(
+            (v for v in kept if isinstance(v, Rows) and v.low_rank and low_rank and v.low_rank.same_as(low_rank)), None
+        )
+        kept.append(twin if twin is not None else value)
+    return kept
+
+
+def _merged_value(p: BaseParameter, merged_layers: dict[int, dict[str, Value]]) -> Value | None:
+    """The member's weight after PEFT's own merge of a copy of its layer; None without a PEFT layer."""
     if p.wrapper is None:
         return None
     if id(p.wrapper) not in merged_layers:
@@ -239,9 +261,7 @@ def _adapted_value(p: BaseParameter, merged_layers: dict[int, dict[str, Value]])
                 "like a safemerge bug, report it with the versions in use."
             ) from exc
     # In the base weight's dtype, as PEFT's in-place merge leaves it (a float32 modules_to_save copy is rounded once).
-    value = in_dtype(merged_layers[id(p.wrapper)][p.name_in_wrapper], p.tensor.dtype)
-    # Exact: any real delta, however small, counts as a change.
-    return None if equal(value, p.tensor) else value
+    return in_dtype(merged_layers[id(p.wrapper)][p.name_in_wrapper], p.tensor.dtype)
 
 
 def _untied_changes(

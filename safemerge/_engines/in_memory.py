@@ -69,6 +69,7 @@ def execute(
         else:
             root = merged if merged is not None else peft_model.get_base_model()
             _STEPS[action.code](Step(root, action, tied, plan, values))
+    tied.distances.release()  # the values no step put in the model
     return merged, list(plan.actions)
 
 
@@ -94,8 +95,10 @@ class Step:
     values: Values
 
     def put(self, name: str, value: Value, *, copy: bool = False) -> None:
-        """Put `value` at `name`, on the device of the parameter it replaces (a GPU for a model on one)."""
+        """Put `value` at `name`, on the device of the parameter it replaces (a GPU for a model on one): the tensor
+        the analysis computed for it where it kept one."""
         device = self.root.get_parameter(name).device
+        value = self.tied.distances.take(value)
         set_parameter(self.root, name, self.values.parameter(value, copy=copy, device=device))
 
 
@@ -113,7 +116,7 @@ def _apply_shared_change(step: Step) -> None:
     group = next(g for g in step.tied.groups if g.names == step.action.members)
     source = next(m.name for m in group.members if m.changed)
     device = step.root.get_parameter(source).device  # tied members share one tensor: one device
-    shared = step.values.parameter(step.tied.effective[source], copy=False, device=device)
+    shared = step.values.parameter(step.tied.distances.take(step.tied.effective[source]), copy=False, device=device)
     for name in step.action.members:
         set_parameter(step.root, name, shared)
 
@@ -200,6 +203,7 @@ class InMemory:
     )
     returns_model = True
     saved_as = ""
+    keeps_values = True
 
     def __init__(self, model: Any, *, owned: bool) -> None:
         """`owned`: the model was loaded here and nobody else holds it (merge_pretrained), so it is freed before the

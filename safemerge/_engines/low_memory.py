@@ -331,6 +331,7 @@ class LowMemory:
     )
     owned = True
     returns_model = False
+    keeps_values = False
     saved_as = " as safetensors shards, a block of rows at a time"
 
     def __init__(self, load_model: Callable[[str], Any], load_trained: Callable[[], Any] | None = None) -> None:

@@ -18,7 +18,9 @@ _LOGITS_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, t
 #: Token ids that need extra inputs (an image token needs pixel values), read from config attributes like these.
 _MULTIMODAL_TOKEN = re.compile(r"(image|video|audio|boi|eoi|boa|eoa|vision)\w*_token_(id|index)$")
 
-PROBE_LENGTH = 24
+#: Token ids in a probe: room for the 8 highest ids and 8 rows the adapter changes (seeded random ids fill what these
+#: leave). Each position costs a forward through every layer and a row of logits over the whole vocabulary.
+PROBE_LENGTH = 16
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -37,9 +39,11 @@ def logits_tolerance(reference: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def make_probe(model: Any, extra_token_ids: list[int]) -> dict[str, torch.Tensor]:
-    """One sequence: the highest token ids, the ids whose embedding rows the adapter changes, then seeded random ids.
+    """One sequence of PROBE_LENGTH ids: the 8 highest token ids, up to 8 ids whose embedding rows the adapter
+    changes, then seeded random ids for the rest.
 
-    The highest ids are where resized or re-trained rows live and where vocabulary off-by-one bugs show.
+    The highest ids are where resized or re-trained rows live and where vocabulary off-by-one bugs show. Every
+    position's logits cover every row of the output embedding.
     """
     config = model.config
     try:

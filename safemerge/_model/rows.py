@@ -20,6 +20,28 @@ BLOCK = 1 << 22
 
 
 @dataclass(frozen=True, eq=False)
+class LowRank:
+    """W + the sum of `scale * u @ v` over `terms`, computed in float32 (float64 for a float64 W) and rounded once to
+    W's dtype, a block of rows at a time: the rows [start, stop) of a term are `u[start:stop] @ v`."""
+
+    weight: torch.Tensor
+    terms: tuple[tuple[torch.Tensor, torch.Tensor, float], ...]
+
+    def same_as(self, other: LowRank) -> bool:
+        """Whether both are the same value: the same base tensor and equal factors, term by term (ensure_weight_tying's
+        head and embedding), so that one computation of it serves both."""
+        return (
+            storage_key(self.weight) == storage_key(other.weight)
+            and self.weight.dtype == other.weight.dtype
+            and len(self.terms) == len(other.terms)
+            and all(
+                s == t and u.shape == x.shape and v.shape == y.shape and torch.equal(u, x) and torch.equal(v, y)
+                for (u, v, s), (x, y, t) in zip(self.terms, other.terms, strict=True)
+            )
+        )
+
+
+@dataclass(frozen=True, eq=False)
 class Rows:
     """A tensor whose rows are computed a block at a time, on demand, and never held whole unless materialised.
 
@@ -33,6 +55,8 @@ class Rows:
     compute: Callable[[int, int], torch.Tensor]
     #: Where `compute` computes: the device of the weight it is computed from (a GPU for a model on one).
     device: torch.device
+    #: What `compute` computes, where it is a base weight plus low-rank deltas (LoRA), else None.
+    low_rank: LowRank | None = None
 
     def detach(self) -> Rows:
         return self
