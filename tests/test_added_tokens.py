@@ -298,6 +298,37 @@ def test_a_tokenizer_larger_than_the_merged_vocabulary_is_refused(base: Path, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("variant", ["in-memory", "reloaded"])
+def test_a_tokenizer_is_checked_against_the_embedding_rows(tmp_path: Path, variant: str) -> None:
+    """Mllama's embedding has 8 rows more than its config's vocab_size (its image token is one of them): a tokenizer
+    with that token ships; one with an id past the embedding is refused."""
+    from transformers.models.mllama.configuration_mllama import MllamaTextConfig  # transformers 4: not exported
+    from transformers.models.mllama.modeling_mllama import MllamaForCausalLM
+
+    torch.manual_seed(0)
+    config = MllamaTextConfig(
+        vocab_size=BEFORE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, cross_attention_layers=[1], max_position_embeddings=64, pad_token_id=0,
+        rope_scaling={"rope_type": "default"},  # transformers 4 reads it without a default
+    )  # fmt: skip
+    MllamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(MllamaForCausalLM.from_pretrained(tmp_path / "base"), LAYOUTS["lora-default-save"][0]())
+    perturb(model)
+    if variant == "reloaded":
+        model.save_pretrained(tmp_path / "adapter")
+        base = MllamaForCausalLM.from_pretrained(tmp_path / "base")
+        model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert model.get_input_embeddings().weight.shape[0] == BEFORE + 8
+    report = safemerge.safe_merge(model, tmp_path / "out", policy="untie", tokenizer=tokenizer(BEFORE + 1))
+    assert report.ok and len(transformers.AutoTokenizer.from_pretrained(tmp_path / "out")) == BEFORE + 1
+    past = (
+        rf"has {BEFORE + 9} tokens, and the merged model's vocabulary {BEFORE + 8}: .* ids {BEFORE + 8}-{BEFORE + 8} "
+    )
+    with pytest.raises(VocabularyError, match=past):
+        safemerge.safe_merge(model, tmp_path / "out2", policy="untie", tokenizer=tokenizer(BEFORE + 9))
+    assert not (tmp_path / "out2").exists()
+
+
 @pytest.mark.parametrize(
     ("layout", "low_memory"),
     [
