@@ -298,6 +298,45 @@ def test_a_tokenizer_larger_than_the_merged_vocabulary_is_refused(base: Path, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:bitsandbytes", "ignore::UserWarning:transformers")
+def test_a_qlora_adapter_trained_after_a_resize_merges_into_the_original_weights(base: Path, tmp_path: Path) -> None:
+    """QLoRA with added tokens, base_weights='original': the 16-bit original is resized as training did, its new rows
+    the quantized model's (bitsandbytes leaves the embedding unquantized), in memory, reloaded and from files."""
+    pytest.importorskip("bitsandbytes")
+    quantized = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+
+    def load_4bit(*, resized: bool = True) -> Any:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            base, quantization_config=quantized, device_map="cpu", dtype=torch.float32
+        )
+        if resized:
+            model.resize_token_embeddings(AFTER, mean_resizing=False)
+        return model
+
+    model = peft.get_peft_model(load_4bit(), LAYOUTS["lora-default-save"][0]())
+    perturb(model)
+    model.save_pretrained(tmp_path / "adapter")
+    load_4bit(resized=False).save_pretrained(tmp_path / "base-4bit")  # a pre-quantized checkpoint
+    want = adapter_logits(base, tmp_path / "adapter")  # the adapter on the 16-bit original, resized as training did
+    merges = {
+        "in-memory": lambda out: safemerge.safe_merge(
+            model, out, policy="keep", base_weights="original", in_place=False
+        ),
+        "reloaded": lambda out: safemerge.safe_merge(
+            peft.PeftModel.from_pretrained(load_4bit(), tmp_path / "adapter"), out, policy="keep",
+            base_weights="original",
+        ),
+        "from-files": lambda out: safemerge.merge_pretrained(
+            str(tmp_path / "base-4bit"), str(tmp_path / "adapter"), out, policy="keep", base_weights="original",
+            original_base=str(base),
+        ),
+    }  # fmt: skip
+    for name, merge in merges.items():
+        report = merge(tmp_path / name)
+        assert report.ok and report.quantized_base is not None, name
+        torch.testing.assert_close(merged_logits(tmp_path / name), want, rtol=0, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("variant", ["in-memory", "reloaded"])
 def test_a_tokenizer_is_checked_against_the_embedding_rows(tmp_path: Path, variant: str) -> None:
     """Mllama's embedding has 8 rows more than its config's vocab_size (its image token is one of them): a tokenizer

@@ -13,6 +13,7 @@ import torch
 
 from safemerge._model import probe as _probe
 from safemerge._model import quantized as _quantized
+from safemerge._model import vocabulary as _vocabulary
 from safemerge._model.load import load_pretrained
 from safemerge._model.walk import base_parameters
 from safemerge._records import QuantizedBase
@@ -67,7 +68,25 @@ def stand_in(
         assert original is not None
         task_type = getattr(peft_model.active_peft_config, "task_type", None)
         base = load_pretrained(original, task_type=task_type, dtype=dtype, hub=hub)
+        with_trained_vocabulary(base, peft_model.get_base_model())
     return loaded(with_same_adapter(peft_model, base), peft_model, quantization, base_weights, original)
+
+
+def with_trained_vocabulary(base: torch.nn.Module, trained: torch.nn.Module) -> None:
+    """Resize the 16-bit original `base` to the vocabulary of the quantized base `trained` where training resized it
+    (added tokens), the new rows taken from `trained`: bitsandbytes leaves the embedding and head unquantized, and
+    the original has no rows for the new tokens."""
+    rows, before = _vocabulary.model_rows(trained), _vocabulary.model_rows(base)
+    if rows is None or before is None or rows == before:
+        return
+    _vocabulary.resize(base, rows)
+    layers = _vocabulary.vocabulary_layers(base)
+    trained_weights = {p.name: p.tensor for p in base_parameters(trained)}
+    with torch.no_grad():
+        for module in layers.modules if layers is not None and rows > before else ():
+            target, source = base.get_parameter(f"{module}.weight"), trained_weights.get(f"{module}.weight")
+            if source is not None:
+                target[before:] = source[before:rows].to(target.dtype)
 
 
 def loaded(
