@@ -298,6 +298,27 @@ def test_a_tokenizer_larger_than_the_merged_vocabulary_is_refused(base: Path, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("low_memory", ENGINES, ids=["in-memory", "low-memory"])
+def test_embedding_layers_saved_at_the_base_size_merge(base: Path, tmp_path: Path, low_memory: bool) -> None:
+    """PEFT's save_embedding_layers at the size of the base given are PEFT's own save, not a full state dict: asked
+    for on a base that was not resized, or written by PEFT for a resized one whose resized base is given as BASE."""
+    plain = peft.get_peft_model(transformers.Qwen2ForCausalLM.from_pretrained(base), LAYOUTS["lora-default-save"][0]())
+    perturb(plain)
+    plain.save_pretrained(tmp_path / "asked", save_embedding_layers=True)
+    resized_base(base).save_pretrained(tmp_path / "resized-base")
+    trained(base, "lora-default-save").save_pretrained(tmp_path / "resized")
+    ids = torch.tensor([[1, 2, 3, 5, 127]])  # within both vocabularies
+    for name, base_dir in (("asked", base), ("resized", tmp_path / "resized-base")):
+        adapter, out = tmp_path / name, tmp_path / f"{name}-out"
+        report = safemerge.merge_pretrained(str(base_dir), str(adapter), out, policy="keep", low_memory=low_memory)
+        assert report.ok and report.vocabulary is None, name
+        with torch.no_grad():
+            model = transformers.Qwen2ForCausalLM.from_pretrained(base_dir)
+            want = peft.PeftModel.from_pretrained(model, adapter).eval()(ids).logits
+            got = transformers.AutoModelForCausalLM.from_pretrained(out)(ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=name)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning:bitsandbytes", "ignore::UserWarning:transformers")
 def test_a_qlora_adapter_trained_after_a_resize_merges_into_the_original_weights(base: Path, tmp_path: Path) -> None:
     """QLoRA with added tokens, base_weights='original': the 16-bit original is resized as training did, its new rows
