@@ -20,7 +20,7 @@ from safemerge._model import undo as _undo
 from safemerge._output import claim as _output
 from safemerge._output.claim import write_json_atomic
 from safemerge._records import MergeReport, TiePolicy, TrainingCheck
-from safemerge._request import checked_base_weights
+from safemerge._request import checked_base_weights, checked_tokenizer
 from safemerge.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -47,9 +47,10 @@ class SafeMergeCallback(TrainerCallback):
     `<trainer output_dir>/adapter-before-failed-merge`.
 
     Checked before the first step too: the options (a name safe_merge does not take, a bad tolerance), an occupied
-    `output_dir` (unless `overwrite=True`), and FSDP / DeepSpeed ZeRO-3 runs (sharded weights cannot be merged by one
-    process). In DDP runs the other processes wait at the trainer's next barrier while the main one merges; a merge
-    longer than `ddp_timeout` needs a larger one.
+    `output_dir` (unless `overwrite=True`), a tokenizer with more tokens than the model's vocabulary (VocabularyError),
+    and FSDP / DeepSpeed ZeRO-3 runs (sharded weights cannot be merged by one process). In DDP runs the other
+    processes wait at the trainer's next barrier while the main one merges; a merge longer than `ddp_timeout` needs a
+    larger one.
 
     QLoRA (the trainer's model on a bitsandbytes 4-bit or 8-bit base): `base_weights` is required, and checked before
     the first step with `original_base` (the 16-bit checkpoint found, or QuantizedBaseError); the merge is written in
@@ -101,6 +102,8 @@ class SafeMergeCallback(TrainerCallback):
         # A QLoRA run without base_weights (or without the 16-bit checkpoint "original" needs) stops now.
         options = self.merge_options
         checked_base_weights(kwargs.get("model"), options["base_weights"], options["original_base"])
+        # So does a tokenizer the merge would refuse to ship (more tokens than the model's vocabulary).
+        checked_tokenizer(kwargs.get("model"), self._tokenizer(kwargs))
         if self.check.quantization is not None:
             logger.info(
                 "safemerge: quantized base (%s): merging into its %s weights",
@@ -114,9 +117,8 @@ class SafeMergeCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return  # one process merges and writes; the others' models are the same
         model = kwargs.get("model")
-        # The trainer's tokenizer or processor (its chat template included) travels with the merged model.
-        tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
-        options = {"tokenizer": tokenizer, **self.merge_options}
+        # The tokenizer or processor (its chat template included) travels with the merged model.
+        options = {**self.merge_options, "tokenizer": self._tokenizer(kwargs)}
         try:
             self.report = safe_merge(model, self.output_dir, policy=self.policy, in_place=False, **options)
         except Exception as exc:  # the run's result must survive a failed merge
@@ -128,6 +130,13 @@ class SafeMergeCallback(TrainerCallback):
         logger.info(
             "safemerge: merged into %s (%s)", self.output_dir, ", ".join(f"{k}={v}" for k, v in figures.items())
         )
+
+    def _tokenizer(self, kwargs: dict[str, Any]) -> Any:
+        """The tokenizer that ships with the merge: safe_merge's `tokenizer=` option if given, else the trainer's
+        tokenizer or processor, as its callbacks get it (`tokenizer` before transformers 4.46)."""
+        if "tokenizer" in self.merge_options:
+            return self.merge_options["tokenizer"]
+        return kwargs.get("processing_class") or kwargs.get("tokenizer")
 
 
 def _check_options(options: dict[str, Any]) -> None:

@@ -85,7 +85,7 @@ class MergeRequest:
         runtimes = _serving.parse_runtimes(serve_with)
         _inputs.check_tolerance(logits_tolerance)
         peft_model = require_peft_model(model)
-        _vocabulary.refuse_large_tokenizer(tokenizer, _vocabulary.model_rows(peft_model.get_base_model()), None)
+        checked_tokenizer(peft_model, tokenizer)
         _inputs.check_not_offloaded(peft_model)
         original_base = checked_base_weights(peft_model, base_weights, original_base)
         config = getattr(peft_model, "active_peft_config", None)
@@ -175,6 +175,11 @@ def checked_base_weights(peft_model: Any, base_weights: str | None, original_bas
         return original_base
     recorded = str(getattr(peft_model.get_base_model().config, "_name_or_path", "") or "") or None
     return _quantized.original_source(recorded, original_base, Source().base)
+
+
+def checked_tokenizer(peft_model: Any, tokenizer: Any) -> None:
+    """VocabularyError if `tokenizer` (None: none ships) has more tokens than the PEFT model's vocabulary."""
+    _vocabulary.refuse_large_tokenizer(tokenizer, _vocabulary.model_rows(peft_model.get_base_model()), None)
 
 
 def _checked_target(save_directory: str | os.PathLike[str], overwrite: bool) -> Path:

@@ -298,6 +298,97 @@ def test_a_tokenizer_larger_than_the_merged_vocabulary_is_refused(base: Path, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("low_memory", ENGINES, ids=["in-memory", "low-memory"])
+def test_embedding_layers_saved_at_the_base_size_merge(base: Path, tmp_path: Path, low_memory: bool) -> None:
+    """PEFT's save_embedding_layers at the size of the base given are PEFT's own save, not a full state dict: asked
+    for on a base that was not resized, or written by PEFT for a resized one whose resized base is given as BASE."""
+    plain = peft.get_peft_model(transformers.Qwen2ForCausalLM.from_pretrained(base), LAYOUTS["lora-default-save"][0]())
+    perturb(plain)
+    plain.save_pretrained(tmp_path / "asked", save_embedding_layers=True)
+    resized_base(base).save_pretrained(tmp_path / "resized-base")
+    trained(base, "lora-default-save").save_pretrained(tmp_path / "resized")
+    ids = torch.tensor([[1, 2, 3, 5, 127]])  # within both vocabularies
+    for name, base_dir in (("asked", base), ("resized", tmp_path / "resized-base")):
+        adapter, out = tmp_path / name, tmp_path / f"{name}-out"
+        report = safemerge.merge_pretrained(str(base_dir), str(adapter), out, policy="keep", low_memory=low_memory)
+        assert report.ok and report.vocabulary is None, name
+        with torch.no_grad():
+            model = transformers.Qwen2ForCausalLM.from_pretrained(base_dir)
+            want = peft.PeftModel.from_pretrained(model, adapter).eval()(ids).logits
+            got = transformers.AutoModelForCausalLM.from_pretrained(out)(ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:bitsandbytes", "ignore::UserWarning:transformers")
+def test_a_qlora_adapter_trained_after_a_resize_merges_into_the_original_weights(base: Path, tmp_path: Path) -> None:
+    """QLoRA with added tokens, base_weights='original': the 16-bit original is resized as training did, its new rows
+    the quantized model's (bitsandbytes leaves the embedding unquantized), in memory, reloaded and from files."""
+    pytest.importorskip("bitsandbytes")
+    quantized = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+
+    def load_4bit(*, resized: bool = True) -> Any:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            base, quantization_config=quantized, device_map="cpu", dtype=torch.float32
+        )
+        if resized:
+            model.resize_token_embeddings(AFTER, mean_resizing=False)
+        return model
+
+    model = peft.get_peft_model(load_4bit(), LAYOUTS["lora-default-save"][0]())
+    perturb(model)
+    model.save_pretrained(tmp_path / "adapter")
+    load_4bit(resized=False).save_pretrained(tmp_path / "base-4bit")  # a pre-quantized checkpoint
+    want = adapter_logits(base, tmp_path / "adapter")  # the adapter on the 16-bit original, resized as training did
+    merges = {
+        "in-memory": lambda out: safemerge.safe_merge(
+            model, out, policy="keep", base_weights="original", in_place=False
+        ),
+        "reloaded": lambda out: safemerge.safe_merge(
+            peft.PeftModel.from_pretrained(load_4bit(), tmp_path / "adapter"), out, policy="keep",
+            base_weights="original",
+        ),
+        "from-files": lambda out: safemerge.merge_pretrained(
+            str(tmp_path / "base-4bit"), str(tmp_path / "adapter"), out, policy="keep", base_weights="original",
+            original_base=str(base),
+        ),
+    }  # fmt: skip
+    for name, merge in merges.items():
+        report = merge(tmp_path / name)
+        assert report.ok and report.quantized_base is not None, name
+        torch.testing.assert_close(merged_logits(tmp_path / name), want, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["in-memory", "reloaded"])
+def test_a_tokenizer_is_checked_against_the_embedding_rows(tmp_path: Path, variant: str) -> None:
+    """Mllama's embedding has 8 rows more than its config's vocab_size (its image token is one of them): a tokenizer
+    with that token ships; one with an id past the embedding is refused."""
+    from transformers.models.mllama.configuration_mllama import MllamaTextConfig  # transformers 4: not exported
+    from transformers.models.mllama.modeling_mllama import MllamaForCausalLM
+
+    torch.manual_seed(0)
+    config = MllamaTextConfig(
+        vocab_size=BEFORE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, cross_attention_layers=[1], max_position_embeddings=64, pad_token_id=0,
+        rope_scaling={"rope_type": "default"},  # transformers 4 reads it without a default
+    )  # fmt: skip
+    MllamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(MllamaForCausalLM.from_pretrained(tmp_path / "base"), LAYOUTS["lora-default-save"][0]())
+    perturb(model)
+    if variant == "reloaded":
+        model.save_pretrained(tmp_path / "adapter")
+        base = MllamaForCausalLM.from_pretrained(tmp_path / "base")
+        model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert model.get_input_embeddings().weight.shape[0] == BEFORE + 8
+    report = safemerge.safe_merge(model, tmp_path / "out", policy="untie", tokenizer=tokenizer(BEFORE + 1))
+    assert report.ok and len(transformers.AutoTokenizer.from_pretrained(tmp_path / "out")) == BEFORE + 1
+    past = (
+        rf"has {BEFORE + 9} tokens, and the merged model's vocabulary {BEFORE + 8}: .* ids {BEFORE + 8}-{BEFORE + 8} "
+    )
+    with pytest.raises(VocabularyError, match=past):
+        safemerge.safe_merge(model, tmp_path / "out2", policy="untie", tokenizer=tokenizer(BEFORE + 9))
+    assert not (tmp_path / "out2").exists()
+
+
 @pytest.mark.parametrize(
     ("layout", "low_memory"),
     [

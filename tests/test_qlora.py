@@ -26,6 +26,7 @@ from safemerge import (
     safe_merge,
 )
 from safemerge._model.quantized import no_cpu_packing
+from safemerge._model.walk import bare_module
 from safemerge.cli import main
 from tests.models import ADAPTERS, ARCHS, logits, perturb, sample_ids
 
@@ -188,19 +189,31 @@ def test_a_failed_merge_leaves_the_quantized_model_computing_exactly_what_it_did
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("kind", ["lora-head", "lora-both-ensure-tying"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "lora-head",
+        "lora-both-ensure-tying",
+        "save-both",
+        "save-embed-ensure-tying",
+        "trainable-token-indices",
+        "trainable-tokens",
+    ],
+)
 def test_tie_policies_refuse_and_merge_as_on_a_16_bit_base(
     qlora: Callable[..., Any], base_dirs: dict[str, Path], variant: str, kind: str, tmp_path: Path
 ) -> None:
     """bitsandbytes keeps the embeddings and lm_head unquantized and tied: each policy does what the 16-bit matrix
-    (tests/test_merge.py) says it does with this adapter."""
+    (tests/test_merge.py) says it does with this adapter, LoRA, modules_to_save copies or trainable tokens (the
+    16-bit stand-in is built through each PEFT wrapper, a tied head's shared tensors loaded once)."""
     from tests.test_merge import MERGES, POLICIES, expected
 
     model = qlora(variant, kind=kind)
     base = model.get_base_model()
-    # The tie survives quantized loading (through PEFT's wrappers: their `weight` is the base layer's).
-    assert base.lm_head.weight is base.model.embed_tokens.weight
+    # The tie survives quantized loading (under PEFT's wrappers, in the base modules they stand for).
+    assert bare_module(base.lm_head).weight is bare_module(base.model.embed_tokens).weight
     category, why = expected("llama", kind, variant)
+    before, state = as_trained(model), quantized_state(model)
     for policy, merges in zip(POLICIES, MERGES[category], strict=True):
         out = tmp_path / policy
         if not merges:
@@ -213,7 +226,8 @@ def test_tie_policies_refuse_and_merge_as_on_a_16_bit_base(
         tied = json.loads((out / "config.json").read_text())["tie_word_embeddings"]
         assert tied == bool(report.groups_after), policy
         merged = transformers.AutoModelForCausalLM.from_pretrained(out)
-        assert torch.allclose(logits(merged, sample_ids()), as_trained(model), atol=1e-5, rtol=0)
+        assert torch.allclose(logits(merged, sample_ids()), before, atol=1e-5, rtol=0)
+    assert_unchanged(model, before, state)  # the stand-in's merges leave the QLoRA model as it was
 
 
 def test_base_weights_on_a_16_bit_base_is_refused(

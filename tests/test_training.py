@@ -14,7 +14,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, default_data_collator
 
 import safemerge
 from safemerge._decide import forecast as _forecast
@@ -42,7 +42,9 @@ def tensors(model: Any) -> dict[str, torch.Tensor]:
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 
-def trainer(model: Any, tmp_path: Path, callback: safemerge.SafeMergeCallback, *, bf16: bool = False) -> Trainer:
+def trainer(
+    model: Any, tmp_path: Path, callback: safemerge.SafeMergeCallback, *, bf16: bool = False, tokenizer: Any = None
+) -> Trainer:
     vocab = model.get_base_model().config.vocab_size
     rows = torch.randint(0, vocab, (8, 10), generator=torch.Generator().manual_seed(0))
     args = TrainingArguments(
@@ -50,7 +52,10 @@ def trainer(model: Any, tmp_path: Path, callback: safemerge.SafeMergeCallback, *
         report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, bf16=bf16,
     )  # fmt: skip
     data = [{"input_ids": row, "labels": row} for row in rows]
-    return Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    return Trainer(
+        model=model, args=args, train_dataset=data, callbacks=[callback], processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )  # fmt: skip
 
 
 def _forecast_cases(full: bool) -> list[tuple[str, str]]:
@@ -165,6 +170,23 @@ def test_what_would_fail_at_the_end_fails_before_the_first_step(base_dirs: dict[
     with pytest.raises(safemerge.OutputExistsError):
         run.train()
     assert run.state.global_step == 0
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_stops_the_trainer_before_the_first_step(
+    base_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The merge after training would refuse the trainer's tokenizer (ids past the embedding): the run stops at step 0,
+    not after training."""
+    from tests.test_added_tokens import tokenizer
+
+    model = step_zero(base_dirs, "llama", "lora-attention")
+    rows = model.get_base_model().config.vocab_size
+    callback = safemerge.SafeMergeCallback(tmp_path / "merged", policy="untie")
+    run = trainer(model, tmp_path, callback, tokenizer=tokenizer(rows + 8))
+    with pytest.raises(safemerge.VocabularyError, match=rf"has {rows + 8} tokens.*Fix: .*resize_token_embeddings"):
+        run.train()
+    assert run.state.global_step == 0
+    assert not (tmp_path / "merged").exists()
 
 
 def test_the_how_to_script_runs_as_written(tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ def _compare(
     renamed = normalise_names(actual, expected, checkup)
     optional |= {k for k in expected if ".base_layer." in k}  # embeddings saved alongside (save_embedding_layers)
     normal = {renamed.get(k, k): shape for k, shape in actual.items()}
-    check_base_weights(normal, expected, peft_model, checkup)
+    check_base_weights(normal, expected, peft_model, checkup, saved_whole=optional)
     check_dora(normal, peft_config, checkup)
     unexpected = [k for k in normal if k not in expected and ADAPTER_MARKERS.search(k)]
     missing = [k for k in expected if k not in normal and k not in optional]

@@ -84,7 +84,8 @@ CODES: tuple[FindingCode, ...] = (
     FindingCode(
         "base-weights-in-adapter",
         ("silent",),
-        "base or merged-model weights in the adapter file: they would overwrite the base",
+        "base or merged-model weights in the adapter file: they would overwrite the base (not the embedding and head "
+        "PEFT saves whole, `save_embedding_layers`, at the base's size)",
     ),
     FindingCode(
         "targets-absent",

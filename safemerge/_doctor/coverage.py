@@ -18,13 +18,17 @@ from safemerge._model.walk import base_parameters
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|block|blocks)\.(\d+)\.")
 
 
-def check_base_weights(normal: Shapes, expected: Shapes, peft_model: Any, checkup: Checkup) -> None:
-    """Base weights in the adapter file: loading it writes them over the base model's weights."""
+def check_base_weights(
+    normal: Shapes, expected: Shapes, peft_model: Any, checkup: Checkup, *, saved_whole: set[str]
+) -> None:
+    """Base weights in the adapter file: loading it writes them over the base model's weights. `saved_whole`: the
+    vocabulary modules PEFT saved whole (save_embedding_layers), which it loads as trained."""
     names = _base_names(peft_model)
     foreign = [
         k
         for k in normal
         if k not in expected
+        and k not in saved_whole
         and (".base_layer." in k or (not ADAPTER_MARKERS.search(k) and k.removeprefix("base_model.model.") in names))
     ]
     if not foreign:

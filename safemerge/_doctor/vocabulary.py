@@ -30,11 +30,24 @@ def check_resized_vocabulary(
         return base_config, set()
     resize = _vocabulary.plan_resize(layers, actual, config_data, _tokenizer_size(adapter_dir))
     if resize is None:
-        return base_config, set()
+        return base_config, _saved_whole(layers, model, actual)
     _report(resize, checkup)
     tails = (*_vocabulary.WHOLE, _vocabulary.COPY, *_vocabulary.DELTAS)  # a tied head's tokens: saved once or twice
     whole = {f"{_vocabulary.PREFIX}{module}.{tail}" for module in layers.modules for tail in tails}
     return _vocabulary.resized_config(base_config, resize.after), whole
+
+
+def _saved_whole(layers: _vocabulary.VocabularyLayers, model: Any, actual: Shapes) -> set[str]:
+    """The adapter keys that are PEFT's save of the vocabulary modules whole at the base's own size
+    (`save_embedding_layers=True`, or PEFT's own where the base given is the resized one): PEFT loads them over the
+    base's weights, as they were trained, so they are no full state dict."""
+    found = set()
+    for module in layers.modules:
+        shape = tuple(model.get_submodule(module).weight.shape)
+        found |= {
+            key for tail in _vocabulary.WHOLE if actual.get(key := f"{_vocabulary.PREFIX}{module}.{tail}") == shape
+        }
+    return found
 
 
 def _tokenizer_size(adapter_dir: Path) -> int | None:

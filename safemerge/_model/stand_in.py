@@ -13,7 +13,9 @@ import torch
 
 from safemerge._model import probe as _probe
 from safemerge._model import quantized as _quantized
+from safemerge._model import vocabulary as _vocabulary
 from safemerge._model.load import load_pretrained
+from safemerge._model.walk import base_parameters
 from safemerge._records import QuantizedBase
 
 
@@ -66,7 +68,25 @@ def stand_in(
         assert original is not None
         task_type = getattr(peft_model.active_peft_config, "task_type", None)
         base = load_pretrained(original, task_type=task_type, dtype=dtype, hub=hub)
+        with_trained_vocabulary(base, peft_model.get_base_model())
     return loaded(with_same_adapter(peft_model, base), peft_model, quantization, base_weights, original)
+
+
+def with_trained_vocabulary(base: torch.nn.Module, trained: torch.nn.Module) -> None:
+    """Resize the 16-bit original `base` to the vocabulary of the quantized base `trained` where training resized it
+    (added tokens), the new rows taken from `trained`: bitsandbytes leaves the embedding and head unquantized, and
+    the original has no rows for the new tokens."""
+    rows, before = _vocabulary.model_rows(trained), _vocabulary.model_rows(base)
+    if rows is None or before is None or rows == before:
+        return
+    _vocabulary.resize(base, rows)
+    layers = _vocabulary.vocabulary_layers(base)
+    trained_weights = {p.name: p.tensor for p in base_parameters(trained)}
+    with torch.no_grad():
+        for module in layers.modules if layers is not None and rows > before else ():
+            target, source = base.get_parameter(f"{module}.weight"), trained_weights.get(f"{module}.weight")
+            if source is not None:
+                target[before:] = source[before:rows].to(target.dtype)
 
 
 def loaded(
@@ -95,25 +115,21 @@ def dequantized_copy(base: torch.nn.Module, dtype: torch.dtype) -> Any:
         model: Any = type(base)._from_config(config, dtype=dtype)  # type: ignore[attr-defined]
     weights: dict[str, torch.Tensor] = {}
     made: dict[int, torch.Tensor] = {}  # by the quantized parameter: tied weights stay one tensor
-    for module_name, module in base.named_modules():
-        if _ADAPTER_PARTS & set(module_name.split(".")):
-            continue
-        clean = module_name.replace(".base_layer", "")
-        for name, param in module.named_parameters(recurse=False):
-            key = f"{clean}.{name}" if clean else name
-            if id(param) not in made:
-                bnb = name == "weight" and _quantized._bnb_layer(module)
-                made[id(param)] = dequantized_weight(module, dtype) if bnb else param.detach().to(dtype, copy=True)
-            weights[key] = made[id(param)]
+    # Through PEFT's wrappers (LoRA's base_layer, modules_to_save's original_module, trainable tokens' base layer),
+    # under the plain model's names: the adapter's own tensors are put back by with_same_adapter.
+    for param in base_parameters(base):
+        if id(param.tensor) not in made:
+            bnb = param.name.rpartition(".")[2] == "weight" and _quantized._bnb_layer(param.owner)
+            made[id(param.tensor)] = (
+                dequantized_weight(param.owner, dtype) if bnb else param.tensor.detach().to(dtype, copy=True)
+            )
+        weights[param.name] = made[id(param.tensor)]
     model.load_state_dict(weights, strict=False, assign=True)
     model.tie_weights()
     left = [name for name, param in model.named_parameters() if param.is_meta]
     if left:
         raise ValueError(f"the dequantized copy has no value for {', '.join(left[:5])}")
     return model.eval()
-
-
-_ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout", "lora_magnitude_vector"}
 
 
 def dequantized_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -153,10 +169,18 @@ def with_same_adapter(peft_model: Any, base: torch.nn.Module) -> Any:
     config.base_model_name_or_path = base.name_or_path  # the weights it goes onto now (PEFT warns otherwise)
     model = peft.get_peft_model(base, config, adapter_name=name)
     tensors = peft.get_peft_model_state_dict(
-        peft_model, state_dict=dict(peft_model.named_parameters()), adapter_name=name, save_embedding_layers=False
+        peft_model,
+        state_dict=dict(peft_model.named_parameters(remove_duplicate=False)),
+        adapter_name=name,
+        save_embedding_layers=False,
     )
     result: Any = peft.set_peft_model_state_dict(model, tensors, adapter_name=name)
-    missing = [key for key in result.missing_keys if name in key.split(".")]
+    # A tied layer's tensors are its source's (PEFT ties a head's trainable tokens to the embedding's, saved once):
+    # a key missing under its name was loaded under the other one.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    absent = set(result.missing_keys)
+    loaded = {id(param) for key, param in params.items() if key not in absent}
+    missing = [key for key in result.missing_keys if name in key.split(".") and id(params.get(key)) not in loaded]
     if missing or result.unexpected_keys:
         raise ValueError(f"the adapter did not load onto the 16-bit base: {(missing + result.unexpected_keys)[:5]}")
     return model.eval()

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from safemerge._model.compat import declared_ties
+from safemerge._model.walk import bare_module
 from safemerge._records import VocabularyResize
 from safemerge._text import listed
 from safemerge.errors import VocabularyError
@@ -232,7 +233,17 @@ def refuse_large_tokenizer(tokenizer: Any, rows: int | None, source: str | None)
 
 
 def model_rows(model: Any) -> int | None:
-    """The vocabulary size `model`'s (text) config records (resize_token_embeddings keeps it), None if it has none."""
+    """The rows of `model`'s input embedding: the ids a tokenizer may give it (Mllama's embedding has 8 rows more than
+    the vocab_size its config records, its image token among them), read under PEFT's wrappers (a trainable tokens'
+    `weight` would build the whole matrix); without one, the vocabulary size its (text) config records
+    (resize_token_embeddings keeps it), None if it has none."""
+    try:
+        embed = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a model class without get_input_embeddings
+        embed = None
+    weight = getattr(bare_module(embed), "weight", None) if isinstance(embed, torch.nn.Module) else None
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
     config = model.config
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     size = getattr(text, "vocab_size", None)
