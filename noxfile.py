@@ -49,7 +49,7 @@ def tests(session: nox.Session) -> None:
 def matrix(session: nox.Session) -> None:
     """Run every merge case of the matrix (in memory and reloaded, and the low-memory engine against the in-memory
     one), the pre-training check on every case, every fault, the doctor on every case, every corpus merge, and the
-    QLoRA, serving and GGUF cases, on the current releases."""
+    QLoRA, added-tokens, serving and GGUF cases, on the current releases."""
     tests = (
         "tests/test_merge.py",
         "tests/test_low_memory.py",
@@ -58,6 +58,8 @@ def matrix(session: nox.Session) -> None:
         "tests/test_doctor.py",
         "tests/test_corpus.py",
         "tests/test_qlora.py",
+        "tests/test_qlora_low_memory.py",
+        "tests/test_added_tokens.py",
         "tests/test_serving.py",
         "tests/test_gguf.py",
     )

@@ -193,11 +193,16 @@ def test_a_failed_merge_leaves_the_quantized_model_computing_exactly_what_it_did
     "kind",
     [
         "lora-head",
-        "lora-both-ensure-tying",
-        "save-both",
-        "save-embed-ensure-tying",
-        "trainable-token-indices",
-        "trainable-tokens",
+        *(  # with --full-matrix (CI: nox -s matrix)
+            pytest.param(kind, marks=pytest.mark.full_matrix)
+            for kind in [
+                "lora-both-ensure-tying",
+                "save-both",
+                "save-embed-ensure-tying",
+                "trainable-token-indices",
+                "trainable-tokens",
+            ]
+        ),
     ],
 )
 def test_tie_policies_refuse_and_merge_as_on_a_16_bit_base(
@@ -426,7 +431,7 @@ def test_the_callback_checks_original_before_training(base_dirs: dict[str, Path]
         SafeMergeCallback(tmp_path / "merged", policy="untie", base_weights="int4")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ["in-memory", pytest.param("reloaded", marks=pytest.mark.full_matrix)])
 def test_an_8_bit_base_is_refused_without_a_choice_and_dequantized_reproduces_it(
     qlora: Callable[..., Any], variant: str, tmp_path: Path
 ) -> None:

@@ -77,7 +77,9 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize(("kind", "tolerance"), [("nf4", 1e-5), ("nf4-bfloat16", 1.6e-2)])
+@pytest.mark.parametrize(
+    ("kind", "tolerance"), [("nf4", 1e-5), pytest.param("nf4-bfloat16", 1.6e-2, marks=pytest.mark.full_matrix)]
+)
 def test_the_cli_merges_a_pre_quantized_checkpoint_on_the_low_memory_engine(
     prequantized: Callable[[str], Path],
     qlora_files: Callable[[str], Path],
@@ -105,7 +107,13 @@ def test_the_cli_merges_a_pre_quantized_checkpoint_on_the_low_memory_engine(
 
 @pytest.mark.parametrize(
     ("kind", "adapter_kind"),
-    [("nf4", "lora-attention"), ("nf4", "lora-head"), ("fp4", "lora-attention"), ("int8", "lora-attention")],
+    [
+        ("nf4", "lora-head"),
+        *(  # the default run keeps one: the others run with --full-matrix (CI: nox -s matrix)
+            pytest.param(*case, marks=pytest.mark.full_matrix)
+            for case in [("nf4", "lora-attention"), ("fp4", "lora-attention"), ("int8", "lora-attention")]
+        ),
+    ],
 )
 def test_the_low_memory_and_the_in_memory_engines_write_the_same_checkpoint(
     prequantized: Callable[[str], Path],
