@@ -140,13 +140,15 @@ def same_tensors(a: Path, b: Path) -> list[str]:
 
 
 def measure(command: list[str]) -> dict[str, object]:
-    """Run `command` in a fresh process that waits for it alone: wall seconds, its peak RSS, its stderr."""
+    """Run `command` in a fresh process that waits for it alone: wall seconds, CPU seconds (user + system: less
+    swayed than the wall time by other work on a shared machine), its peak RSS, its stderr."""
     probe = (
         "import resource, subprocess, sys, time, json\n"
         "start = time.monotonic()\n"
         "done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
+        "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
         "print(json.dumps({'wall_s': time.monotonic() - start, 'rc': done.returncode, 'stderr': done.stderr,\n"
-        "    'peak_rss_gb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}))\n"
+        "    'cpu_s': usage.ru_utime + usage.ru_stime, 'peak_rss_gb': usage.ru_maxrss / 2**20}))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, check=True)
     figures: dict[str, object] = json.loads(result.stdout)
@@ -180,11 +182,12 @@ def in_process(mode: str, base: Path, adapter: Path, out: Path, policy: str) -> 
 
 
 def side_by_side(base: Path, adapter: Path, out: Path, policy: str) -> dict[str, dict[str, object]]:
-    """Plain PEFT (load, merge_and_unload, save, reload) and `safemerge merge` into `out`, one after the other."""
+    """Plain PEFT (load, merge_and_unload, save, reload) and `safemerge merge` into `out`, one after the other, each
+    into an empty place: removing an earlier output (3 GB) is no part of either merge's cost."""
     plain_out, safe_out = out.with_name("out-plain"), out
     subprocess.run(["rm", "-rf", str(plain_out)], check=True)
     plain = measure([sys.executable, "-c", PLAIN, str(base), str(adapter), str(plain_out)])
-    subprocess.run(["rm", "-rf", str(plain_out)], check=True)
+    subprocess.run(["rm", "-rf", str(plain_out), str(safe_out)], check=True)
     safe_cli = [sys.executable, "-m", "safemerge", "merge", str(base), str(adapter), str(safe_out)]
     safe = measure([*safe_cli, "--policy", policy, "--overwrite"])
     return {"plain": plain, "safe": safe}
@@ -213,16 +216,19 @@ def main() -> None:
         mode: in_process(mode, base, adapter, args.work / "out-in-process", args.policy) for mode in ("plain", "safe")
     }
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; size {args.size}")
-    print(f"{'adapter':22}{'plain s':>9}{'safe s':>9}{'ratio':>7}{'plain GB':>10}{'safe GB':>9}{'ratio':>7}")
+    print(f"{'adapter':22}{'plain s':>9}{'safe s':>9}{'ratio':>7}{'plain GB':>10}{'safe GB':>9}{'ratio':>7}{'CPU':>7}")
     for label, row in rows.items():
         plain, safe = row["plain"], row["safe"]
         wall, rss = ratios(row)
+        cpu = float(safe["cpu_s"]) / float(plain["cpu_s"])  # type: ignore[arg-type]
         print(
             f"{label:22}{plain['wall_s']:>9.1f}{safe['wall_s']:>9.1f}{wall:>6.2f}x"
-            f"{plain['peak_rss_gb']:>10.2f}{safe['peak_rss_gb']:>9.2f}{rss:>6.2f}x"
+            f"{plain['peak_rss_gb']:>10.2f}{safe['peak_rss_gb']:>9.2f}{rss:>6.2f}x{cpu:>6.2f}x"
         )
     print(
-        "  (plain: load, merge_and_unload, save_pretrained, reload; safe: safemerge merge --policy", args.policy + ")"
+        "  (plain: load, merge_and_unload, save_pretrained, reload; safe: safemerge merge --policy",
+        args.policy + ";",
+        "CPU: the ratio of user + system seconds)",
     )
     print(
         f"in process, right after training: merge_and_unload + save_pretrained {timed['plain']:.1f}s, "

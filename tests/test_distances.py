@@ -13,7 +13,7 @@ import torch
 
 import safemerge
 from safemerge._decide import layer_merge
-from safemerge._model.distances import Distances
+from safemerge._model.distances import Distances, _row_max
 from safemerge._model.rows import Rows
 from tests.models import lora_tied_by_peft
 
@@ -164,3 +164,18 @@ def test_without_keep_nothing_is_held() -> None:
     distances = Distances()
     distances.survey([base, one])
     assert not distances.wholes and distances.take(one) is one
+
+
+def test_row_max_a_few_rows_at_a_time_gives_the_whole_block_s_figures() -> None:
+    """The survey's row-wise max |a - b| in cache-sized slices (issue 26): the figures of the float32 difference
+    of the whole block, exactly, NaN and inf included, and a float32 input left as it was."""
+    torch.manual_seed(0)
+    a, b = torch.randn(300, 700), torch.randn(300, 700).bfloat16()
+    a[3, 5], a[250, 1], b[7, 2] = float("nan"), float("inf"), float("-inf")
+    before = a.clone()
+    got = _row_max(a, b)
+    want = torch.linalg.vector_norm(a.float() - b.float(), float("inf"), dim=1)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert torch.equal(a.isnan(), before.isnan()) and torch.equal(a.nan_to_num(), before.nan_to_num())
+    assert torch.equal(_row_max(a[0], b[0]), (a[0] - b[0].float()).abs())

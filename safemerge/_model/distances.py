@@ -47,13 +47,12 @@ class Distances:
         largest = dict.fromkeys(computed, 0.0)
         for start, stop in row_blocks(distinct[0][1]):
             blocks = [block(v, start, stop) for _, v in distinct]
-            wide = [b.float() for b in blocks]  # once per block, for every pair it is in
             for i in computed:
                 largest[i] = max(largest[i], _largest(blocks[i]))
             for i, whole in wholes.items():
                 whole[start:stop] = blocks[i]
             for i, j in pairs:
-                rows = _row_max(wide[i], wide[j].to(wide[i].device))
+                rows = _row_max(blocks[i], blocks[j].to(blocks[i].device))
                 diffs[i, j].append(rows)
                 # |a - b| is 0 exactly where a == b, but NaN where both are the same infinity: torch.equal there.
                 if bool(rows.isnan().any()):
@@ -140,7 +139,22 @@ def _largest(rows: torch.Tensor) -> float:
     return max(-float(low), float(high))
 
 
+#: Elements of each slice `_row_max` computes at once: its float32 temporary (1 MB) stays in the CPU's cache.
+_SLICE = 1 << 18
+
+
 def _row_max(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """max |a - b| of every row (every element of a 1-D tensor), in float32."""
-    diff = a.float() - b.float()
-    return torch.linalg.vector_norm(diff.flatten(1), float("inf"), dim=1) if diff.dim() > 1 else diff.abs().reshape(-1)
+    """max |a - b| of every row (every element of a 1-D tensor), in float32.
+
+    A few rows at a time, in place in one temporary: on a whole block the float32 copies, the difference and |.|
+    each went through memory (issue 26). The max of the same float32 differences: the same figures, NaN included.
+    """
+    if a.dim() < 2:
+        return (a.float() - b.float()).abs().reshape(-1)
+    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+    step = max(1, _SLICE // max(1, a[0].numel()))
+    for start in range(0, a.shape[0], step):
+        # A copy even of a float32 block: `a` may be the model's own weight.
+        diff = a[start : start + step].to(torch.float32, copy=True).sub_(b[start : start + step].float())
+        torch.amax(diff.abs_().flatten(1), dim=1, out=out[start : start + step])
+    return out
