@@ -17,30 +17,10 @@ import transformers as tf
 import safemerge
 from safemerge.cli import main
 from safemerge.testing import assert_merge_faithful
+from tests.gguf_cases import CASES, CONFIGS
 
 pytest.importorskip("gguf")
 from tests.gguf_writer import write_gguf
-
-SIZES = {
-    "vocab_size": 128,
-    "hidden_size": 64,  # a multiple of 32: Q8_0 and Q4_0 blocks
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
-CONFIGS: dict[str, Callable[[], Any]] = {
-    "llama": lambda: tf.LlamaConfig(**SIZES, tie_word_embeddings=True),
-    "gemma2": lambda: tf.Gemma2Config(**SIZES, head_dim=16, tie_word_embeddings=True),
-}
-#: (base, LoRA targets, how it is merged): a merge policy, or "plain" for PEFT's merge_and_unload().
-CASES = {
-    "llama-untie": ("llama", ["lm_head", "q_proj"], "untie"),
-    "llama-keep": ("llama", ["q_proj", "v_proj"], "keep"),
-    "gemma2-untie": ("gemma2", ["lm_head"], "untie"),
-    "llama-plain": ("llama", ["lm_head", "q_proj"], "plain"),
-}
 
 
 class Case:

@@ -24,6 +24,7 @@ import transformers as tf
 
 import safemerge
 from safemerge.cli import main
+from tests.gguf_cases import CASES, CONFIGS
 
 CONVERTER = os.environ.get("SAFEMERGE_GGUF_CONVERTER", "")
 pytestmark = pytest.mark.skipif(
@@ -31,27 +32,6 @@ pytestmark = pytest.mark.skipif(
     reason="SAFEMERGE_GGUF_CONVERTER is not set: `nox -s gguf_converter` obtains llama.cpp's convert_hf_to_gguf.py "
     "(llama-cpp-python 0.3.36 sdist) and runs these tests with it",
 )
-
-SIZES = {
-    "vocab_size": 128,  # the converter pads the 64-piece tokenizer's vocabulary to it
-    "hidden_size": 64,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
-CONFIGS: dict[str, Callable[[], Any]] = {
-    "llama": lambda: tf.LlamaConfig(**SIZES, tie_word_embeddings=True),
-    "gemma2": lambda: tf.Gemma2Config(**SIZES, head_dim=16, tie_word_embeddings=True),
-}
-#: (tied base, LoRA targets, how it is merged: a policy, or "plain" for PEFT's merge_and_unload()).
-CASES = {
-    "llama-untie": ("llama", ["lm_head", "q_proj"], "untie"),
-    "llama-keep": ("llama", ["q_proj", "v_proj"], "keep"),
-    "gemma2-untie": ("gemma2", ["lm_head"], "untie"),
-    "llama-plain": ("llama", ["lm_head", "q_proj"], "plain"),
-}
 
 
 def sentencepiece_model(out: Path) -> Path:
